@@ -1,0 +1,532 @@
+#!/usr/bin/env bash
+# scripts/kafka.sh - a real single-node Apache Kafka broker (KRaft, broker+controller
+# in one JVM) for Waymark development and tests.
+#
+# The broker jars come from Maven Central through `mvn` (no tarball download), are
+# cached in $WAYMARK_KAFKA_HOME and reused on later runs.
+#
+# Usage:
+#   scripts/kafka.sh start     fetch jars if needed, format storage if needed, start,
+#                              wait until a real client can talk to the broker; prints
+#                              `export WAYMARK_TEST_BROKERS=127.0.0.1:PORT` on stdout,
+#                              so `eval "$(scripts/kafka.sh start)"` works
+#   scripts/kafka.sh stop      SIGTERM, wait up to $WAYMARK_KAFKA_STOP_TIMEOUT s, then SIGKILL
+#   scripts/kafka.sh restart   stop + start, keeping the data (for broker-restart tests)
+#   scripts/kafka.sh status    exit 0 when running, 3 when not
+#   scripts/kafka.sh clean     stop + delete the data dir (the jar cache is kept)
+#   scripts/kafka.sh fetch     only fetch the jars (e.g. to warm a CI cache)
+#   scripts/kafka.sh env       print the export line (does not start anything)
+#   scripts/kafka.sh logs [N]  last N (default 100) lines of the broker log
+#   scripts/kafka.sh run CLASS [ARGS...]
+#                              run a Kafka CLI class with the cached classpath, e.g.
+#                              run org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:19092 --list
+#
+# Environment (all optional):
+#   WAYMARK_KAFKA_PORT             PLAINTEXT port              (default 19092)
+#   WAYMARK_KAFKA_CONTROLLER_PORT  KRaft controller port       (default PORT+1)
+#   WAYMARK_KAFKA_DATA             data dir: logs, pid, config (default /tmp/waymark-kafka-PORT)
+#   WAYMARK_KAFKA_HOME             jar cache                   (default ~/.cache/waymark/kafka-4.3.1)
+#   WAYMARK_KAFKA_HEAP             broker -Xmx                 (default 512m)
+#   WAYMARK_KAFKA_JAVA_OPTS        extra JVM options for the broker
+#   WAYMARK_KAFKA_START_TIMEOUT    seconds to wait for startup (default 90)
+#   WAYMARK_KAFKA_STOP_TIMEOUT     seconds to wait for SIGTERM (default 30)
+#   WAYMARK_MVN_ARGS               extra arguments for mvn (e.g. "-o" or "-s settings.xml")
+#
+# Human messages go to stderr; only the export line (start/env) and `status`
+# go to stdout.
+set -euo pipefail
+
+KAFKA_VERSION=4.3.1
+SCALA_BINARY=2.13
+LOG4J_VERSION=2.24.3
+DEPENDENCY_PLUGIN_VERSION=3.8.1
+
+PORT=${WAYMARK_KAFKA_PORT:-19092}
+CONTROLLER_PORT=${WAYMARK_KAFKA_CONTROLLER_PORT:-$((PORT + 1))}
+HOST=127.0.0.1
+KHOME=${WAYMARK_KAFKA_HOME:-$HOME/.cache/waymark/kafka-$KAFKA_VERSION}
+DATA=${WAYMARK_KAFKA_DATA:-/tmp/waymark-kafka-$PORT}
+HEAP=${WAYMARK_KAFKA_HEAP:-512m}
+START_TIMEOUT=${WAYMARK_KAFKA_START_TIMEOUT:-90}
+STOP_TIMEOUT=${WAYMARK_KAFKA_STOP_TIMEOUT:-30}
+
+# absolute paths: the broker runs with its data dir as working directory
+[[ $KHOME == /* ]] || KHOME=$PWD/$KHOME
+[[ $DATA == /* ]] || DATA=$PWD/$DATA
+
+LIBS=$KHOME/libs
+PIDFILE=$DATA/kafka.pid
+PROPS=$DATA/server.properties
+LOG4J_CONF=$DATA/log4j2.properties
+TOOLS_LOG4J_CONF=$KHOME/tools-log4j2.properties
+SERVER_LOG=$DATA/server.log       # log4j2 rolling file
+STDOUT_LOG=$DATA/kafka.out        # JVM stdout/stderr (crashes, early errors)
+LOG_DIRS=$DATA/kafka-logs
+
+# Main classes (all verified to exist in the 4.3.1 jars):
+#   kafka.Kafka                                   kafka_2.13-4.3.1.jar
+#   kafka.tools.StorageTool                       kafka_2.13-4.3.1.jar
+#   org.apache.kafka.tools.TopicCommand           kafka-tools-4.3.1.jar
+SERVER_CLASS=kafka.Kafka
+STORAGE_CLASS=kafka.tools.StorageTool
+TOPIC_CLASS=org.apache.kafka.tools.TopicCommand
+
+ADDR=$HOST:$PORT
+
+say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() { printf 'kafka.sh: error: %s\n' "$*" >&2; exit 1; }
+
+need_java() {
+    command -v java >/dev/null 2>&1 ||
+        die "java not found. Install a JRE 17+: apt-get update && apt-get install -y openjdk-17-jre-headless"
+    local v
+    v=$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java\.specification\.version = //p')
+    case ${v:-0} in
+        1.*|[0-9]|1[0-6]) die "java ${v:-?} is too old: Kafka $KAFKA_VERSION needs Java 17+ (apt-get install -y openjdk-17-jre-headless)";;
+    esac
+}
+
+need_mvn() {
+    command -v mvn >/dev/null 2>&1 ||
+        die "mvn not found; it is needed once to fetch the Kafka jars from Maven Central. Install it: apt-get update && apt-get install -y maven"
+}
+
+check_port_var() {
+    case $1 in ''|*[!0-9]*) die "invalid port '$1' (WAYMARK_KAFKA_PORT / WAYMARK_KAFKA_CONTROLLER_PORT must be numbers)";; esac
+}
+
+# ---------------------------------------------------------------------------
+# fetching the jars
+# ---------------------------------------------------------------------------
+
+libs_ok() {
+    [[ -f $LIBS/.complete && -f $LIBS/kafka_$SCALA_BINARY-$KAFKA_VERSION.jar ]]
+}
+
+write_pom() {
+    cat >"$KHOME/pom.xml" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- generated by scripts/kafka.sh: runtime classpath of a Kafka $KAFKA_VERSION broker -->
+<project xmlns="http://maven.apache.org/POM/4.0.0"
+         xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+         xsi:schemaLocation="http://maven.apache.org/POM/4.0.0 http://maven.apache.org/xsd/maven-4.0.0.xsd">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.waymark</groupId>
+  <artifactId>waymark-test-kafka</artifactId>
+  <version>$KAFKA_VERSION</version>
+  <packaging>pom</packaging>
+  <properties>
+    <project.build.sourceEncoding>UTF-8</project.build.sourceEncoding>
+    <kafka.version>$KAFKA_VERSION</kafka.version>
+    <log4j.version>$LOG4J_VERSION</log4j.version>
+  </properties>
+  <dependencyManagement>
+    <dependencies>
+      <!-- pin every Kafka module to one version -->
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-clients</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-server</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-server-common</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-storage</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-storage-api</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-metadata</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-raft</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-group-coordinator</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-group-coordinator-api</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-transaction-coordinator</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-share-coordinator</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-coordinator-common</artifactId><version>\${kafka.version}</version></dependency>
+      <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools-api</artifactId><version>\${kafka.version}</version></dependency>
+    </dependencies>
+  </dependencyManagement>
+  <dependencies>
+    <!-- the broker: kafka.Kafka, kafka.tools.StorageTool -->
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_$SCALA_BINARY</artifactId>
+      <version>\${kafka.version}</version>
+    </dependency>
+    <!-- CLI tools: TopicCommand, ConsoleProducer, ConsoleConsumer, ProducerPerformance, ...
+         connect-runtime (jetty, jersey, ...) is only needed by the Connect plugin tool. -->
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka-tools</artifactId>
+      <version>\${kafka.version}</version>
+      <exclusions>
+        <exclusion><groupId>org.apache.kafka</groupId><artifactId>connect-runtime</artifactId></exclusion>
+      </exclusions>
+    </dependency>
+    <!-- logging: Kafka logs through slf4j 1.7; route it to Log4j2 like the official distribution -->
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-api</artifactId><version>\${log4j.version}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>\${log4j.version}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>\${log4j.version}</version></dependency>
+  </dependencies>
+  <build>
+    <pluginManagement>
+      <plugins>
+        <plugin>
+          <groupId>org.apache.maven.plugins</groupId>
+          <artifactId>maven-dependency-plugin</artifactId>
+          <version>$DEPENDENCY_PLUGIN_VERSION</version>
+        </plugin>
+      </plugins>
+    </pluginManagement>
+  </build>
+</project>
+EOF
+}
+
+write_tools_log4j() {
+    cat >"$TOOLS_LOG4J_CONF" <<'EOF'
+# generated by scripts/kafka.sh: CLI tools log warnings to stderr
+status = warn
+appender.stderr.type = Console
+appender.stderr.name = STDERR
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = STDERR
+EOF
+}
+
+fetch() {
+    mkdir -p "$KHOME"
+    if libs_ok; then
+        [[ -f $TOOLS_LOG4J_CONF ]] || write_tools_log4j
+        return 0
+    fi
+    # serialise concurrent fetches (e.g. parallel test jobs)
+    exec 8>"$KHOME/.fetch.lock"
+    flock 8
+    if libs_ok; then flock -u 8; exec 8>&-; return 0; fi
+
+    need_mvn
+    need_java
+    write_pom
+    write_tools_log4j
+    local tmp=$KHOME/libs.partial t0=$SECONDS
+    rm -rf "$tmp"
+    say "fetching Kafka $KAFKA_VERSION and its runtime dependencies from Maven Central into $LIBS (one time) ..."
+    # shellcheck disable=SC2086  # WAYMARK_MVN_ARGS is intentionally word-split
+    if ! (cd "$KHOME" && mvn -q -B ${WAYMARK_MVN_ARGS:-} -f pom.xml \
+            dependency:copy-dependencies \
+            -DoutputDirectory="$tmp" -DincludeScope=runtime -DexcludeTypes=pom 2>&1 |
+            sed 's/\x1b\[[0-9;]*m//g' >&2); then  # Debian's mvn 3.8.7 prints colour resets even with -B
+        rm -rf "$tmp"
+        die "mvn could not fetch org.apache.kafka:kafka_$SCALA_BINARY:$KAFKA_VERSION (see the output above). Maven Central must be reachable (proxy settings go in ~/.m2/settings.xml); generated pom: $KHOME/pom.xml"
+    fi
+    # every Kafka artifact must be the pinned version
+    local stray='' jar
+    for jar in "$tmp"/kafka[-_]*.jar "$tmp"/connect-*.jar "$tmp"/trogdor-*.jar; do
+        [[ -e $jar && $jar != *-"$KAFKA_VERSION".jar ]] && stray+=" ${jar##*/}"
+    done
+    [[ -z $stray ]] || { rm -rf "$tmp"; die "unexpected Kafka jar versions (want $KAFKA_VERSION): $stray"; }
+    [[ -f $tmp/kafka_$SCALA_BINARY-$KAFKA_VERSION.jar && -f $tmp/kafka-tools-$KAFKA_VERSION.jar ]] ||
+        { rm -rf "$tmp"; die "the fetched libs lack kafka_$SCALA_BINARY-$KAFKA_VERSION.jar or kafka-tools-$KAFKA_VERSION.jar"; }
+    date -u +%FT%TZ >"$tmp/.complete"
+    rm -rf "$LIBS"
+    mv "$tmp" "$LIBS"
+    say "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$LIBS" | cut -f1)) in $((SECONDS - t0)) s"
+    flock -u 8
+    exec 8>&-
+}
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+
+write_config() {
+    mkdir -p "$DATA" "$LOG_DIRS"
+    cat >"$PROPS" <<EOF
+# generated by scripts/kafka.sh on every start; edits are overwritten
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$LOG_DIRS
+
+# single node: every internal topic has one replica
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+
+# tests create their topics explicitly
+auto.create.topics.enable=false
+num.partitions=1
+delete.topic.enable=true
+
+# fast group joins and short timeouts for tests
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+transaction.abort.timed.out.transaction.cleanup.interval.ms=5000
+
+# small footprint (2-core dev machines / CI)
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.segment.bytes=16777216
+log.retention.hours=24
+log.cleaner.dedupe.buffer.size=16777216
+log.cleaner.threads=1
+EOF
+    cat >"$LOG4J_CONF" <<EOF
+# generated by scripts/kafka.sh
+status = warn
+# keep logging while Kafka shuts down (log4j's own hook would close the file first)
+shutdownHook = disable
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = $SERVER_LOG
+appender.file.filePattern = $SERVER_LOG.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 32MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = FILE
+# quieter than INFO where Kafka is chatty
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.clients.name = org.apache.kafka.clients
+logger.clients.level = warn
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# process helpers
+# ---------------------------------------------------------------------------
+
+# pid of our broker if it is alive, else empty (removes a stale pid file)
+running_pid() {
+    [[ -f $PIDFILE ]] || return 0
+    local pid
+    pid=$(cat "$PIDFILE" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PROPS"; then
+        echo "$pid"
+    else
+        rm -f "$PIDFILE"
+    fi
+}
+
+port_open() { # port
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+tool_java() { # class args...
+    local cls=$1
+    shift
+    java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -Dlog4j2.configurationFile="$TOOLS_LOG4J_CONF" \
+        -cp "$LIBS/*" "$cls" "$@"
+}
+
+client_ok() {
+    timeout 30 java -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -Dlog4j2.configurationFile="$TOOLS_LOG4J_CONF" \
+        -cp "$LIBS/*" "$TOPIC_CLASS" --bootstrap-server "$ADDR" --list \
+        >/dev/null 2>&1
+}
+
+show_logs() {
+    local f
+    for f in "$STDOUT_LOG" "$SERVER_LOG"; do
+        [[ -s $f ]] || continue
+        say "---- last lines of $f ----"
+        tail -n 40 "$f" >&2
+    done
+}
+
+print_export() {
+    printf 'export WAYMARK_TEST_BROKERS=%s\n' "$ADDR"
+}
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+wait_ready() { # pid
+    local pid=$1 deadline=$((SECONDS + START_TIMEOUT)) next_msg=$((SECONDS + 10))
+    say "waiting (up to ${START_TIMEOUT}s) for the broker on $ADDR ..."
+    # 1) the PLAINTEXT acceptor opens at the very end of broker startup
+    while ! port_open "$PORT"; do
+        kill -0 "$pid" 2>/dev/null || { say "the broker process exited during startup"; show_logs; exit 1; }
+        if ((SECONDS >= deadline)); then
+            say "the broker did not open $ADDR within ${START_TIMEOUT}s (still running as pid $pid; 'scripts/kafka.sh stop' to stop it)"
+            show_logs
+            exit 1
+        fi
+        if ((SECONDS >= next_msg)); then
+            say "... still starting ($((deadline - SECONDS)) s left)"
+            next_msg=$((SECONDS + 10))
+        fi
+        sleep 0.5
+    done
+    # 2) a real Kafka client must get metadata from it
+    until client_ok; do
+        kill -0 "$pid" 2>/dev/null || { say "the broker process exited during startup"; show_logs; exit 1; }
+        if ((SECONDS >= deadline)); then
+            say "$ADDR is open but a Kafka client could not list topics within ${START_TIMEOUT}s"
+            show_logs
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
+cmd_start() {
+    check_port_var "$PORT"
+    check_port_var "$CONTROLLER_PORT"
+    need_java
+    mkdir -p "$DATA"
+    # one 'start' at a time per data dir (fd 9 is closed again in the broker process)
+    exec 9>"$DATA/.start.lock"
+    flock 9
+    local pid t0=$SECONDS
+    pid=$(running_pid)
+    if [[ -n $pid ]]; then
+        if ! port_open "$PORT"; then
+            # started by a concurrent or interrupted 'start': wait for it
+            fetch
+            wait_ready "$pid"
+        fi
+        say "already running (pid $pid) on $ADDR, data in $DATA"
+        print_export
+        return 0
+    fi
+    if port_open "$PORT" || port_open "$CONTROLLER_PORT"; then
+        die "port $PORT or $CONTROLLER_PORT on $HOST is already in use by another process (not a broker started with data dir $DATA). Stop it or pick other ports: WAYMARK_KAFKA_PORT=29092 scripts/kafka.sh start"
+    fi
+
+    fetch
+    write_config
+
+    if [[ ! -f $LOG_DIRS/meta.properties ]]; then
+        local cluster_id
+        cluster_id=$(tool_java "$STORAGE_CLASS" random-uuid 2>/dev/null | tail -n 1)
+        [[ $cluster_id =~ ^[A-Za-z0-9_-]{22}$ ]] || die "could not generate a cluster id with $STORAGE_CLASS random-uuid (got '$cluster_id')"
+        say "formatting $LOG_DIRS (cluster id $cluster_id)"
+        local out
+        out=$(tool_java "$STORAGE_CLASS" format -t "$cluster_id" -c "$PROPS" 2>&1) || {
+            printf '%s\n' "$out" >&2
+            die "formatting the storage failed (output above); delete $DATA ('scripts/kafka.sh clean') and retry"
+        }
+    fi
+
+    say "starting Kafka $KAFKA_VERSION (KRaft, node 1) on $ADDR, controller on $HOST:$CONTROLLER_PORT, data in $DATA"
+    # shellcheck disable=SC2086  # WAYMARK_KAFKA_JAVA_OPTS is intentionally word-split
+    (
+        cd "$DATA"
+        exec 9>&-
+        exec setsid nohup java -Xmx"$HEAP" -Xms64m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+            -Dlog4j2.configurationFile="$LOG4J_CONF" -Dkafka.logs.dir="$DATA" \
+            ${WAYMARK_KAFKA_JAVA_OPTS:-} \
+            -cp "$LIBS/*" "$SERVER_CLASS" "$PROPS" \
+            </dev/null >>"$STDOUT_LOG" 2>&1
+    ) &
+    pid=$!
+    echo "$pid" >"$PIDFILE"
+    disown "$pid" 2>/dev/null || true
+
+    wait_ready "$pid"
+    say "Kafka is up on $ADDR (pid $pid, started in $((SECONDS - t0)) s; log: $SERVER_LOG)"
+    flock -u 9
+    exec 9>&-
+    print_export
+}
+
+cmd_stop() {
+    local pid
+    pid=$(running_pid)
+    if [[ -z $pid ]]; then
+        say "not running (data dir $DATA)"
+        return 0
+    fi
+    say "stopping Kafka (pid $pid) ..."
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+        sleep 0.25
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "still running after ${STOP_TIMEOUT}s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
+    rm -f "$PIDFILE"
+    say "stopped"
+}
+
+cmd_status() {
+    local pid
+    pid=$(running_pid)
+    if [[ -n $pid ]]; then
+        if port_open "$PORT"; then
+            echo "running: pid $pid, brokers $ADDR, data $DATA"
+        else
+            echo "starting: pid $pid, brokers $ADDR (port not open yet), data $DATA"
+        fi
+        return 0
+    fi
+    echo "stopped (data $DATA$([[ -d $DATA ]] || echo ', absent'))"
+    return 3
+}
+
+cmd_clean() {
+    cmd_stop
+    if [[ -d $DATA ]]; then
+        # refuse to delete something that is obviously not ours
+        [[ -f $PROPS || -d $LOG_DIRS || -z $(ls -A "$DATA") ]] ||
+            die "$DATA does not look like a waymark Kafka data dir; not deleting it"
+        rm -rf "$DATA"
+        say "deleted $DATA"
+    fi
+}
+
+cmd_run() {
+    [[ $# -ge 1 ]] || die "usage: scripts/kafka.sh run CLASS [ARGS...]"
+    need_java
+    fetch
+    tool_java "$@"
+}
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' >&2
+}
+
+main() {
+    local cmd=${1:-}
+    [[ $# -gt 0 ]] && shift
+    case $cmd in
+        start) cmd_start ;;
+        stop) cmd_stop ;;
+        restart) cmd_stop; cmd_start ;;
+        status) cmd_status ;;
+        clean) cmd_clean ;;
+        fetch) need_java; fetch; say "jars in $LIBS" ;;
+        env) print_export ;;
+        logs) tail -n "${1:-100}" "$SERVER_LOG" ;;
+        run) cmd_run "$@" ;;
+        -h|--help|help) usage ;;
+        *) usage; exit 2 ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,130 @@
+//! One batch through the pipeline: the shape shared by the Kafka worker and replay.
+//!
+//! `process` stages every state change of the batch in an overlay; the caller sends
+//! the outputs, waits for the acknowledgement, and only then writes the returned
+//! [`StateBatch`] (dedupe keys, shipment states and, for Kafka, input progress) in
+//! one atomic write. A crash before that write re-processes the batch from the
+//! stored progress, producing the identical upserts again.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::envelope::Envelope;
+use crate::error::StoreError;
+use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::pipeline::{stage_progress, Pipeline, RecordResult};
+use crate::state::{StateBatch, StateStore, Staged};
+use crate::telemetry::Telemetry;
+
+/// Outputs and staged state of one batch.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    pub upserts: Vec<MilestoneUpsert>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Apply only after the outputs are acknowledged.
+    pub state: StateBatch,
+    pub summary: Summary,
+}
+
+/// Counts for the replay summary and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub records: u64,
+    pub events: u64,
+    pub new_milestones: u64,
+    pub duplicate_hash: u64,
+    pub duplicate_key: u64,
+    pub key_collisions: u64,
+    pub invalid: u64,
+    pub regressions_prevented: u64,
+    pub out_of_order: u64,
+    /// Dead letters by error kind.
+    pub invalid_by_kind: std::collections::BTreeMap<String, u64>,
+}
+
+impl Summary {
+    pub fn add_result(&mut self, result: &RecordResult) {
+        use crate::dedupe::Verdict;
+        self.records += 1;
+        if let Some(dead) = &result.dead_letter {
+            self.invalid += 1;
+            *self.invalid_by_kind.entry(dead.error_kind.clone()).or_default() += 1;
+        }
+        for event in &result.events {
+            self.events += 1;
+            match event.verdict {
+                Verdict::New => {
+                    self.new_milestones += 1;
+                    self.regressions_prevented += event.applied.regression_prevented as u64;
+                    self.out_of_order += event.applied.out_of_order as u64;
+                }
+                Verdict::DuplicateHash => self.duplicate_hash += 1,
+                Verdict::DuplicateKey { collision } => {
+                    self.duplicate_key += 1;
+                    self.key_collisions += collision as u64;
+                }
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: &Summary) {
+        self.records += other.records;
+        self.events += other.events;
+        self.new_milestones += other.new_milestones;
+        self.duplicate_hash += other.duplicate_hash;
+        self.duplicate_key += other.duplicate_key;
+        self.key_collisions += other.key_collisions;
+        self.invalid += other.invalid;
+        self.regressions_prevented += other.regressions_prevented;
+        self.out_of_order += other.out_of_order;
+        for (kind, n) in &other.invalid_by_kind {
+            *self.invalid_by_kind.entry(kind.clone()).or_default() += n;
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "records read:           {}", self.records)?;
+        writeln!(f, "events normalized:      {}", self.events)?;
+        writeln!(f, "milestones emitted:     {}", self.new_milestones)?;
+        writeln!(f, "duplicates (hash):      {}", self.duplicate_hash)?;
+        writeln!(f, "duplicates (key):       {}  ({} with different content)", self.duplicate_key, self.key_collisions)?;
+        writeln!(f, "status regressions prevented: {}", self.regressions_prevented)?;
+        write!(f, "invalid (dead letters): {}", self.invalid)?;
+        for (kind, n) in &self.invalid_by_kind {
+            write!(f, "\n  {kind}: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Run `envelopes` through the pipeline against `store` at `now`. With
+/// `track_progress`, each record also stages "offset + 1" as its partition's progress.
+pub fn process<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
+    store: &S,
+    envelopes: &[Envelope],
+    now: DateTime<Utc>,
+    track_progress: bool,
+    telemetry: Option<&Telemetry>,
+) -> Result<BatchOutput, StoreError> {
+    let mut staged = Staged::new(store);
+    let mut output = BatchOutput::default();
+    for envelope in envelopes {
+        let started = Instant::now();
+        let result = pipeline.process(envelope, now, &mut staged)?;
+        if let Some(telemetry) = telemetry {
+            telemetry.record(&result, started.elapsed());
+        }
+        if track_progress {
+            stage_progress(&mut staged, &envelope.topic, envelope.partition, envelope.offset + 1);
+        }
+        output.summary.add_result(&result);
+        output.upserts.extend(result.upserts);
+        output.dead_letters.extend(result.dead_letter);
+    }
+    output.state = staged.take_batch();
+    Ok(output)
+}

@@ -1,0 +1,126 @@
+//! Carrier normalizers: one module per carrier behind [`Carrier`], all pure
+//! functions from a parsed body to [`CarrierEvent`]s (no I/O, no clock), so each is
+//! fuzzable and table-testable. Adding a carrier is one file here plus its fixtures.
+//!
+//! The registry does the work common to every carrier once: the size limit, UTF-8
+//! and JSON checks before a carrier sees the body, and the plausibility check on
+//! every timestamp after.
+
+pub mod easypost;
+pub mod json;
+pub mod time;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::Value;
+
+use crate::error::RecordError;
+use crate::event::CarrierEvent;
+
+/// One carrier's documented payload format.
+pub trait Carrier: Send + Sync {
+    /// Lower-case name used in topics, headers, config and metric labels.
+    fn name(&self) -> &str;
+
+    /// Turn one webhook body (already parsed as JSON) into one event per history
+    /// entry. An empty history is `Ok(vec![])`, not an error.
+    fn normalize(&self, body: &Value) -> Result<Vec<CarrierEvent>, RecordError>;
+}
+
+/// Default body size limit (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The carriers Waymark knows, by name.
+#[derive(Clone)]
+pub struct CarrierRegistry {
+    carriers: BTreeMap<String, Arc<dyn Carrier>>,
+    /// Bodies above this many bytes are dead-lettered unparsed.
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for CarrierRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CarrierRegistry").field("carriers", &self.names()).finish()
+    }
+}
+
+impl Default for CarrierRegistry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl CarrierRegistry {
+    /// Every built-in carrier.
+    pub fn builtin() -> Self {
+        let mut registry = CarrierRegistry { carriers: BTreeMap::new(), max_body_bytes: DEFAULT_MAX_BODY_BYTES };
+        registry.register(Arc::new(easypost::EasyPost));
+        registry
+    }
+
+    /// Add (or replace) a carrier.
+    pub fn register(&mut self, carrier: Arc<dyn Carrier>) {
+        self.carriers.insert(carrier.name().to_ascii_lowercase(), carrier);
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.carriers.keys().map(String::as_str).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Carrier>> {
+        self.carriers.get(name)
+    }
+
+    /// Bytes in, canonical carrier events out, or the precise reason why not.
+    /// `now` (injected) bounds plausible timestamps.
+    pub fn normalize(&self, carrier: &str, body: &[u8], now: DateTime<Utc>) -> Result<Vec<CarrierEvent>, RecordError> {
+        let normalizer = self.get(carrier).ok_or_else(|| {
+            RecordError::UnknownCarrier(format!("`{carrier}` is not a known carrier (known: {})", self.names().join(", ")))
+        })?;
+        if body.len() > self.max_body_bytes {
+            return Err(RecordError::TooLarge { size: body.len(), limit: self.max_body_bytes });
+        }
+        let text = std::str::from_utf8(body).map_err(|e| RecordError::InvalidUtf8 { at: e.valid_up_to() })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
+        let events = normalizer.normalize(&value)?;
+        let (min, max) = plausible_range(now);
+        for event in &events {
+            if event.occurred_at < min || event.occurred_at > max {
+                return Err(RecordError::AbsurdTimestamp {
+                    field: "occurred_at".into(),
+                    value: crate::event::format_utc(&event.occurred_at),
+                    min: crate::event::format_utc(&min),
+                    max: crate::event::format_utc(&max),
+                });
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// Scans before 1990 predate every carrier API we read; scans more than a year
+/// after `now` are clock or parsing errors (estimated delivery dates are not scans).
+pub fn plausible_range(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let min = Utc.with_ymd_and_hms(1990, 1, 1, 0, 0, 0).single().unwrap_or(DateTime::<Utc>::MIN_UTC);
+    (min, now + Duration::days(366))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn generic_checks_run_before_the_carrier() {
+        let registry = CarrierRegistry { max_body_bytes: 16, ..CarrierRegistry::builtin() };
+        assert_eq!(registry.normalize("nope", b"{}", now()).unwrap_err().kind(), "unknown_carrier");
+        assert_eq!(registry.normalize("easypost", &[b' '; 17], now()).unwrap_err().kind(), "too_large");
+        assert_eq!(registry.normalize("easypost", b"{\"a\":\"\xff\"}", now()).unwrap_err().kind(), "invalid_utf8");
+        assert_eq!(registry.normalize("easypost", b"{\"a\":", now()).unwrap_err().kind(), "invalid_json");
+    }
+}

@@ -1,0 +1,548 @@
+//! One typed configuration: a TOML file, then `WAYMARK_*` environment overrides,
+//! then command-line flags, validated once into [`Config`] that the rest of the
+//! program trusts. Every field has a default, so `waymark run` starts with no file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::carriers::DEFAULT_MAX_BODY_BYTES;
+use crate::dedupe::{DedupeConfig, DedupePolicy};
+use crate::envelope::EnvelopeRules;
+use crate::store::StoreOptions;
+
+/// A configuration problem: always exit code 2, with what to change.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("declared_carriers: {0}")]
+    DeclaredCarrier(#[from] crate::carriers::declared::LoadError),
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_group() -> String {
+    "waymark".into()
+}
+fn default_inputs() -> Vec<String> {
+    vec!["tracking.raw.easypost".into()]
+}
+fn default_output() -> String {
+    "tracking.milestones".into()
+}
+fn default_dlq() -> String {
+    "tracking.dead-letter".into()
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    /// bootstrap.servers
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group: instances with the same id share the input partitions.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    #[serde(default = "default_inputs")]
+    pub input_topics: Vec<String>,
+    #[serde(default = "default_output")]
+    pub output_topic: String,
+    #[serde(default = "default_dlq")]
+    pub dead_letter_topic: String,
+    /// librdkafka properties for both consumer and producer (security settings go here).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("empty kafka section has defaults"))
+    }
+}
+
+/// `[tenancy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenancySection {
+    #[serde(default)]
+    pub require_tenant: bool,
+    #[serde(default = "default_tenant")]
+    pub default_tenant: String,
+}
+fn default_tenant() -> String {
+    "default".into()
+}
+impl Default for TenancySection {
+    fn default() -> Self {
+        TenancySection { require_tenant: false, default_tenant: default_tenant() }
+    }
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_cache_mb")]
+    pub block_cache_mb: usize,
+    #[serde(default = "default_memtable_mb")]
+    pub memtable_mb: usize,
+    #[serde(default = "default_true")]
+    pub sync_writes: bool,
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("waymark-state")
+}
+fn default_cache_mb() -> usize {
+    128
+}
+fn default_memtable_mb() -> usize {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            dir: default_state_dir(),
+            block_cache_mb: default_cache_mb(),
+            memtable_mb: default_memtable_mb(),
+            sync_writes: true,
+        }
+    }
+}
+
+/// A dedupe policy as written in TOML (`ttl = "30d"`, `skew = "2s"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub ttl: Option<String>,
+    pub skew: Option<String>,
+}
+
+/// `[dedupe]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeSection {
+    pub ttl: Option<String>,
+    pub skew: Option<String>,
+    /// `[dedupe.carriers.<name>]` overrides.
+    #[serde(default)]
+    pub carriers: BTreeMap<String, PolicySection>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection { max_body_bytes: DEFAULT_MAX_BODY_BYTES }
+    }
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Records per batch: one output flush and one state write per batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Longest wait to fill a batch.
+    #[serde(default = "default_batch_wait")]
+    pub batch_wait: String,
+    /// Deadline for finishing in-flight work on SIGTERM.
+    #[serde(default = "default_shutdown")]
+    pub shutdown_timeout: String,
+}
+fn default_batch() -> usize {
+    500
+}
+fn default_batch_wait() -> String {
+    "100ms".into()
+}
+fn default_shutdown() -> String {
+    "30s".into()
+}
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection { batch_size: default_batch(), batch_wait: default_batch_wait(), shutdown_timeout: default_shutdown() }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection { listen: default_listen() }
+    }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Label events with the tenant (only with a bounded number of tenants).
+    #[serde(default)]
+    pub tenant_label: bool,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub kafka: KafkaSection,
+    /// topic -> carrier, beyond the `tracking.raw.<carrier>` convention.
+    #[serde(default)]
+    pub topics: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tenancy: TenancySection,
+    #[serde(default)]
+    pub state: StateSection,
+    #[serde(default)]
+    pub dedupe: DedupeSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub worker: WorkerSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+    /// Mapping files of user-declared carriers (`declared_carriers = ["carriers/acme.toml"]`,
+    /// a top-level key). Relative paths are relative to the config file's directory.
+    #[serde(default)]
+    pub declared_carriers: Vec<PathBuf>,
+    /// Directory of the config file, for relative paths in it (`None`: the working
+    /// directory). Set by [`RawConfig::from_file`], never read from TOML.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// Overrides from flags (already merged with their `WAYMARK_*` env vars by clap).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub brokers: Option<String>,
+    pub group_id: Option<String>,
+    pub input_topics: Vec<String>,
+    pub output_topic: Option<String>,
+    pub dead_letter_topic: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    /// `-X name=value` librdkafka properties.
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaSection,
+    pub envelope: EnvelopeRules,
+    pub state_dir: PathBuf,
+    pub store: StoreOptions,
+    pub dedupe: DedupeConfig,
+    pub max_body_bytes: usize,
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    pub shutdown_timeout: Duration,
+    pub http_listen: SocketAddr,
+    pub tenant_label: bool,
+    /// User-declared carriers, loaded and validated from `declared_carriers`.
+    pub declared_carriers: Vec<std::sync::Arc<crate::carriers::declared::DeclaredCarrier>>,
+}
+
+/// Prefix of environment variables that set librdkafka properties:
+/// `WAYMARK_KAFKA__SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`.
+pub const KAFKA_ENV_PREFIX: &str = "WAYMARK_KAFKA__";
+
+impl RawConfig {
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut raw = RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        raw.base_dir = path.parent().map(Path::to_path_buf);
+        Ok(raw)
+    }
+
+    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Apply `WAYMARK_KAFKA__*` variables (the named ones are handled by the CLI).
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
+        for (name, value) in vars {
+            if let Some(rest) = name.strip_prefix(KAFKA_ENV_PREFIX) {
+                let property = rest.to_ascii_lowercase().replace('_', ".");
+                self.kafka.properties.insert(property, value);
+            }
+        }
+    }
+
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.brokers {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = o.group_id {
+            self.kafka.group_id = v;
+        }
+        if !o.input_topics.is_empty() {
+            self.kafka.input_topics = o.input_topics;
+        }
+        if let Some(v) = o.output_topic {
+            self.kafka.output_topic = v;
+        }
+        if let Some(v) = o.dead_letter_topic {
+            self.kafka.dead_letter_topic = v;
+        }
+        if let Some(v) = o.state_dir {
+            self.state.dir = v;
+        }
+        if let Some(v) = o.http_listen {
+            self.http.listen = v;
+        }
+        for (k, v) in o.kafka_properties {
+            self.kafka.properties.insert(k, v);
+        }
+    }
+
+    /// Validate into the trusted [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let duration = |field: &str, text: &str| {
+            humantime::parse_duration(text)
+                .map_err(|e| ConfigError::Invalid(format!("{field} = \"{text}\": {e} (write e.g. \"2s\", \"500ms\", \"30d\")")))
+        };
+        let base = DedupePolicy::default();
+        let default_policy = DedupePolicy {
+            ttl: match &self.dedupe.ttl {
+                Some(t) => duration("dedupe.ttl", t)?,
+                None => base.ttl,
+            },
+            skew: match &self.dedupe.skew {
+                Some(s) => duration("dedupe.skew", s)?,
+                None => base.skew,
+            },
+        };
+        let mut per_carrier = BTreeMap::new();
+        for (carrier, section) in &self.dedupe.carriers {
+            let policy = DedupePolicy {
+                ttl: match &section.ttl {
+                    Some(t) => duration(&format!("dedupe.carriers.{carrier}.ttl"), t)?,
+                    None => default_policy.ttl,
+                },
+                skew: match &section.skew {
+                    Some(s) => duration(&format!("dedupe.carriers.{carrier}.skew"), s)?,
+                    None => default_policy.skew,
+                },
+            };
+            per_carrier.insert(carrier.to_ascii_lowercase(), policy);
+        }
+        for (name, policy) in std::iter::once(("default", &default_policy)).chain(per_carrier.iter().map(|(k, v)| (k.as_str(), v))) {
+            if policy.ttl.is_zero() || policy.skew >= policy.ttl {
+                return Err(ConfigError::Invalid(format!(
+                    "dedupe policy for {name}: ttl must be positive and larger than skew"
+                )));
+            }
+        }
+        let kafka = self.kafka;
+        if kafka.input_topics.is_empty() {
+            return Err(ConfigError::Invalid("kafka.input_topics is empty: name at least one raw carrier topic".into()));
+        }
+        for topic in [&kafka.output_topic, &kafka.dead_letter_topic] {
+            if kafka.input_topics.contains(topic) {
+                return Err(ConfigError::Invalid(format!("`{topic}` is both an input and an output topic")));
+            }
+        }
+        if self.worker.batch_size == 0 {
+            return Err(ConfigError::Invalid("worker.batch_size must be at least 1".into()));
+        }
+        if self.limits.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid("limits.max_body_bytes must be at least 1".into()));
+        }
+        let http_listen = self.http.listen.parse().map_err(|e| {
+            ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.http.listen))
+        })?;
+        let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
+        Ok(Config {
+            envelope: EnvelopeRules {
+                topic_carriers: self.topics,
+                require_tenant: self.tenancy.require_tenant,
+                default_tenant: self.tenancy.default_tenant,
+            },
+            kafka,
+            state_dir: self.state.dir,
+            store: StoreOptions {
+                block_cache_bytes: self.state.block_cache_mb << 20,
+                memtable_bytes: self.state.memtable_mb << 20,
+                sync_writes: self.state.sync_writes,
+            },
+            dedupe: DedupeConfig { default: default_policy, per_carrier },
+            max_body_bytes: self.limits.max_body_bytes,
+            batch_size: self.worker.batch_size,
+            batch_wait: duration("worker.batch_wait", &self.worker.batch_wait)?,
+            shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
+            http_listen,
+            tenant_label: self.telemetry.tenant_label,
+            declared_carriers,
+        })
+    }
+}
+
+/// Load every mapping file; two files declaring one name is an error (the later one
+/// would silently replace the earlier one's normalizer).
+fn load_declared_carriers(
+    paths: &[PathBuf],
+    base_dir: Option<&Path>,
+) -> Result<Vec<std::sync::Arc<crate::carriers::declared::DeclaredCarrier>>, ConfigError> {
+    use crate::carriers::Carrier as _;
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut carriers = Vec::with_capacity(paths.len());
+    for path in paths {
+        let path = match base_dir {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.clone(),
+        };
+        let carrier = crate::carriers::declared::DeclaredCarrier::from_file(&path)?;
+        if let Some(first) = seen.insert(carrier.name().to_string(), path.clone()) {
+            return Err(ConfigError::Invalid(format!(
+                "declared_carriers: carrier `{}` is declared by both {} and {}",
+                carrier.name(),
+                first.display(),
+                path.display()
+            )));
+        }
+        carriers.push(std::sync::Arc::new(carrier));
+    }
+    Ok(carriers)
+}
+
+impl Config {
+    /// The pipeline this configuration describes.
+    pub fn pipeline(&self) -> crate::pipeline::Pipeline {
+        let mut carriers = crate::carriers::CarrierRegistry::builtin();
+        carriers.max_body_bytes = self.max_body_bytes;
+        for declared in &self.declared_carriers {
+            // Names were checked against the built-ins on load: this only adds.
+            carriers.register(declared.clone());
+        }
+        crate::pipeline::Pipeline { rules: self.envelope.clone(), carriers, dedupe: self.dedupe.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_out_of_the_box() {
+        let config = RawConfig::default().validate().unwrap();
+        assert_eq!(config.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.dedupe.default.skew, Duration::from_secs(2));
+        assert_eq!(config.dedupe.default.ttl, Duration::from_secs(30 * 86400));
+        assert_eq!(config.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let mut raw = RawConfig::from_toml(
+            r#"
+            [kafka]
+            brokers = "file:9092"
+            [kafka.properties]
+            "security.protocol" = "SSL"
+            [dedupe]
+            skew = "3s"
+            [dedupe.carriers.UPS]
+            ttl = "14d"
+            [topics]
+            "in.ups" = "ups"
+            "#,
+        )
+        .unwrap();
+        raw.apply_env(vec![("WAYMARK_KAFKA__SASL_MECHANISMS".to_string(), "SCRAM-SHA-512".to_string())].into_iter());
+        raw.apply(Overrides { brokers: Some("flag:9092".into()), ..Overrides::default() });
+        let config = raw.validate().unwrap();
+        assert_eq!(config.kafka.brokers, "flag:9092");
+        assert_eq!(config.kafka.properties["security.protocol"], "SSL");
+        assert_eq!(config.kafka.properties["sasl.mechanisms"], "SCRAM-SHA-512");
+        let ups = config.dedupe.policy("ups");
+        assert_eq!((ups.ttl, ups.skew), (Duration::from_secs(14 * 86400), Duration::from_secs(3)));
+        assert_eq!(config.envelope.topic_carriers["in.ups"], "ups");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected_with_hints() {
+        assert!(RawConfig::from_toml("[kafka]\nbrokerz = \"x\"").unwrap_err().contains("brokerz"));
+        let mut raw = RawConfig::default();
+        raw.dedupe.skew = Some("soon".into());
+        assert!(raw.validate().unwrap_err().to_string().contains("dedupe.skew"));
+        let mut raw = RawConfig::default();
+        raw.kafka.output_topic = raw.kafka.input_topics[0].clone();
+        assert!(raw.validate().is_err());
+    }
+
+    #[test]
+    fn declared_carriers_load_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = |name: &str| {
+            format!(
+                "name = \"{name}\"\ntracking_number = \"/n\"\nevents = \"/e\"\n[event]\ncode = \"/c\"\ntime = \"/t\"\n[codes]\nD = \"delivered\"\n"
+            )
+        };
+        std::fs::create_dir(dir.path().join("carriers")).unwrap();
+        std::fs::write(dir.path().join("carriers/acme.toml"), mapping("acme")).unwrap();
+        std::fs::write(dir.path().join("carriers/acme-again.toml"), mapping("acme")).unwrap();
+        std::fs::write(dir.path().join("carriers/bad.toml"), mapping("acme").replace("delivered", "arrived")).unwrap();
+        let config_at = |keys: &str| {
+            let path = dir.path().join("waymark.toml");
+            std::fs::write(&path, format!("declared_carriers = [{keys}]\n")).unwrap();
+            RawConfig::from_file(&path).unwrap().validate()
+        };
+
+        let config = config_at(r#""carriers/acme.toml""#).unwrap();
+        assert_eq!(config.declared_carriers.len(), 1);
+        assert!(config.pipeline().carriers.get("acme").is_some());
+        assert!(config.pipeline().carriers.get("easypost").is_some());
+
+        let err = config_at(r#""carriers/acme.toml", "carriers/acme-again.toml""#).unwrap_err().to_string();
+        assert!(err.contains("`acme` is declared by both"), "{err}");
+        let err = config_at(r#""carriers/missing.toml""#).unwrap_err().to_string();
+        assert!(err.contains("cannot read carrier mapping") && err.contains("missing.toml"), "{err}");
+        let err = config_at(r#""carriers/bad.toml""#).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("`codes.\"D\" = \"arrived\"`"), "{err}");
+    }
+}

@@ -1,0 +1,364 @@
+//! Duplicate detection (DESIGN section 4).
+//!
+//! An event is a duplicate, for its tenant and carrier, when within the carrier's TTL
+//! - its **content hash** was seen: blake3 over a versioned, length-prefixed encoding
+//!   of the normalized event without volatile fields (delivery and event ids,
+//!   received_at, source offsets). Reported as `duplicate_hash`: an exact replay.
+//! - or its **composite key** was seen: (tracking number, shipment ref, canonical
+//!   status, raw code, location) with `occurred_at` within the carrier's clock-skew
+//!   tolerance. Reported as `duplicate_key`; if the stored content hash differs this
+//!   is also a key collision (same event told differently, e.g. a skewed clock or a
+//!   reworded description).
+//!
+//! The location is part of the composite key because two scans of one status at
+//! different places are two milestones, even in the same second.
+//!
+//! Tolerance is exact, not bucketed: keys sort by `occurred_at` after a fixed-size
+//! identity digest, so the store answers "any key of this identity within
+//! [t - skew, t + skew]" with one range scan; there are no bucket boundaries to miss.
+//!
+//! TTL: an entry lives for its carrier's TTL from when Waymark first saw the event
+//! (the injected clock), not from the event's own time, so a provider replaying
+//! month-old history is still caught. An entry is live while `now < expires_at`;
+//! expired entries never decide an outcome, whether or not compaction has dropped
+//! them yet.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::StoreError;
+use crate::event::TrackingEvent;
+use crate::state::{Keyspace, Scope, StateStore, Staged};
+
+/// Version tag of the content encoding; bump it (and the golden test) on any change.
+pub const CONTENT_ENCODING: &[u8] = b"waymark.content.v1";
+
+/// Dedupe window and tolerance for one carrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupePolicy {
+    /// How long a seen event is remembered, from first sight.
+    pub ttl: Duration,
+    /// Two copies whose `occurred_at` differ by at most this are one event.
+    pub skew: Duration,
+}
+
+impl Default for DedupePolicy {
+    fn default() -> Self {
+        DedupePolicy { ttl: Duration::from_secs(30 * 24 * 3600), skew: Duration::from_secs(2) }
+    }
+}
+
+/// Policies by carrier, with a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DedupeConfig {
+    pub default: DedupePolicy,
+    pub per_carrier: BTreeMap<String, DedupePolicy>,
+}
+
+impl DedupeConfig {
+    pub fn policy(&self, carrier: &str) -> DedupePolicy {
+        self.per_carrier.get(carrier).copied().unwrap_or(self.default)
+    }
+}
+
+/// What dedupe decided for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    New,
+    DuplicateHash,
+    /// `collision`: the stored key carries a different content hash.
+    DuplicateKey { collision: bool },
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::New => "new",
+            Verdict::DuplicateHash => "duplicate_hash",
+            Verdict::DuplicateKey { .. } => "duplicate_key",
+        }
+    }
+}
+
+/// blake3 of the canonical content encoding.
+pub fn content_hash(event: &TrackingEvent) -> [u8; 32] {
+    let mut enc = Encoder::new(CONTENT_ENCODING);
+    enc.str(&event.tenant_id);
+    enc.str(&event.carrier);
+    enc.str(&event.tracking_number);
+    enc.opt(event.shipment_ref.as_deref());
+    enc.str(event.status.as_str());
+    enc.str(&event.carrier_status_code);
+    enc.opt(event.carrier_status_detail.as_deref());
+    enc.opt(event.description.as_deref());
+    enc.i64(event.occurred_at.timestamp_millis());
+    enc.bool(event.time_assumed_utc);
+    location_fields(&mut enc, event);
+    *enc.finish().as_bytes()
+}
+
+/// Digest of the composite key without its time (fixed size, so keys sort by time
+/// within one identity).
+pub fn identity_digest(event: &TrackingEvent) -> [u8; 16] {
+    let mut enc = Encoder::new(b"waymark.key.v1");
+    enc.str(&event.tenant_id);
+    enc.str(&event.carrier);
+    enc.str(&event.tracking_number);
+    enc.opt(event.shipment_ref.as_deref());
+    enc.str(event.status.as_str());
+    enc.str(&event.carrier_status_code);
+    location_fields(&mut enc, event);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&enc.finish().as_bytes()[..16]);
+    out
+}
+
+/// Locations compare case- and space-insensitively: carriers re-render them.
+fn location_fields(enc: &mut Encoder, event: &TrackingEvent) {
+    for part in [&event.location.city, &event.location.region, &event.location.postal_code, &event.location.country] {
+        enc.opt(part.as_deref().map(|p| p.trim().to_uppercase()).as_deref());
+    }
+}
+
+/// Length-prefixed field encoder feeding blake3: canonical by construction.
+pub struct Encoder(blake3::Hasher);
+
+impl Encoder {
+    pub fn new(domain: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&(domain.len() as u64).to_le_bytes());
+        hasher.update(domain);
+        Encoder(hasher)
+    }
+    pub fn str(&mut self, s: &str) {
+        self.0.update(&(s.len() as u64).to_le_bytes());
+        self.0.update(s.as_bytes());
+    }
+    pub fn opt(&mut self, s: Option<&str>) {
+        match s {
+            None => {
+                self.0.update(&[0]);
+            }
+            Some(s) => {
+                self.0.update(&[1]);
+                self.str(s);
+            }
+        }
+    }
+    pub fn i64(&mut self, v: i64) {
+        self.0.update(&v.to_le_bytes());
+    }
+    pub fn bool(&mut self, v: bool) {
+        self.0.update(&[v as u8]);
+    }
+    pub fn finish(self) -> blake3::Hash {
+        self.0.finalize()
+    }
+}
+
+/// Sortable big-endian encoding of a signed millisecond timestamp.
+fn sortable_ms(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn key_prefix(scope: Scope, identity: &[u8; 16]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32);
+    key.extend_from_slice(&scope.0);
+    key.extend_from_slice(identity);
+    key
+}
+
+fn composite_key(scope: Scope, identity: &[u8; 16], occurred_ms: i64) -> Vec<u8> {
+    let mut key = key_prefix(scope, identity);
+    key.extend_from_slice(&sortable_ms(occurred_ms));
+    key
+}
+
+fn hash_key(scope: Scope, hash: &[u8; 32]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(40);
+    key.extend_from_slice(&scope.0);
+    key.extend_from_slice(hash);
+    key
+}
+
+/// Value layouts: Keys = expires_at_ms (8, BE) | content hash (32); Hashes = expires_at_ms (8, BE).
+pub fn expires_at_ms(keyspace: Keyspace, value: &[u8]) -> Result<i64, StoreError> {
+    let head: [u8; 8] = value.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
+        keyspace: keyspace.name(),
+        reason: format!("value of {} bytes is shorter than its 8-byte expiry", value.len()),
+    })?;
+    Ok(i64::from_be_bytes(head))
+}
+
+/// Decide whether `event` is new, and if so stage its key and hash.
+pub fn check_and_stage<S: StateStore + ?Sized>(
+    state: &mut Staged<'_, S>,
+    scope: Scope,
+    policy: DedupePolicy,
+    event: &TrackingEvent,
+    now: DateTime<Utc>,
+) -> Result<Verdict, StoreError> {
+    let now_ms = now.timestamp_millis();
+    let hash = content_hash(event);
+    let hkey = hash_key(scope, &hash);
+    if let Some(value) = state.get(Keyspace::Hashes, &hkey)? {
+        if now_ms < expires_at_ms(Keyspace::Hashes, &value)? {
+            return Ok(Verdict::DuplicateHash);
+        }
+    }
+    let identity = identity_digest(event);
+    let occurred_ms = event.occurred_at.timestamp_millis();
+    let skew_ms = i64::try_from(policy.skew.as_millis()).unwrap_or(i64::MAX);
+    let from = composite_key(scope, &identity, occurred_ms.saturating_sub(skew_ms));
+    // Exclusive upper bound one millisecond past the tolerance.
+    let to = composite_key(scope, &identity, occurred_ms.saturating_add(skew_ms).saturating_add(1));
+    for (_, value) in state.scan(Keyspace::Keys, &from, &to)? {
+        if now_ms < expires_at_ms(Keyspace::Keys, &value)? {
+            let collision = value.get(8..40) != Some(&hash[..]);
+            return Ok(Verdict::DuplicateKey { collision });
+        }
+    }
+    let ttl_ms = i64::try_from(policy.ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires = now_ms.saturating_add(ttl_ms).to_be_bytes();
+    let mut key_value = Vec::with_capacity(40);
+    key_value.extend_from_slice(&expires);
+    key_value.extend_from_slice(&hash);
+    state.put(Keyspace::Keys, composite_key(scope, &identity, occurred_ms), key_value);
+    state.put(Keyspace::Hashes, hkey, expires.to_vec());
+    Ok(Verdict::New)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Location, SourceRef, Status};
+    use crate::state::MemoryStore;
+    use chrono::TimeZone;
+
+    pub(crate) fn event(tracking: &str, status: Status, occurred_ms: i64) -> TrackingEvent {
+        TrackingEvent {
+            tenant_id: "acme".into(),
+            carrier: "easypost".into(),
+            tracking_number: tracking.into(),
+            shipment_ref: None,
+            status,
+            carrier_status_code: "AR".into(),
+            carrier_status_detail: Some("in_transit/arrived_at_facility".into()),
+            description: Some("Arrived".into()),
+            occurred_at: Utc.timestamp_millis_opt(occurred_ms).unwrap(),
+            time_assumed_utc: false,
+            location: Location { city: Some("Orlando".into()), region: Some("FL".into()), postal_code: None, country: Some("US".into()) },
+            source_event_id: Some("evt_1".into()),
+            received_at: Utc.timestamp_millis_opt(occurred_ms + 1000).unwrap(),
+            source: SourceRef { topic: "t".into(), partition: 0, offset: 1 },
+        }
+    }
+
+    const T0: i64 = 1_722_438_000_000;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(ms).unwrap()
+    }
+
+    fn check(store: &MemoryStore, policy: DedupePolicy, e: &TrackingEvent, now_ms: i64) -> Verdict {
+        let mut staged = Staged::new(store);
+        let verdict = check_and_stage(&mut staged, Scope::of("t", 0), policy, e, at(now_ms)).unwrap();
+        store.write(staged.take_batch()).unwrap();
+        verdict
+    }
+
+    #[test]
+    fn golden_content_hash_is_pinned() {
+        // Changing the encoding silently would make every stored hash miss after an
+        // upgrade: bump CONTENT_ENCODING and this value together, on purpose.
+        let hex = blake3::Hash::from(content_hash(&event("1Z", Status::InTransit, T0))).to_hex().to_string();
+        assert_eq!(hex, "3b52d71f525ebf0cce3c9a4162a23fb4d6f52d504885bbf7cbd96f657abf2389");
+    }
+
+    #[test]
+    fn volatile_fields_do_not_change_the_hash() {
+        let a = event("1Z", Status::InTransit, T0);
+        let mut b = a.clone();
+        b.source_event_id = Some("evt_other".into());
+        b.received_at = at(T0 + 99_999);
+        b.source = SourceRef { topic: "x".into(), partition: 3, offset: 99 };
+        assert_eq!(content_hash(&a), content_hash(&b));
+        b.description = Some("Arrived at facility".into());
+        assert_ne!(content_hash(&a), content_hash(&b));
+    }
+
+    #[test]
+    fn skew_tolerance_is_exact_at_both_edges() {
+        let policy = DedupePolicy { skew: Duration::from_millis(2000), ..DedupePolicy::default() };
+        let store = MemoryStore::default();
+        assert_eq!(check(&store, policy, &event("1Z", Status::InTransit, T0), T0), Verdict::New);
+        let within_early = event("1Z", Status::InTransit, T0 - 2000);
+        assert_eq!(check(&store, policy, &within_early, T0), Verdict::DuplicateKey { collision: true });
+        let within_late = event("1Z", Status::InTransit, T0 + 2000);
+        assert_eq!(check(&store, policy, &within_late, T0), Verdict::DuplicateKey { collision: true });
+        let beyond = event("1Z", Status::InTransit, T0 + 2001);
+        assert_eq!(check(&store, policy, &beyond, T0), Verdict::New);
+    }
+
+    #[test]
+    fn ttl_window_is_enforced_in_code_at_the_millisecond() {
+        let ttl = Duration::from_secs(3600);
+        let policy = DedupePolicy { ttl, ..DedupePolicy::default() };
+        let ttl_ms = 3_600_000;
+        let seen_at = T0 + 5_000;
+        let e = event("1Z", Status::InTransit, T0);
+        let store = MemoryStore::default();
+        assert_eq!(check(&store, policy, &e, seen_at), Verdict::New);
+        // Window minus 1 ms: still a duplicate. Read-only checks: nothing is re-staged.
+        let mut staged = Staged::new(&store);
+        let scope = Scope::of("t", 0);
+        assert_eq!(check_and_stage(&mut staged, scope, policy, &e, at(seen_at + ttl_ms - 1)).unwrap(), Verdict::DuplicateHash);
+        assert!(staged.is_empty());
+        // At the window and after it: expired, so the event is new again.
+        assert_eq!(check_and_stage(&mut Staged::new(&store), scope, policy, &e, at(seen_at + ttl_ms)).unwrap(), Verdict::New);
+        assert_eq!(check_and_stage(&mut Staged::new(&store), scope, policy, &e, at(seen_at + ttl_ms + 1)).unwrap(), Verdict::New);
+    }
+
+    #[test]
+    fn what_must_not_be_merged() {
+        let store = MemoryStore::default();
+        let policy = DedupePolicy::default();
+        let base = event("1Z", Status::InTransit, T0);
+        assert_eq!(check(&store, policy, &base, T0), Verdict::New);
+        let mut other_tenant = base.clone();
+        other_tenant.tenant_id = "globex".into();
+        assert_eq!(check(&store, policy, &other_tenant, T0), Verdict::New);
+        let mut other_shipment_same_event_id = base.clone();
+        other_shipment_same_event_id.tracking_number = "1Y".into();
+        assert_eq!(check(&store, policy, &other_shipment_same_event_id, T0), Verdict::New);
+        let later_scan = event("1Z", Status::InTransit, T0 + 3_600_000);
+        assert_eq!(check(&store, policy, &later_scan, T0), Verdict::New);
+        let mut elsewhere_same_second = base.clone();
+        elsewhere_same_second.location.city = Some("Kenly".into());
+        assert_eq!(check(&store, policy, &elsewhere_same_second, T0), Verdict::New);
+    }
+
+    #[test]
+    fn one_instant_in_two_offsets_is_one_event() {
+        let store = MemoryStore::default();
+        let a = event("1Z", Status::InTransit, T0);
+        let mut b = a.clone();
+        b.occurred_at = chrono::DateTime::parse_from_rfc3339("2024-07-31T11:00:00-04:00").unwrap().with_timezone(&Utc);
+        assert_eq!(a.occurred_at, b.occurred_at);
+        assert_eq!(check(&store, DedupePolicy::default(), &a, T0), Verdict::New);
+        assert_eq!(check(&store, DedupePolicy::default(), &b, T0), Verdict::DuplicateHash);
+    }
+
+    #[test]
+    fn partitions_do_not_share_state() {
+        let store = MemoryStore::default();
+        let e = event("1Z", Status::InTransit, T0);
+        let mut staged = Staged::new(&store);
+        let p = DedupePolicy::default();
+        assert_eq!(check_and_stage(&mut staged, Scope::of("t", 0), p, &e, at(T0)).unwrap(), Verdict::New);
+        assert_eq!(check_and_stage(&mut staged, Scope::of("t", 1), p, &e, at(T0)).unwrap(), Verdict::New);
+        assert_eq!(check_and_stage(&mut staged, Scope::of("t", 0), p, &e, at(T0)).unwrap(), Verdict::DuplicateHash);
+    }
+}

@@ -1,0 +1,87 @@
+//! Error taxonomy. Every error knows its fate: a bad record is dead-lettered, a
+//! transient fault is retried, anything that makes progress unsafe stops the worker.
+
+use thiserror::Error;
+
+/// What the runner does with a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Transient (broker unavailable, timeout): try the same work again.
+    Retry,
+    /// The record itself is bad: send it to the dead-letter topic and move on.
+    DeadLetter,
+    /// Progress is unsafe (config, corrupt or unwritable store): stop, do not commit.
+    Stop,
+}
+
+/// Why a record was rejected. The `kind()` is a bounded metric label and the
+/// `error_kind` of the dead-letter record; the Display text is the human reason.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RecordError {
+    #[error("body is {size} bytes, over the {limit}-byte limit (raise limits.max_body_bytes if this carrier really sends such bodies)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("body is not valid UTF-8 at byte {at}")]
+    InvalidUtf8 { at: usize },
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("field `{field}` has the wrong type: expected {expected}")]
+    WrongType { field: String, expected: &'static str },
+    #[error("required field `{0}` is missing or empty")]
+    MissingField(String),
+    #[error("no carrier for this record: {0}")]
+    UnknownCarrier(String),
+    #[error("no tenant: header `tenant-id` is absent and tenancy.require_tenant is true")]
+    MissingTenant,
+    #[error("header `{name}` is invalid: {reason}")]
+    InvalidHeader { name: String, reason: String },
+    #[error("timestamp `{value}` in `{field}` is unreadable: {reason}")]
+    InvalidTimestamp { field: String, value: String, reason: String },
+    #[error("timestamp `{value}` in `{field}` is outside the plausible range {min}..{max}")]
+    AbsurdTimestamp { field: String, value: String, min: String, max: String },
+    #[error("archive line is not a kcat -J envelope: {0}")]
+    InvalidEnvelope(String),
+    #[error("not a tracking event: {0}")]
+    Unsupported(String),
+}
+
+impl RecordError {
+    /// Bounded label for metrics and the dead-letter `error_kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordError::TooLarge { .. } => "too_large",
+            RecordError::InvalidUtf8 { .. } => "invalid_utf8",
+            RecordError::InvalidJson(_) => "invalid_json",
+            RecordError::WrongType { .. } => "wrong_type",
+            RecordError::MissingField(_) => "missing_field",
+            RecordError::UnknownCarrier(_) => "unknown_carrier",
+            RecordError::MissingTenant => "missing_tenant",
+            RecordError::InvalidHeader { .. } => "invalid_header",
+            RecordError::InvalidTimestamp { .. } => "invalid_timestamp",
+            RecordError::AbsurdTimestamp { .. } => "absurd_timestamp",
+            RecordError::InvalidEnvelope(_) => "invalid_envelope",
+            RecordError::Unsupported(_) => "unsupported",
+        }
+    }
+
+    /// A record error is always the record's fault.
+    pub fn fate(&self) -> Fate {
+        Fate::DeadLetter
+    }
+}
+
+/// Failure of the state store (RocksDB or the in-memory one).
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("state store I/O failed: {0} (check that the state directory is writable and the disk is not full)")]
+    Io(String),
+    #[error("state store holds a corrupt value in {keyspace}: {reason} (restore the state directory from a backup or export, or delete it to start with empty dedupe state)")]
+    Corrupt { keyspace: &'static str, reason: String },
+}
+
+impl StoreError {
+    /// A store that cannot write or read is never worked around: the worker stops
+    /// consuming rather than emit without remembering.
+    pub fn fate(&self) -> Fate {
+        Fate::Stop
+    }
+}

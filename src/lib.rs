@@ -1,0 +1,30 @@
+//! Waymark: carrier-tracking ingestion. Raw carrier webhooks in, idempotent
+//! "ensure milestone" upserts out, deduplicated and in status-hierarchy order.
+//!
+//! The core (`envelope`, `carriers`, `dedupe`, `order`, `pipeline`, `batch`) is
+//! free of I/O: the clock is a parameter and state sits behind
+//! [`state::StateStore`]. Kafka (`kafka`), files (`replay`, `sink`), RocksDB
+//! (`store`) and HTTP (`telemetry`) are adapters at the edges.
+
+pub mod batch;
+pub mod carriers;
+pub mod config;
+pub mod dedupe;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod kafka;
+pub mod order;
+pub mod output;
+pub mod pipeline;
+pub mod replay;
+pub mod sink;
+pub mod state;
+pub mod store;
+pub mod synth;
+pub mod telemetry;
+
+pub use envelope::Envelope;
+pub use event::{Status, TrackingEvent};
+pub use output::{DeadLetter, MilestoneUpsert};
+pub use pipeline::Pipeline;

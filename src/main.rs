@@ -1,0 +1,518 @@
+//! The `waymark` binary: a thin CLI over the library. Exit codes: 0 success,
+//! 2 usage or configuration error, 1 runtime failure.
+
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+
+use waymark::batch::Summary;
+use waymark::config::{Config, ConfigError, Overrides, RawConfig};
+use waymark::envelope::Envelope;
+use waymark::replay;
+use waymark::sink::NdjsonSink;
+use waymark::state::{Keyspace, MemoryStore, Overlay, StateStore};
+use waymark::store::{system_clock, RocksStore};
+use waymark::telemetry::{self, Health, Telemetry};
+
+#[derive(Parser)]
+#[command(name = "waymark", version, about = "Carrier-tracking ingestion: raw carrier webhooks in, deduplicated ensure-milestone upserts out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Default)]
+struct ConfigArgs {
+    /// TOML configuration file (every setting has a default; see README).
+    #[arg(long, short = 'c', env = "WAYMARK_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Kafka worker (consumer group in, upserts and dead letters out).
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "WAYMARK_BROKERS")]
+        brokers: Option<String>,
+        /// Consumer group id.
+        #[arg(long, env = "WAYMARK_GROUP_ID")]
+        group_id: Option<String>,
+        /// Input topic (repeat, or comma-separated in the env var).
+        #[arg(long = "input-topic", env = "WAYMARK_INPUT_TOPICS", value_delimiter = ',')]
+        input_topics: Vec<String>,
+        /// Output topic for ensure-milestone upserts.
+        #[arg(long, env = "WAYMARK_OUTPUT_TOPIC")]
+        output_topic: Option<String>,
+        /// Dead-letter topic.
+        #[arg(long, env = "WAYMARK_DEAD_LETTER_TOPIC")]
+        dead_letter_topic: Option<String>,
+        /// State directory (RocksDB).
+        #[arg(long, env = "WAYMARK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, env = "WAYMARK_HTTP_LISTEN")]
+        http_listen: Option<String>,
+        /// Any librdkafka property, as name=value (repeatable), e.g. -X security.protocol=SASL_SSL.
+        #[arg(short = 'X', value_name = "NAME=VALUE")]
+        kafka_property: Vec<String>,
+    },
+    /// Replay kcat -J archives through the same pipeline and state.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Archive file (.gz ok), directory of archives (name order), or - for stdin.
+        #[arg(long)]
+        input: String,
+        /// Where upserts go as NDJSON (- for stdout).
+        #[arg(long, default_value = "-")]
+        output: String,
+        /// Where dead letters go as NDJSON (without it they are counted, not kept).
+        #[arg(long)]
+        dlq: Option<PathBuf>,
+        /// State directory to dedupe against and update (the worker's, while it is
+        /// stopped). Without it, state lives in memory for this run only.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Dedupe against --state-dir but leave it untouched.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Normalize one webhook body and print its canonical events as NDJSON.
+    Normalize {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Carrier name (easypost, ...).
+        #[arg(long)]
+        carrier: String,
+        /// Tenant to stamp on the events.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Body file, or - for stdin.
+        #[arg(default_value = "-")]
+        file: String,
+    },
+    /// Inspect the state store.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Keys and disk use per keyspace.
+    Stats {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+    },
+    /// Compact every keyspace now (drops expired entries).
+    Compact {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+    },
+    /// Delete every entry whose TTL has passed, now, and say how many.
+    Expire {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+    },
+    /// Write state as NDJSON ({"keyspace","key","value"} in hex), all or one partition.
+    Export {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        partition: PartitionArgs,
+        /// Output file (- for stdout).
+        #[arg(long, default_value = "-")]
+        output: String,
+    },
+    /// Load NDJSON written by `state export` (into a new or existing state directory).
+    Import {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+        /// Input file (- for stdin).
+        #[arg(long, default_value = "-")]
+        input: String,
+    },
+    /// Delete all state of one input partition (dedupe keys, shipments, progress).
+    Drop {
+        #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        partition: PartitionArgs,
+    },
+}
+
+/// One input partition, by topic and number.
+#[derive(clap::Args)]
+struct PartitionArgs {
+    /// Input topic of the partition (with --partition).
+    #[arg(long, requires = "partition")]
+    topic: Option<String>,
+    /// Partition number (with --topic).
+    #[arg(long, requires = "topic")]
+    partition: Option<i32>,
+}
+
+impl PartitionArgs {
+    fn scope(&self) -> Option<waymark::state::Scope> {
+        match (&self.topic, self.partition) {
+            (Some(topic), Some(partition)) => Some(waymark::state::Scope::of(topic, partition)),
+            _ => None,
+        }
+    }
+}
+
+/// An error with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: 1, error }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Self {
+        Failure { code: 2, error: error.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYMARK_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            brokers,
+            group_id,
+            input_topics,
+            output_topic,
+            dead_letter_topic,
+            state_dir,
+            http_listen,
+            kafka_property,
+        } => parse_properties(&kafka_property).and_then(|kafka_properties| {
+            let overrides = Overrides {
+                brokers,
+                group_id,
+                input_topics,
+                output_topic,
+                dead_letter_topic,
+                state_dir,
+                http_listen,
+                kafka_properties,
+            };
+            load_config(config.config.as_deref(), overrides).and_then(run)
+        }),
+        Command::Replay { config, input, output, dlq, state_dir, dry_run } => {
+            load_config(config.config.as_deref(), Overrides::default())
+                .and_then(|c| replay_cmd(&c, &input, &output, dlq.as_deref(), state_dir.as_deref(), dry_run))
+        }
+        Command::Normalize { config, carrier, tenant, file } => {
+            load_config(config.config.as_deref(), Overrides::default()).and_then(|c| normalize(&c, &carrier, &tenant, &file))
+        }
+        Command::State { command } => state_cmd(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn parse_properties(raw: &[String]) -> Result<Vec<(String, String)>, Failure> {
+    raw.iter()
+        .map(|p| {
+            p.split_once('=').map(|(k, v)| (k.trim().to_string(), v.to_string())).ok_or_else(|| Failure {
+                code: 2,
+                error: anyhow::anyhow!("-X {p}: write librdkafka properties as name=value"),
+            })
+        })
+        .collect()
+}
+
+fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config, Failure> {
+    let mut raw = match path {
+        Some(path) => RawConfig::from_file(path)?,
+        None => RawConfig::default(),
+    };
+    raw.apply_env(std::env::vars());
+    raw.apply(overrides);
+    Ok(raw.validate()?)
+}
+
+fn run(config: Config) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let handle = telemetry::install_recorder().context("cannot install the metrics recorder")?;
+    let health = Arc::new(Health::default());
+    let listener = runtime.block_on(telemetry::bind(config.http_listen))?;
+    tracing::info!(addr = %config.http_listen, "serving /metrics, /healthz, /readyz");
+    let store = Arc::new(
+        RocksStore::open(&config.state_dir, &config.store, system_clock())
+            .with_context(|| format!("state directory {}", config.state_dir.display()))?,
+    );
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(telemetry::serve(listener, handle, health.clone(), async {
+        let _ = http_stopped.await;
+    }));
+
+    let worker = {
+        let (config, store, health, shutdown) = (config.clone(), store.clone(), health.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("waymark-worker".into())
+            .spawn(move || {
+                let pipeline = config.pipeline();
+                let telemetry = Telemetry::new(config.tenant_label);
+                let clock = || Utc::now();
+                let result = waymark::kafka::run_worker(waymark::kafka::WorkerDeps {
+                    config: &config,
+                    pipeline: &pipeline,
+                    store,
+                    telemetry: &telemetry,
+                    health: &health,
+                    shutdown: &shutdown,
+                    clock: &clock,
+                });
+                if result.is_err() {
+                    health.failed.store(true, Ordering::SeqCst);
+                }
+                result
+            })
+            .context("cannot start the worker thread")?
+    };
+
+    // Wait for SIGTERM/SIGINT, or for the worker to stop by itself (a fatal error).
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => if worker.is_finished() { break },
+            }
+        }
+    });
+    shutdown.store(true, Ordering::SeqCst);
+    tracing::info!(deadline = ?config.shutdown_timeout, "stopping");
+    let deadline = std::time::Instant::now() + config.shutdown_timeout + Duration::from_secs(5);
+    while !worker.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = stop_http.send(());
+    if !worker.is_finished() {
+        return Err(anyhow::anyhow!(
+            "the worker did not finish within worker.shutdown_timeout ({:?}); uncommitted work will be re-processed on restart",
+            config.shutdown_timeout
+        )
+        .into());
+    }
+    match worker.join() {
+        Ok(Ok(())) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("worker stopped").into()),
+        Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
+    }
+}
+
+fn replay_cmd(
+    config: &Config,
+    input: &str,
+    output: &str,
+    dlq: Option<&Path>,
+    state_dir: Option<&Path>,
+    dry_run: bool,
+) -> Result<(), Failure> {
+    let pipeline = config.pipeline();
+    let rocks = match state_dir {
+        Some(dir) => Some(
+            RocksStore::open(dir, &config.store, system_clock()).with_context(|| format!("state directory {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let memory = MemoryStore::default();
+    let base: &dyn StateStore = match &rocks {
+        Some(store) => store,
+        None => &memory,
+    };
+    let overlay = Overlay::new(base);
+    let store: &dyn StateStore = if dry_run { &overlay } else { base };
+
+    let upserts: Box<dyn Write> = if dry_run {
+        Box::new(std::io::sink())
+    } else if output == "-" {
+        Box::new(BufWriter::new(std::io::stdout().lock()))
+    } else {
+        Box::new(BufWriter::new(
+            std::fs::File::create(output).with_context(|| format!("cannot create output file {output}"))?,
+        ))
+    };
+    let dead_letters: Option<Box<dyn Write>> = match dlq {
+        Some(path) if !dry_run => Some(Box::new(BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create dead-letter file {}", path.display()))?,
+        ))),
+        _ => None,
+    };
+    let mut sink = NdjsonSink { upserts, dead_letters };
+
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let mut summary = Summary::default();
+    let clock = || Utc::now();
+    let mut on_progress = |s: &Summary| {
+        bar.set_message(format!("{} records, {} milestones, {} duplicates, {} invalid", s.records, s.new_milestones, s.duplicate_hash + s.duplicate_key, s.invalid));
+        bar.tick();
+    };
+    if input == "-" {
+        let mut stdin = std::io::stdin().lock();
+        replay::replay_stream(&pipeline, store, &mut stdin, "stdin", &mut sink, &clock, &mut summary, &mut on_progress)
+            .map_err(anyhow::Error::new)?;
+    } else {
+        let files = replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)?;
+        for file in files {
+            let mut reader = replay::open_archive(&file).map_err(anyhow::Error::new)?;
+            let name = file.display().to_string();
+            replay::replay_stream(&pipeline, store, &mut reader, &name, &mut sink, &clock, &mut summary, &mut on_progress)
+                .map_err(anyhow::Error::new)?;
+        }
+    }
+    bar.finish_and_clear();
+    drop(sink);
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "replay {}:\n{summary}", if dry_run { "(dry run, nothing written)" } else { "done" });
+    if summary.invalid > 0 && dlq.is_none() && !dry_run {
+        let _ = writeln!(err, "note: {} dead letters were counted but not kept; pass --dlq PATH to keep them", summary.invalid);
+    }
+    Ok(())
+}
+
+fn normalize(config: &Config, carrier: &str, tenant: &str, file: &str) -> Result<(), Failure> {
+    let body = if file == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).context("cannot read stdin")?;
+        buf
+    } else {
+        std::fs::read(file).with_context(|| format!("cannot read {file}"))?
+    };
+    let now = Utc::now();
+    let envelope = Envelope {
+        topic: format!("{}{carrier}", waymark::envelope::RAW_TOPIC_PREFIX),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: Some(now.timestamp_millis()),
+        headers: vec![("tenant-id".into(), Some(tenant.as_bytes().to_vec()))],
+        key: None,
+        payload: body,
+    };
+    match config.pipeline().canonical_events(&envelope, now) {
+        Ok((_, events)) => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for event in events {
+                serde_json::to_writer(&mut out, &event).context("cannot write to stdout")?;
+                writeln!(out).context("cannot write to stdout")?;
+            }
+            out.flush().context("cannot write to stdout")?;
+            Ok(())
+        }
+        Err(rejected) => Err(anyhow::anyhow!("dead letter ({}): {}", rejected.error.kind(), rejected.error).into()),
+    }
+}
+
+fn state_cmd(command: StateCommand) -> Result<(), Failure> {
+    match command {
+        StateCommand::Stats { state_dir } => {
+            let store = open_existing(&state_dir)?;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{:<10} {:>14} {:>14}", "keyspace", "keys (est.)", "sst bytes");
+            for keyspace in Keyspace::ALL {
+                let keys = store.estimated_keys(keyspace).map_err(anyhow::Error::new)?;
+                let bytes = store.disk_bytes(keyspace).map_err(anyhow::Error::new)?;
+                let _ = writeln!(out, "{:<10} {:>14} {:>14}", keyspace.name(), keys, bytes);
+            }
+            Ok(())
+        }
+        StateCommand::Compact { state_dir } => {
+            let store = open_existing(&state_dir)?;
+            if std::io::stderr().is_terminal() {
+                eprintln!("compacting {} ...", state_dir.display());
+            }
+            store.flush().map_err(anyhow::Error::new)?;
+            store.compact().map_err(anyhow::Error::new)?;
+            eprintln!("compacted {}", state_dir.display());
+            Ok(())
+        }
+        StateCommand::Expire { state_dir } => {
+            let store = open_existing(&state_dir)?;
+            for (keyspace, n) in store.expire(Utc::now().timestamp_millis()).map_err(anyhow::Error::new)? {
+                println!("{:<10} {n} expired entries deleted", keyspace.name());
+            }
+            Ok(())
+        }
+        StateCommand::Export { state_dir, partition, output } => {
+            let store = open_existing(&state_dir)?;
+            let mut out: Box<dyn Write> = if output == "-" {
+                Box::new(BufWriter::new(std::io::stdout().lock()))
+            } else {
+                Box::new(BufWriter::new(std::fs::File::create(&output).with_context(|| format!("cannot create {output}"))?))
+            };
+            let n = store.export(partition.scope(), &mut out).map_err(anyhow::Error::new)?;
+            out.flush().context("cannot write the export")?;
+            eprintln!("exported {n} entries");
+            Ok(())
+        }
+        StateCommand::Import { state_dir, input } => {
+            let store = RocksStore::open(&state_dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?;
+            let mut reader: Box<dyn std::io::BufRead> = if input == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin().lock()))
+            } else {
+                Box::new(std::io::BufReader::new(std::fs::File::open(&input).with_context(|| format!("cannot open {input}"))?))
+            };
+            let n = store.import(&mut reader).map_err(anyhow::Error::new)?;
+            eprintln!("imported {n} entries into {}", state_dir.display());
+            Ok(())
+        }
+        StateCommand::Drop { state_dir, partition } => {
+            let Some(scope) = partition.scope() else {
+                return Err(Failure { code: 2, error: anyhow::anyhow!("state drop needs --topic and --partition") });
+            };
+            let store = open_existing(&state_dir)?;
+            store.drop_scope(scope).map_err(anyhow::Error::new)?;
+            eprintln!("dropped the state of {} partition {}", partition.topic.unwrap_or_default(), partition.partition.unwrap_or_default());
+            Ok(())
+        }
+    }
+}
+
+fn open_existing(dir: &Path) -> Result<RocksStore, Failure> {
+    if !dir.join("CURRENT").exists() {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("{} holds no waymark state (pass --state-dir or set WAYMARK_STATE_DIR)", dir.display()),
+        });
+    }
+    Ok(RocksStore::open(dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?)
+}

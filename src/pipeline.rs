@@ -1,0 +1,276 @@
+//! The one pipeline core, shared by the Kafka worker and replay:
+//! envelope -> normalize -> dedupe -> order -> emit.
+//!
+//! Pure apart from the state it reads and stages: the clock is a parameter, the
+//! store is behind [`StateStore`], and the outputs are returned, not sent. The
+//! caller sends them, waits for the acknowledgement, and only then commits the
+//! staged state (see `kafka` and `replay`): state never claims an event whose
+//! output was not acknowledged.
+
+use chrono::{DateTime, Utc};
+
+use crate::carriers::CarrierRegistry;
+use crate::dedupe::{check_and_stage, DedupeConfig, Verdict};
+use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
+use crate::error::{RecordError, StoreError};
+use crate::event::{Status, TrackingEvent};
+use crate::order::{shipment_key, Applied, ShipmentState};
+use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::state::{Keyspace, Scope, StateStore, Staged};
+
+/// Everything the core needs to decide, fixed at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Pipeline {
+    pub rules: EnvelopeRules,
+    pub carriers: CarrierRegistry,
+    pub dedupe: DedupeConfig,
+}
+
+/// What happened to one canonical event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventOutcome {
+    pub verdict: Verdict,
+    pub status: Status,
+    /// Ordering effects; default for duplicates (they touch nothing).
+    pub applied: Applied,
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordResult {
+    /// Resolved carrier, when the envelope named one.
+    pub carrier: Option<String>,
+    pub tenant_id: Option<String>,
+    pub events: Vec<EventOutcome>,
+    /// One upsert per new milestone, in hierarchy-consistent order.
+    pub upserts: Vec<MilestoneUpsert>,
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// Why a record yields no events, with what was known of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub error: RecordError,
+    pub carrier: Option<String>,
+    pub tenant_id: Option<String>,
+}
+
+impl Pipeline {
+    /// Envelope to canonical events (resolve, normalize), without touching state.
+    pub fn canonical_events(
+        &self,
+        envelope: &Envelope,
+        now: DateTime<Utc>,
+    ) -> Result<(RecordContext, Vec<TrackingEvent>), Rejected> {
+        let context = self.rules.resolve(envelope, now).map_err(|error| Rejected {
+            error,
+            carrier: self.rules.carrier_for_topic(&envelope.topic),
+            tenant_id: None,
+        })?;
+        let carrier_events = self.carriers.normalize(&context.carrier, &envelope.payload, now).map_err(|error| Rejected {
+            error,
+            carrier: Some(context.carrier.clone()),
+            tenant_id: Some(context.tenant_id.clone()),
+        })?;
+        let source = envelope.source();
+        let events = carrier_events
+            .into_iter()
+            .map(|e| TrackingEvent {
+                tenant_id: context.tenant_id.clone(),
+                carrier: context.carrier.clone(),
+                tracking_number: e.tracking_number,
+                shipment_ref: e.shipment_ref,
+                status: e.status,
+                carrier_status_code: e.carrier_status_code,
+                carrier_status_detail: e.carrier_status_detail,
+                description: e.description,
+                occurred_at: e.occurred_at,
+                time_assumed_utc: e.time_assumed_utc,
+                location: e.location,
+                source_event_id: e.source_event_id,
+                received_at: context.received_at,
+                source: source.clone(),
+            })
+            .collect();
+        Ok((context, events))
+    }
+
+    /// Process one record against `state` at instant `now`.
+    pub fn process<S: StateStore + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
+    ) -> Result<RecordResult, StoreError> {
+        let (context, mut events) = match self.canonical_events(envelope, now) {
+            Ok(ok) => ok,
+            Err(rejected) => {
+                return Ok(RecordResult {
+                    dead_letter: Some(DeadLetter::new(
+                        envelope,
+                        &rejected.error,
+                        rejected.carrier.clone(),
+                        rejected.tenant_id.clone(),
+                        now,
+                    )),
+                    carrier: rejected.carrier,
+                    tenant_id: rejected.tenant_id,
+                    ..RecordResult::default()
+                })
+            }
+        };
+        // A history applies oldest first, ties by rank, whatever order the carrier listed it in.
+        events.sort_by_key(|e| (e.occurred_at, e.status.rank()));
+
+        let scope = Scope::of(&envelope.topic, envelope.partition);
+        let policy = self.dedupe.policy(&context.carrier);
+        let ttl_ms = i64::try_from(policy.ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires_at_ms = now.timestamp_millis().saturating_add(ttl_ms);
+        let mut result = RecordResult {
+            carrier: Some(context.carrier.clone()),
+            tenant_id: Some(context.tenant_id.clone()),
+            ..RecordResult::default()
+        };
+        for event in events {
+            let verdict = check_and_stage(state, scope, policy, &event, now)?;
+            let mut outcome = EventOutcome { verdict, status: event.status, applied: Applied::default() };
+            if verdict == Verdict::New {
+                let key = shipment_key(
+                    scope,
+                    &event.tenant_id,
+                    &event.carrier,
+                    &event.tracking_number,
+                    event.shipment_ref.as_deref(),
+                );
+                let shipment = match state.get(Keyspace::Shipments, &key)? {
+                    Some(bytes) => {
+                        let mut shipment = ShipmentState::decode(&bytes)?;
+                        if shipment.expires_at_ms <= now.timestamp_millis() {
+                            // Forgotten shipment (TTL passed): start its timeline afresh.
+                            shipment = ShipmentState::new(event.status, event.occurred_at, expires_at_ms);
+                        } else {
+                            outcome.applied = shipment.apply(event.status, event.occurred_at, expires_at_ms);
+                        }
+                        shipment
+                    }
+                    None => ShipmentState::new(event.status, event.occurred_at, expires_at_ms),
+                };
+                state.put(Keyspace::Shipments, key, shipment.encode());
+                result.upserts.push(MilestoneUpsert::new(event, shipment.shipment_status, shipment.latest_status));
+            }
+            result.events.push(outcome);
+        }
+        Ok(result)
+    }
+}
+
+/// Offsets keyspace key of an input partition: scope | partition (BE) | topic.
+pub fn progress_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = Scope::of(topic, partition).0.to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
+/// Stage "everything before `next_offset` of this partition is done".
+pub fn stage_progress<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, topic: &str, partition: i32, next_offset: i64) {
+    state.put(Keyspace::Offsets, progress_key(topic, partition), next_offset.to_be_bytes().to_vec());
+}
+
+/// The next offset to process for a partition, if the store knows it.
+pub fn stored_progress<S: StateStore + ?Sized>(store: &S, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    match store.get(Keyspace::Offsets, &progress_key(topic, partition))? {
+        None => Ok(None),
+        Some(bytes) => {
+            let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                keyspace: Keyspace::Offsets.name(),
+                reason: format!("offset value of {} bytes", bytes.len()),
+            })?;
+            Ok(Some(i64::from_be_bytes(raw)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2024, 8, 3, 0, 0, 0).unwrap()
+    }
+
+    fn envelope(offset: i64, body: &str) -> Envelope {
+        Envelope {
+            topic: "tracking.raw.easypost".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            headers: vec![("tenant-id".into(), Some(b"acme".to_vec()))],
+            key: None,
+            payload: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn tracker(details: &[(&str, &str, &str)]) -> String {
+        let details: Vec<serde_json::Value> = details
+            .iter()
+            .map(|(status, code, at)| serde_json::json!({"status": status, "carrier_code": code, "datetime": at, "message": code}))
+            .collect();
+        serde_json::json!({"object": "Event", "id": "evt_x", "description": "tracker.updated",
+            "result": {"object": "Tracker", "tracking_code": "EZ1", "tracking_details": details}})
+        .to_string()
+    }
+
+    fn run(pipeline: &Pipeline, store: &MemoryStore, env: &Envelope) -> RecordResult {
+        let mut staged = Staged::new(store);
+        let result = pipeline.process(env, now(), &mut staged).unwrap();
+        store.write(staged.take_batch()).unwrap();
+        result
+    }
+
+    #[test]
+    fn history_redelivery_emits_only_new_milestones_and_status_never_regresses() {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let first = tracker(&[("pre_transit", "OC", "2024-07-31T15:00:00Z"), ("in_transit", "PU", "2024-07-31T19:27:00Z")]);
+        let r1 = run(&pipeline, &store, &envelope(0, &first));
+        assert_eq!(r1.upserts.len(), 2);
+        assert_eq!(r1.upserts[1].shipment_status, Status::PickedUp);
+        // Exact redelivery: nothing new.
+        let r2 = run(&pipeline, &store, &envelope(1, &first));
+        assert!(r2.upserts.is_empty());
+        assert!(r2.events.iter().all(|e| e.verdict == Verdict::DuplicateHash));
+        // Delivered, then a late in_transit scan: milestone ensured, status kept.
+        let delivered = tracker(&[("delivered", "DL", "2024-08-02T10:00:00Z")]);
+        assert_eq!(run(&pipeline, &store, &envelope(2, &delivered)).upserts[0].shipment_status, Status::Delivered);
+        let late = tracker(&[("in_transit", "AR", "2024-08-01T10:00:00Z")]);
+        let r4 = run(&pipeline, &store, &envelope(3, &late));
+        assert_eq!(r4.upserts.len(), 1);
+        assert_eq!(r4.upserts[0].shipment_status, Status::Delivered);
+        assert_eq!(r4.upserts[0].latest_status, Status::Delivered);
+        assert!(r4.events[0].applied.regression_prevented && r4.events[0].applied.out_of_order);
+    }
+
+    #[test]
+    fn bad_records_become_dead_letters_with_reasons() {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let r = run(&pipeline, &store, &envelope(0, "{not json"));
+        let dl = r.dead_letter.unwrap();
+        assert_eq!(dl.error_kind, "invalid_json");
+        assert_eq!(dl.envelope.payload.as_deref(), Some("{not json"));
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn progress_round_trips() {
+        let store = MemoryStore::default();
+        let mut staged = Staged::new(&store);
+        stage_progress(&mut staged, "t", 2, 42);
+        store.write(staged.take_batch()).unwrap();
+        assert_eq!(stored_progress(&store, "t", 2).unwrap(), Some(42));
+        assert_eq!(stored_progress(&store, "t", 1).unwrap(), None);
+    }
+}

@@ -1,0 +1,73 @@
+//! Where outputs go. A sink returns from `send` only when every record of the batch
+//! is acknowledged (written and flushed, or acked by Kafka): the caller commits
+//! state after that, never before.
+
+use std::io::Write;
+
+use thiserror::Error;
+
+use crate::error::Fate;
+use crate::output::{DeadLetter, MilestoneUpsert};
+
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("writing output failed: {0} (check the output path and free disk space)")]
+    Io(#[from] std::io::Error),
+    #[error("Kafka did not acknowledge {failed} of {total} records: {reason}")]
+    Kafka { failed: usize, total: usize, reason: String, fate: Fate },
+}
+
+impl SinkError {
+    pub fn fate(&self) -> Fate {
+        match self {
+            SinkError::Io(_) => Fate::Stop,
+            SinkError::Kafka { fate, .. } => *fate,
+        }
+    }
+}
+
+/// Destination of upserts and dead letters.
+pub trait Sink {
+    /// Deliver a batch; `Ok` means every record is acknowledged.
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError>;
+}
+
+/// NDJSON files or streams: upserts to one, dead letters to another (or dropped
+/// with a count when none is given).
+pub struct NdjsonSink<W: Write, D: Write> {
+    pub upserts: W,
+    pub dead_letters: Option<D>,
+}
+
+impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+        for upsert in upserts {
+            serde_json::to_writer(&mut self.upserts, upsert).map_err(std::io::Error::other)?;
+            self.upserts.write_all(b"\n")?;
+        }
+        self.upserts.flush()?;
+        if let Some(out) = self.dead_letters.as_mut() {
+            for dead in dead_letters {
+                serde_json::to_writer(&mut *out, dead).map_err(std::io::Error::other)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects outputs in memory (tests, simulation).
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    pub upserts: Vec<MilestoneUpsert>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl Sink for MemorySink {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+        self.upserts.extend_from_slice(upserts);
+        self.dead_letters.extend_from_slice(dead_letters);
+        Ok(())
+    }
+}

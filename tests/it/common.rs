@@ -1,0 +1,268 @@
+//! Shared helpers: the real broker, unique topics, producing and reading records,
+//! and running the `waymark` binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use waymark::Envelope;
+
+/// The real broker's address, or a failure that says how to start one.
+pub fn brokers() -> String {
+    match std::env::var("WAYMARK_TEST_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => b,
+        _ => panic!(
+            "this test needs a real Kafka broker and WAYMARK_TEST_BROKERS is not set.\n\
+             Run the whole suite with `scripts/test.sh` (it starts and stops the broker), or start one with\n\
+             `eval \"$(scripts/kafka.sh start)\"` and run cargo test again."
+        ),
+    }
+}
+
+/// A topic name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}.{}.{nanos:x}.{n}", std::process::id())
+}
+
+/// Create topics (partitions each) on the real broker.
+pub fn create_topics(names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))
+        .unwrap_or_else(|e| panic!("cannot reach the broker at {} to create topics: {e}", brokers()));
+    for result in results {
+        result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+    }
+}
+
+/// Produce envelopes' bodies and headers to `topic` (partition kept modulo `partitions`).
+pub fn produce(topic: &str, envelopes: &[Envelope], partitions: i32) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for envelope in envelopes {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &envelope.headers {
+            headers = headers.insert(Header { key: k, value: v.as_deref() });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .payload(&envelope.payload[..])
+            .headers(headers)
+            .partition(envelope.partition.rem_euclid(partitions));
+        if let Some(key) = &envelope.key {
+            record = record.key(&key[..]);
+        }
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).expect("all input acknowledged");
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: serde_json::Value,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Read everything from `topic` (all partitions, read_committed) until `expected`
+/// records arrived or `timeout` passed; then keep reading `settle` longer to catch
+/// extra records (duplicates) that must not be there.
+pub fn read_all(topic: &str, partitions: i32, expected: usize, timeout: Duration, settle: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let mut reached: Option<Instant> = None;
+    loop {
+        if out.len() >= expected && reached.is_none() {
+            reached = Some(Instant::now());
+        }
+        match reached {
+            Some(at) if at.elapsed() >= settle => break,
+            None if started.elapsed() >= timeout => break,
+            _ => {}
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let value = serde_json::from_slice(m.payload().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("output record is not JSON: {e}"));
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Read {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value,
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// Path of the built `waymark` binary.
+pub fn waymark_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_waymark"))
+}
+
+/// The repository root (fixtures, replay samples, schemas).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free TCP port on loopback for the worker's HTTP endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Topics and directories of one worker test.
+pub struct WorkerSetup {
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub group: String,
+    pub partitions: i32,
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub http_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerSetup {
+    pub fn new(name: &str, partitions: i32) -> WorkerSetup {
+        let input = unique(&format!("it.{name}.in"));
+        let output = unique(&format!("it.{name}.out"));
+        let dlq = unique(&format!("it.{name}.dlq"));
+        create_topics(&[&input, &output, &dlq], partitions);
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let config_path = dir.path().join("waymark.toml");
+        let http_port = free_port();
+        let group = unique(&format!("it.{name}.group"));
+        let config = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+input_topics = ["{input}"]
+output_topic = "{output}"
+dead_letter_topic = "{dlq}"
+[kafka.consumer_properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+[state]
+dir = "{state}"
+sync_writes = true
+[worker]
+batch_size = 200
+batch_wait = "50ms"
+shutdown_timeout = "20s"
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            brokers = brokers(),
+            state = state_dir.display(),
+        );
+        std::fs::write(&config_path, config).unwrap();
+        WorkerSetup { input, output, dlq, group, partitions, state_dir, config_path, http_port, _dir: dir }
+    }
+
+    /// Start a worker process with this setup's config (its own state dir if given).
+    pub fn spawn(&self, state_dir: Option<&Path>, http_port: Option<u16>) -> Child {
+        let mut cmd = Command::new(waymark_bin());
+        cmd.arg("run").arg("--config").arg(&self.config_path);
+        if let Some(dir) = state_dir {
+            cmd.arg("--state-dir").arg(dir);
+        }
+        if let Some(port) = http_port {
+            cmd.arg("--http-listen").arg(format!("127.0.0.1:{port}"));
+        }
+        cmd.env("WAYMARK_LOG", "warn,waymark=info").stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.spawn().expect("spawn waymark run")
+    }
+}
+
+/// Send a signal to a child process.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill");
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+/// Wait for a child to exit, at most `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// GET a path from the worker's HTTP endpoint (plain HTTP/1.1 over a socket).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// The sample archive shipped in replay/.
+pub fn sample_envelopes() -> Vec<Envelope> {
+    let text = std::fs::read_to_string(repo().join("replay/sample.ndjson")).unwrap();
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| Envelope::from_kcat_json(l).unwrap()).collect()
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, shared helpers in `common`. Tests that need
+//! Kafka use the real broker named by WAYMARK_TEST_BROKERS (scripts/test.sh starts
+//! one) and fail, never skip, when there is none.
+
+mod common;
+mod declared;
+mod fixtures;
+mod properties;
+mod replay;
+mod schemas;
+mod worker;

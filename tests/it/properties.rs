@@ -1,0 +1,129 @@
+//! Property tests of the core (pipeline over the in-memory store): for any
+//! interleaving of a set of distinct events with arbitrary duplicates,
+//! reorderings, changed event ids and clock skew within tolerance, the emitted
+//! milestones are exactly the distinct events, once each, and no shipment's status
+//! ever moves backwards in the output.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{Duration, TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::json;
+use waymark::state::{MemoryStore, StateStore, Staged};
+use waymark::{Envelope, Pipeline, Status};
+
+const STATUSES: [(&str, &str); 6] = [
+    ("pre_transit", "OC"),
+    ("in_transit", "PU"),
+    ("in_transit", "AR"),
+    ("out_for_delivery", "OD"),
+    ("failure", "DE"),
+    ("delivered", "DL"),
+];
+
+/// A distinct scan: shipment, status index, minute offset (distinct per shipment).
+#[derive(Debug, Clone)]
+struct Scan {
+    shipment: usize,
+    status: usize,
+    minute: i64,
+}
+
+/// One delivery of a scan: which scan, the event id, and skew in ms. Skews lie in
+/// [-1 s, +1 s], so any two copies are within the 2 s tolerance of each other.
+#[derive(Debug, Clone)]
+struct Delivery {
+    scan: usize,
+    event_id: u32,
+    skew_ms: i64,
+}
+
+fn scans() -> impl Strategy<Value = Vec<Scan>> {
+    prop::collection::vec((0usize..3, 0usize..STATUSES.len(), 0i64..500), 1..25).prop_map(|raw| {
+        // Make scans distinct: one minute slot per shipment is used at most once.
+        let mut seen = BTreeSet::new();
+        raw.into_iter()
+            .filter(|(s, _, m)| seen.insert((*s, *m)))
+            .map(|(shipment, status, minute)| Scan { shipment, status, minute })
+            .collect()
+    })
+}
+
+fn scenario() -> impl Strategy<Value = (Vec<Scan>, Vec<Delivery>)> {
+    scans().prop_flat_map(|scans| {
+        let n = scans.len();
+        let deliveries = prop::collection::vec((0..n, any::<u32>(), -1000i64..=1000), 0..60);
+        (Just(scans), deliveries, any::<u64>())
+    })
+    .prop_map(|(scans, extra, shuffle_seed)| {
+        // Every scan at least once (skew 0), then arbitrary duplicates, all shuffled.
+        let mut deliveries: Vec<Delivery> =
+            (0..scans.len()).map(|scan| Delivery { scan, event_id: scan as u32, skew_ms: 0 }).collect();
+        deliveries.extend(extra.into_iter().map(|(scan, event_id, skew_ms)| Delivery { scan, event_id, skew_ms }));
+        let mut rng = waymark::synth::Rng::new(shuffle_seed);
+        for i in (1..deliveries.len()).rev() {
+            deliveries.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        (scans, deliveries)
+    })
+}
+
+fn envelope(offset: usize, scan: &Scan, delivery: &Delivery) -> Envelope {
+    let base = Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
+    let at = base + Duration::minutes(scan.minute) + Duration::milliseconds(delivery.skew_ms);
+    let (status, code) = STATUSES[scan.status];
+    let body = json!({"object": "Event", "id": format!("evt_{}", delivery.event_id), "description": "tracker.updated",
+        "result": {"object": "Tracker", "tracking_code": format!("PROP{}", scan.shipment),
+            "tracking_details": [{"status": status, "carrier_code": code, "message": code,
+                "datetime": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "tracking_location": {"city": "MEMPHIS", "state": "TN", "country": "US"}}]}});
+    Envelope {
+        topic: "tracking.raw.easypost".into(),
+        partition: 0,
+        offset: offset as i64,
+        timestamp_ms: None,
+        headers: vec![("tenant-id".into(), Some(b"acme".to_vec()))],
+        key: None,
+        payload: body.to_string().into_bytes(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn emitted_milestones_are_exactly_the_distinct_events_once_each((scans, deliveries) in scenario()) {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let now = Utc.with_ymd_and_hms(2026, 5, 2, 0, 0, 0).unwrap();
+        let mut emitted: Vec<(usize, String, Status)> = Vec::new();
+        for (offset, delivery) in deliveries.iter().enumerate() {
+            let scan = &scans[delivery.scan];
+            let mut staged = Staged::new(&store);
+            let result = pipeline.process(&envelope(offset, scan, delivery), now, &mut staged).unwrap();
+            store.write(staged.take_batch()).unwrap();
+            prop_assert!(result.dead_letter.is_none());
+            for upsert in result.upserts {
+                emitted.push((delivery.scan, upsert.milestone_id, upsert.shipment_status));
+            }
+        }
+        // Exactly one milestone per distinct scan.
+        let per_scan: BTreeMap<usize, usize> = emitted.iter().fold(BTreeMap::new(), |mut m, (s, _, _)| {
+            *m.entry(*s).or_default() += 1;
+            m
+        });
+        prop_assert_eq!(per_scan.len(), scans.len(), "some scan never became a milestone");
+        prop_assert!(per_scan.values().all(|n| *n == 1), "a scan became two milestones: {:?}", per_scan);
+        let ids: BTreeSet<&String> = emitted.iter().map(|(_, id, _)| id).collect();
+        prop_assert_eq!(ids.len(), emitted.len());
+        // Per shipment, shipment_status ranks never decrease in output order
+        // (cancelled/exception have rank 0 and only apply before any ranked status).
+        let mut last: BTreeMap<usize, u8> = BTreeMap::new();
+        for (scan, _, status) in &emitted {
+            let shipment = scans[*scan].shipment;
+            let prev = last.get(&shipment).copied().unwrap_or(0);
+            prop_assert!(status.rank() >= prev, "status moved back to {:?}", status);
+            last.insert(shipment, status.rank());
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `waymark replay` as a user runs it: the shipped sample archive, gzip, directories,
+//! stdin, and a persistent state directory.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::common::{repo, waymark_bin};
+
+fn replay(args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
+    let mut child = Command::new(waymark_bin())
+        .arg("replay")
+        .args(args)
+        .current_dir(repo())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(bytes) = stdin {
+        child.stdin.take().unwrap().write_all(bytes).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+fn expected() -> String {
+    std::fs::read_to_string(repo().join("replay/sample.expected.ndjson")).unwrap()
+}
+
+#[test]
+fn sample_archive_replays_to_its_expected_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dlq.ndjson");
+    let (ok, stdout, stderr) = replay(&["--input", "replay/sample.ndjson", "--dlq", dlq.to_str().unwrap()], None);
+    assert!(ok, "replay failed: {stderr}");
+    assert_eq!(stdout, expected(), "replay output differs from replay/sample.expected.ndjson");
+    let dead: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dlq).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 1, "exactly one malformed record in the sample");
+    assert_eq!(dead[0]["error_kind"], "invalid_json");
+    assert_eq!(dead[0]["envelope"]["offset"], 1008);
+    assert!(stderr.contains("records read:           12"), "{stderr}");
+    assert!(stderr.contains("invalid (dead letters): 1"), "{stderr}");
+}
+
+#[test]
+fn sample_timeline_has_one_upsert_per_distinct_milestone_and_never_regresses() {
+    let upserts: Vec<serde_json::Value> = expected().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: std::collections::BTreeSet<_> = upserts.iter().map(|u| u["milestone_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), upserts.len(), "a milestone was emitted twice");
+    // Shipment A has 8 scans, B 6, A under tenant globex 3.
+    let count = |tenant: &str, tracking: &str| {
+        upserts.iter().filter(|u| u["tenant_id"] == tenant && u["tracking_number"] == tracking).count()
+    };
+    assert_eq!(count("acme", "EZ1000000001"), 8);
+    assert_eq!(count("acme", "EZ2000000002"), 6);
+    assert_eq!(count("globex", "EZ1000000001"), 3);
+    // Per shipment, shipment_status never moves back in output order.
+    let rank = |s: &str| waymark::Status::parse(s).unwrap().rank();
+    let mut last: std::collections::HashMap<(String, String), u8> = Default::default();
+    for u in &upserts {
+        let key = (u["tenant_id"].to_string(), u["tracking_number"].to_string());
+        let r = rank(u["shipment_status"].as_str().unwrap());
+        let prev = last.insert(key, r).unwrap_or(0);
+        assert!(r >= prev, "shipment status moved backwards at {u}");
+    }
+}
+
+#[test]
+fn gzip_directories_and_stdin_replay_the_same() {
+    let sample = std::fs::read(repo().join("replay/sample.ndjson")).unwrap();
+    let text = String::from_utf8(sample.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let dir = tempfile::tempdir().unwrap();
+    // Split in two files whose name order is the archive order; the first gzipped.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all((lines[..5].join("\n") + "\n").as_bytes()).unwrap();
+    std::fs::write(dir.path().join("part-0.ndjson.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(dir.path().join("part-1.ndjson"), lines[5..].join("\n") + "\n").unwrap();
+    let (ok, from_dir, stderr) = replay(&["--input", dir.path().to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(from_dir, expected());
+    let (ok, from_stdin, stderr) = replay(&["--input", "-"], Some(&sample));
+    assert!(ok, "{stderr}");
+    assert_eq!(from_stdin, expected());
+}
+
+#[test]
+fn state_dir_remembers_across_runs_and_dry_run_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_arg = state.to_str().unwrap();
+    let (ok, _, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg, "--dry-run"], None);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("milestones emitted:     17"), "{stderr}");
+    let (ok, first, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(first, expected(), "the dry run must not have written state");
+    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(second, "", "a second replay against the same state must emit nothing");
+    assert!(stderr.contains("milestones emitted:     0"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_say_what_to_do() {
+    let out = Command::new(waymark_bin()).args(["replay"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(waymark_bin()).args(["replay", "--input", "/nonexistent/archive"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read archive /nonexistent/archive"));
+}

@@ -1,0 +1,83 @@
+//! Every record the pipeline emits validates against the published JSON Schemas.
+
+use jsonschema::{Retrieve, Uri, Validator};
+use serde_json::Value;
+
+use crate::common::{repo, sample_envelopes};
+use waymark::batch;
+use waymark::state::MemoryStore;
+
+fn schema(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("schemas").join(name)).unwrap()).unwrap()
+}
+
+/// Resolves `https://waymark.dev/schemas/<file>` to `schemas/<file>` in the repo:
+/// the schemas reference each other, and tests never touch the network.
+struct LocalSchemas;
+
+impl Retrieve for LocalSchemas {
+    fn retrieve(&self, uri: &Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let file = uri.path().as_str().rsplit('/').next().unwrap_or_default().to_string();
+        let text = std::fs::read_to_string(repo().join("schemas").join(&file))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+fn validator(name: &str) -> Validator {
+    jsonschema::options()
+        .with_retriever(LocalSchemas)
+        .build(&schema(name))
+        .unwrap_or_else(|e| panic!("schema {name} does not compile: {e}"))
+}
+
+fn assert_valid(v: &Validator, instance: &Value) {
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "{instance}\n does not validate: {errors:?}");
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339("2024-09-01T00:00:00Z").unwrap().into()
+}
+
+#[test]
+fn upserts_dead_letters_events_and_envelopes_validate() {
+    let envelopes = sample_envelopes();
+    let pipeline = waymark::Pipeline::default();
+    let store = MemoryStore::default();
+    let output = batch::process(&pipeline, &store, &envelopes, now(), false, None).unwrap();
+    assert!(!output.upserts.is_empty() && !output.dead_letters.is_empty());
+
+    let upsert_schema = validator("milestone-upsert.schema.json");
+    for upsert in &output.upserts {
+        assert_valid(&upsert_schema, &serde_json::to_value(upsert).unwrap());
+    }
+    let dead_schema = validator("dead-letter.schema.json");
+    for dead in &output.dead_letters {
+        assert_valid(&dead_schema, &serde_json::to_value(dead).unwrap());
+    }
+    let event_schema = validator("tracking-event.schema.json");
+    for envelope in &envelopes {
+        if let Ok((_, events)) = pipeline.canonical_events(envelope, now()) {
+            for event in events {
+                assert_valid(&event_schema, &serde_json::to_value(&event).unwrap());
+            }
+        }
+    }
+    let envelope_schema = validator("envelope.schema.json");
+    for line in std::fs::read_to_string(repo().join("replay/sample.ndjson")).unwrap().lines() {
+        assert_valid(&envelope_schema, &serde_json::from_str(line).unwrap());
+    }
+}
+
+#[test]
+fn schemas_reject_what_they_must() {
+    let upsert_schema = validator("milestone-upsert.schema.json");
+    let envelopes = sample_envelopes();
+    let output = batch::process(&waymark::Pipeline::default(), &MemoryStore::default(), &envelopes, now(), false, None).unwrap();
+    let mut bad = serde_json::to_value(&output.upserts[0]).unwrap();
+    bad["status"] = "teleported".into();
+    assert!(!upsert_schema.is_valid(&bad), "an unknown status must not validate");
+    let mut bad = serde_json::to_value(&output.upserts[0]).unwrap();
+    bad["occurred_at"] = "2024-07-31 15:00".into();
+    assert!(!upsert_schema.is_valid(&bad), "a non-UTC timestamp must not validate");
+}

@@ -1,0 +1,147 @@
+//! `waymark run` against the real broker: end to end, SIGTERM, SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use waymark::state::MemoryStore;
+use waymark::synth::{generate, Rng, TrafficSpec};
+use waymark::{batch, Envelope};
+
+use crate::common::*;
+
+/// The upserts a correct pipeline emits for `envelopes` (each partition in order).
+fn expected_upserts(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::Value> {
+    let now = chrono::Utc::now();
+    let store = MemoryStore::default();
+    let output = batch::process(&waymark::Pipeline::default(), &store, envelopes, now, false, None).unwrap();
+    output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
+}
+
+/// Strip the source (topic differs between the test's input and the archive).
+fn without_source(mut v: serde_json::Value) -> serde_json::Value {
+    v.as_object_mut().unwrap().remove("source");
+    v
+}
+
+fn with_topic(envelopes: &[Envelope], topic: &str) -> Vec<Envelope> {
+    envelopes
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.topic = topic.to_string();
+            if e.header("carrier").is_none() {
+                e.headers.push(("carrier".into(), Some(b"easypost".to_vec())));
+            }
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_sigterm() {
+    let setup = WorkerSetup::new("e2e", 1);
+    let input = with_topic(&sample_envelopes(), &setup.input);
+    let expected = expected_upserts(&input);
+    produce(&setup.input, &input, 1);
+
+    let mut worker = setup.spawn(None, None);
+    let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(90), Duration::from_secs(3));
+    let ids: Vec<String> = output.iter().map(|r| r.value["milestone_id"].as_str().unwrap().to_string()).collect();
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    println!("checked: {} upserts read, {} distinct, {} expected", ids.len(), distinct.len(), expected.len());
+    assert_eq!(ids.len(), distinct.len(), "a milestone was emitted twice");
+    assert_eq!(distinct.into_iter().cloned().collect::<BTreeSet<_>>(), expected.keys().cloned().collect());
+    for read in &output {
+        let id = read.value["milestone_id"].as_str().unwrap();
+        assert_eq!(without_source(read.value.clone()), without_source(expected[id].clone()));
+        let key = format!("{}:{}:{}", read.value["tenant_id"].as_str().unwrap(), "easypost", read.value["tracking_number"].as_str().unwrap());
+        assert_eq!(read.key.as_deref(), Some(key.as_str()), "output keyed by shipment");
+    }
+    // The same archive through `waymark replay` gives the same milestones.
+    let replayed = std::fs::read_to_string(repo().join("replay/sample.expected.ndjson")).unwrap();
+    let replay_ids: BTreeSet<String> = replayed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["milestone_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(replay_ids, expected.keys().cloned().collect());
+
+    let dead = read_all(&setup.dlq, 1, 1, Duration::from_secs(30), Duration::from_millis(500));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value["error_kind"], "invalid_json");
+
+    let (code, metrics) = http_get(setup.http_port, "/metrics").expect("metrics endpoint");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("waymark_events_total{carrier=\"easypost\",outcome=\"duplicate_hash\"}"), "{metrics}");
+    assert!(metrics.contains("waymark_dead_letter_total{carrier=\"easypost\",reason=\"invalid_json\"} 1"), "{metrics}");
+    assert!(metrics.contains("waymark_dedupe_hit_ratio{carrier=\"easypost\"}"), "{metrics}");
+    assert_eq!(http_get(setup.http_port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(setup.http_port, "/readyz").map(|r| r.0), Some(200));
+
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(30)).expect("worker exits within 30 s of SIGTERM");
+    assert!(status.success(), "SIGTERM must exit 0, got {status:?}");
+
+    // Restarted with the same state, nothing is emitted again.
+    let mut again = setup.spawn(None, None);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = read_all(&setup.output, 1, usize::MAX, Duration::from_secs(2), Duration::ZERO);
+    assert_eq!(after.len(), output.len(), "a restart re-emitted milestones");
+    signal(&again, "TERM");
+    assert!(wait_exit(&mut again, Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn worker_killed_with_sigkill_mid_stream_loses_no_milestone() {
+    let setup = WorkerSetup::new("kill9", 2);
+    let mut input = Vec::new();
+    for (partition, seed) in [(0, 11u64), (1, 12u64)] {
+        let spec = TrafficSpec { seed, shipments: 250, partition, topic: setup.input.clone(), ..TrafficSpec::default() };
+        input.extend(generate(&spec).envelopes);
+    }
+    let expected = expected_upserts(&input);
+    produce(&setup.input, &input, 2);
+    println!("input: {} records, {} distinct milestones", input.len(), expected.len());
+
+    let mut rng = Rng::new(0x5eed);
+    let mut kills = 0;
+    let mut worker = setup.spawn(None, None);
+    loop {
+        std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
+        let so_far = read_all(&setup.output, 2, usize::MAX, Duration::from_millis(300), Duration::ZERO).len();
+        let done = so_far >= expected.len();
+        if done || kills >= 6 {
+            break;
+        }
+        signal(&worker, "KILL");
+        let _ = worker.wait();
+        kills += 1;
+        worker = setup.spawn(None, None);
+    }
+    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(3));
+    signal(&worker, "TERM");
+    let _ = wait_exit(&mut worker, Duration::from_secs(30));
+
+    let mut seen: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut repeats = 0;
+    for read in &output {
+        let id = read.value["milestone_id"].as_str().unwrap().to_string();
+        if let Some(previous) = seen.insert(id.clone(), read.value.clone()) {
+            repeats += 1;
+            assert_eq!(previous, read.value, "a re-emitted upsert differs from the first ({id})");
+        }
+    }
+    println!(
+        "checked: {kills} SIGKILLs, {} upserts read, {} distinct, {} expected, {repeats} identical repeats",
+        output.len(),
+        seen.len(),
+        expected.len()
+    );
+    assert!(kills >= 1, "the stream finished before any kill; make it longer");
+    let missing: Vec<&String> = expected.keys().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "{} milestones lost, e.g. {:?}", missing.len(), missing.first());
+    let unexpected = seen.keys().filter(|id| !expected.contains_key(*id)).count();
+    assert_eq!(unexpected, 0, "milestones that a correct pipeline would not emit");
+    for (id, value) in &seen {
+        assert_eq!(without_source(value.clone()), without_source(expected[id].clone()));
+    }
+}
