@@ -23,7 +23,7 @@
 //! its dedupe memory for the partition starts empty (outputs stay idempotent by
 //! `milestone_id`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,7 +47,8 @@ use crate::pipeline::{stored_progress, Pipeline};
 use crate::sink::{Sink, SinkError};
 use crate::state::{Keyspace, StateStore};
 use crate::store::RocksStore;
-use crate::telemetry::{Health, Telemetry, CONSUMER_LAG, STORE_KEYS};
+use crate::http::Health;
+use crate::telemetry::{Telemetry, CONSUMER_LAG, STORE_KEYS};
 
 #[derive(Debug, Error)]
 pub enum WorkerError {
@@ -95,6 +96,10 @@ pub struct WorkerContext {
     store: Arc<RocksStore>,
     /// Next offset per assigned partition, as last written to the store.
     progress: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    /// Partitions this instance owns right now: records of a partition revoked
+    /// while a batch was being polled are dropped, never emitted (the new owner
+    /// reads them from the committed offset).
+    assigned: Arc<Mutex<HashSet<(String, i32)>>>,
 }
 
 impl ClientContext for WorkerContext {}
@@ -105,8 +110,10 @@ impl ConsumerContext for WorkerContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
                 for elem in tpl.clone().elements() {
                     let (topic, partition) = (elem.topic().to_string(), elem.partition());
+                    assigned.insert((topic.clone(), partition));
                     match stored_progress(&*self.store, &topic, partition) {
                         Ok(Some(next)) => {
                             let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
@@ -127,7 +134,9 @@ impl ConsumerContext for WorkerContext {
                 // polls); hand the group the same offsets before the partitions go.
                 let mut commit = TopicPartitionList::new();
                 let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
                 for elem in tpl.elements() {
+                    assigned.remove(&(elem.topic().to_string(), elem.partition()));
                     if let Some(next) = progress.remove(&(elem.topic().to_string(), elem.partition())) {
                         let _ = commit.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(next));
                     }
@@ -267,7 +276,8 @@ pub struct WorkerDeps<'a> {
 pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let config = deps.config;
     let progress: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
-    let context = WorkerContext { store: deps.store.clone(), progress: progress.clone() };
+    let assigned: Arc<Mutex<HashSet<(String, i32)>>> = Arc::default();
+    let context = WorkerContext { store: deps.store.clone(), progress: progress.clone(), assigned: assigned.clone() };
     let consumer: BaseConsumer<WorkerContext> =
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
     let topics: Vec<&str> = config.kafka.input_topics.iter().map(String::as_str).collect();
@@ -278,7 +288,11 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
 
     let mut last_gauges = Instant::now();
     while !deps.shutdown.load(Ordering::SeqCst) {
-        let envelopes = poll_batch(&consumer, config, deps.shutdown, &progress);
+        let mut envelopes = poll_batch(&consumer, config, deps.shutdown, &progress);
+        {
+            let owned = assigned.lock().unwrap_or_else(|p| p.into_inner());
+            envelopes.retain(|e| owned.contains(&(e.topic.clone(), e.partition)));
+        }
         if !envelopes.is_empty() {
             process_and_commit(&deps, &consumer, &mut sink, &envelopes, &progress)?;
         }
@@ -367,8 +381,7 @@ fn process_and_commit(
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "output not acknowledged; re-sending the batch (identical records)");
                 metrics::counter!("waymark_output_retries_total").increment(1);
-                // Rebalance callbacks must still run while the broker is away.
-                consumer.poll(Duration::from_millis(0)).map(|_| ());
+                // No consumer poll here: a poll could hand out (and so skip) a record.
                 std::thread::sleep(Duration::from_millis(500).saturating_mul(attempt.min(10)));
             }
             Err(e) => return Err(e.into()),

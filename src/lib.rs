@@ -6,23 +6,32 @@
 //! [`state::StateStore`]. Kafka (`kafka`), files (`replay`, `sink`), RocksDB
 //! (`store`) and HTTP (`telemetry`) are adapters at the edges.
 
+// The pure core: no I/O, builds without the `runtime` feature (fuzzing).
 pub mod batch;
 pub mod carriers;
-pub mod config;
 pub mod dedupe;
 pub mod envelope;
 pub mod error;
 pub mod event;
-pub mod kafka;
 pub mod order;
 pub mod output;
 pub mod pipeline;
-pub mod replay;
 pub mod sink;
 pub mod state;
-pub mod store;
 pub mod synth;
 pub mod telemetry;
+
+// The adapters.
+#[cfg(feature = "runtime")]
+pub mod config;
+#[cfg(feature = "runtime")]
+pub mod http;
+#[cfg(feature = "runtime")]
+pub mod kafka;
+#[cfg(feature = "runtime")]
+pub mod replay;
+#[cfg(feature = "runtime")]
+pub mod store;
 
 pub use envelope::Envelope;
 pub use event::{Status, TrackingEvent};

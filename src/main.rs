@@ -19,7 +19,8 @@ use waymark::replay;
 use waymark::sink::NdjsonSink;
 use waymark::state::{Keyspace, MemoryStore, Overlay, StateStore};
 use waymark::store::{system_clock, RocksStore};
-use waymark::telemetry::{self, Health, Telemetry};
+use waymark::http::{self, Health};
+use waymark::telemetry::Telemetry;
 
 #[derive(Parser)]
 #[command(name = "waymark", version, about = "Carrier-tracking ingestion: raw carrier webhooks in, deduplicated ensure-milestone upserts out")]
@@ -263,9 +264,9 @@ fn run(config: Config) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let handle = telemetry::install_recorder().context("cannot install the metrics recorder")?;
+    let handle = http::install_recorder().context("cannot install the metrics recorder")?;
     let health = Arc::new(Health::default());
-    let listener = runtime.block_on(telemetry::bind(config.http_listen))?;
+    let listener = runtime.block_on(http::bind(config.http_listen))?;
     tracing::info!(addr = %config.http_listen, "serving /metrics, /healthz, /readyz");
     let store = Arc::new(
         RocksStore::open(&config.state_dir, &config.store, system_clock())
@@ -273,7 +274,7 @@ fn run(config: Config) -> Result<(), Failure> {
     );
     let shutdown = Arc::new(AtomicBool::new(false));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    runtime.spawn(telemetry::serve(listener, handle, health.clone(), async {
+    runtime.spawn(http::serve(listener, handle, health.clone(), async {
         let _ = http_stopped.await;
     }));
 

@@ -58,8 +58,7 @@ fn io(e: rocksdb::Error) -> StoreError {
     StoreError::Io(e.into_string())
 }
 
-/// Counter of entries dropped by compaction because their TTL passed.
-pub const EXPIRED_METRIC: &str = "waymark_store_expired_total";
+use crate::telemetry::STORE_EXPIRED as EXPIRED_METRIC;
 
 impl RocksStore {
     /// Open (creating if needed) the store in `path`.
