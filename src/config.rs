@@ -26,8 +26,9 @@ pub enum ConfigError {
     Env { name: String, message: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The mapping's own message says what to fix (not a `source`: see `LoadError`).
     #[error("declared_carriers: {0}")]
-    DeclaredCarrier(#[from] crate::carriers::declared::LoadError),
+    DeclaredCarrier(crate::carriers::declared::LoadError),
 }
 
 fn default_brokers() -> String {
@@ -436,7 +437,7 @@ fn load_declared_carriers(
             Some(dir) if path.is_relative() => dir.join(path),
             _ => path.clone(),
         };
-        let carrier = crate::carriers::declared::DeclaredCarrier::from_file(&path)?;
+        let carrier = crate::carriers::declared::DeclaredCarrier::from_file(&path).map_err(ConfigError::DeclaredCarrier)?;
         if let Some(first) = seen.insert(carrier.name().to_string(), path.clone()) {
             return Err(ConfigError::Invalid(format!(
                 "declared_carriers: carrier `{}` is declared by both {} and {}",

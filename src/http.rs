@@ -21,6 +21,10 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
             metrics_exporter_prometheus::Matcher::Full(PROCESS_SECONDS.into()),
             &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0],
         )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(STORE_LOOKUP_SECONDS.into()),
+            &[0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.01],
+        )?
         .install_recorder()?;
     metrics::describe_counter!(EVENTS, "Canonical events by carrier and dedupe outcome (new, duplicate_key, duplicate_hash, invalid)");
     metrics::describe_gauge!(DEDUPE_HIT_RATIO, "Share of canonical events found to be duplicates, per carrier, since start");
@@ -32,6 +36,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(STORE_KEYS, "Estimated live keys per state keyspace");
     metrics::describe_counter!(STORE_EXPIRED, "State entries dropped by compaction after their TTL");
     metrics::describe_histogram!(PROCESS_SECONDS, "Pipeline time per record (normalize, dedupe, order)");
+    metrics::describe_histogram!(STORE_LOOKUP_SECONDS, "State store lookup latency, by operation and keyspace");
     metrics::describe_gauge!(CONSUMER_LAG, "High watermark minus next offset, per input partition");
     Ok(handle)
 }

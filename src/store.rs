@@ -58,7 +58,7 @@ fn io(e: rocksdb::Error) -> StoreError {
     StoreError::Io(e.into_string())
 }
 
-use crate::telemetry::STORE_EXPIRED as EXPIRED_METRIC;
+use crate::telemetry::{STORE_EXPIRED as EXPIRED_METRIC, STORE_LOOKUP_SECONDS as LOOKUP_METRIC};
 
 impl RocksStore {
     /// Open (creating if needed) the store in `path`.
@@ -297,10 +297,14 @@ fn keyspace_options(keyspace: Keyspace, options: &StoreOptions, cache: &Cache, c
 
 impl StateStore for RocksStore {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.cf(keyspace)?, key).map_err(io)
+        let started = std::time::Instant::now();
+        let value = self.db.get_cf(self.cf(keyspace)?, key).map_err(io);
+        metrics::histogram!(LOOKUP_METRIC, "op" => "get", "keyspace" => keyspace.name()).record(started.elapsed().as_secs_f64());
+        value
     }
 
     fn scan(&self, keyspace: Keyspace, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let started = std::time::Instant::now();
         let cf = self.cf(keyspace)?;
         let mut read_options = rocksdb::ReadOptions::default();
         read_options.set_iterate_upper_bound(to.to_vec());
@@ -319,6 +323,7 @@ impl StateStore for RocksStore {
             }
             out.push((key.to_vec(), value.to_vec()));
         }
+        metrics::histogram!(LOOKUP_METRIC, "op" => "scan", "keyspace" => keyspace.name()).record(started.elapsed().as_secs_f64());
         Ok(out)
     }
 

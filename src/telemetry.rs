@@ -24,6 +24,7 @@ pub const DEAD_LETTERS: &str = "waymark_dead_letter_total";
 pub const KEY_COLLISIONS: &str = "waymark_key_collisions_total";
 pub const STORE_KEYS: &str = "waymark_store_keys";
 pub const STORE_EXPIRED: &str = "waymark_store_expired_total";
+pub const STORE_LOOKUP_SECONDS: &str = "waymark_store_lookup_seconds";
 pub const PROCESS_SECONDS: &str = "waymark_process_seconds";
 pub const CONSUMER_LAG: &str = "waymark_consumer_lag";
 pub const RECORDS: &str = "waymark_records_total";

@@ -6,9 +6,16 @@
 //! and JSON checks before a carrier sees the body, and the plausibility check on
 //! every timestamp after.
 
+pub mod aftership;
+pub mod declared;
+pub mod dhl;
 pub mod easypost;
+pub mod fedex;
 pub mod json;
+pub mod shippo;
 pub mod time;
+pub mod ups;
+pub mod usps;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,6 +64,12 @@ impl CarrierRegistry {
     pub fn builtin() -> Self {
         let mut registry = CarrierRegistry { carriers: BTreeMap::new(), max_body_bytes: DEFAULT_MAX_BODY_BYTES };
         registry.register(Arc::new(easypost::EasyPost));
+        registry.register(Arc::new(shippo::Shippo));
+        registry.register(Arc::new(aftership::AfterShip));
+        registry.register(Arc::new(fedex::FedEx));
+        registry.register(Arc::new(usps::Usps));
+        registry.register(Arc::new(ups::Ups));
+        registry.register(Arc::new(dhl::Dhl));
         registry
     }
 

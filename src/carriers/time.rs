@@ -75,7 +75,9 @@ pub fn parse_offset(field: &str, text: &str) -> Result<FixedOffset, RecordError>
     };
     match (number(hours, 1..=2), number(minutes, 2..=2)) {
         // Real offsets span -12:00..+14:00; 18 hours is ISO 8601's outer bound.
-        (Some(h), Some(m)) if h <= 18 && m < 60 => FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(invalid),
+        (Some(h), Some(m)) if h <= 18 && m < 60 => {
+            FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(invalid)
+        }
         _ => Err(invalid()),
     }
 }
@@ -96,14 +98,13 @@ pub fn parse_local_with_offset(
     let offset = parse_offset(offset_field, offset)?;
     // `parse_iso` read the wall-clock time as if it were UTC; the real instant is
     // that reading minus the offset (13:58 at -05:00 is 18:58Z).
-    let utc = instant
-        .utc
-        .checked_sub_signed(Duration::seconds(offset.local_minus_utc().into()))
-        .ok_or_else(|| RecordError::InvalidTimestamp {
+    let utc = instant.utc.checked_sub_signed(Duration::seconds(offset.local_minus_utc().into())).ok_or_else(|| {
+        RecordError::InvalidTimestamp {
             field: field.into(),
             value: local.trim().into(),
             reason: "outside the representable range once the offset is applied".into(),
-        })?;
+        }
+    })?;
     Ok(Instant { utc, assumed_utc: false })
 }
 
@@ -155,7 +156,11 @@ mod tests {
         assert_eq!(at("2024-11-22T13:58:00-06:00", "-05:00"), (ms("2024-11-22T19:58:00Z").0, false));
         assert_eq!(
             parse_local_with_offset("t", "2024-11-22T13:58:00", "o", "CST").unwrap_err(),
-            RecordError::InvalidTimestamp { field: "o".into(), value: "CST".into(), reason: "expected a UTC offset such as -05:00, -7:00, +0530 or Z".into() }
+            RecordError::InvalidTimestamp {
+                field: "o".into(),
+                value: "CST".into(),
+                reason: "expected a UTC offset such as -05:00, -7:00, +0530 or Z".into()
+            }
         );
         assert_eq!(parse_local_with_offset("t", "22/11/2024", "o", "-05:00").unwrap_err().kind(), "invalid_timestamp");
     }

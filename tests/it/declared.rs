@@ -56,12 +56,14 @@ fn replay_normalizes_a_declared_carrier_end_to_end() {
     let dir = config_dir(&mapping);
     let archive = dir.path().join("archive.ndjson");
     let lines = [
-        // By topic convention.
-        record("tracking.raw.nordpost", 0, &[("tenant-id", "acme")], "consignment_history.json"),
-        // By header on a shared topic: the same webhook delivered again.
+        // Addressed by topic convention.
+        record("tracking.raw.nordpost", 0, &[("tenant-id", "acme")], "service_point_pickup.json"),
+        // Addressed by header on a shared topic, then the same webhook delivered again
+        // (dedupe is scoped per topic partition, so the redelivery shares the topic).
         record("webhooks.in", 0, &[("tenant-id", "acme"), ("carrier", "nordpost")], "consignment_history.json"),
+        record("webhooks.in", 1, &[("tenant-id", "acme"), ("carrier", "nordpost")], "consignment_history.json"),
         // A body the mapping cannot read.
-        record("webhooks.in", 1, &[("tenant-id", "acme"), ("carrier", "nordpost")], "bad_unreadable_stamp.json"),
+        record("webhooks.in", 2, &[("tenant-id", "acme"), ("carrier", "nordpost")], "bad_unreadable_stamp.json"),
     ];
     std::fs::write(&archive, lines.join("\n") + "\n").unwrap();
     let dlq = dir.path().join("dlq.ndjson");
@@ -71,31 +73,43 @@ fn replay_normalizes_a_declared_carrier_end_to_end() {
     assert!(out.status.success(), "replay failed: {stderr}");
     let upserts: Vec<serde_json::Value> =
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-
-    let statuses: Vec<&str> = upserts.iter().map(|u| u["status"].as_str().unwrap()).collect();
-    assert_eq!(
-        statuses,
-        ["label_created", "picked_up", "in_transit", "in_transit", "out_for_delivery", "delivered"],
-        "one upsert per scan, the redelivered webhook adds none"
-    );
     for u in &upserts {
         assert_eq!(u["kind"], "ensure_milestone");
         assert_eq!(u["carrier"], "nordpost");
         assert_eq!(u["tenant_id"], "acme");
-        assert_eq!(u["tracking_number"], "NP734512908SE");
-        assert_eq!(u["shipment_ref"], "c-2025-884120");
         assert_eq!(u["time_assumed_utc"], true, "zone-less local times are flagged");
-        assert_eq!(u["source"]["topic"], "tracking.raw.nordpost");
     }
-    let last = upserts.last().unwrap();
+    let statuses = |tracking: &str| -> Vec<String> {
+        upserts
+            .iter()
+            .filter(|u| u["tracking_number"] == tracking)
+            .map(|u| u["status"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(statuses("NP118306452NO"), ["out_for_delivery", "delivery_attempted", "available_for_pickup", "delivered"]);
+    assert_eq!(
+        statuses("NP734512908SE"),
+        ["label_created", "picked_up", "in_transit", "in_transit", "out_for_delivery", "delivered"],
+        "one upsert per scan; the redelivered webhook adds none"
+    );
+    assert_eq!(upserts.len(), 10);
+
+    let history: Vec<&serde_json::Value> = upserts.iter().filter(|u| u["tracking_number"] == "NP734512908SE").collect();
+    for u in &history {
+        assert_eq!(u["shipment_ref"], "c-2025-884120");
+        assert_eq!(u["source"]["topic"], "webhooks.in");
+        assert_eq!(u["source"]["offset"], 0);
+    }
+    let last = history.last().unwrap();
     assert_eq!(last["shipment_status"], "delivered");
     assert_eq!(last["carrier_status_code"], "60");
     assert_eq!(last["carrier_status_detail"], "DOOR");
     assert_eq!(last["occurred_at"], "2025-11-06T09:27:40.000Z");
     assert_eq!(last["location"], serde_json::json!({"city": "Umeå", "region": "Västerbotten", "postal_code": "903 27", "country": "SE"}));
 
-    assert!(stderr.contains("records read:           3"), "{stderr}");
-    assert!(stderr.contains("milestones emitted:     6"), "{stderr}");
+    assert!(stderr.contains("records read:           4"), "{stderr}");
+    assert!(stderr.contains("milestones emitted:     10"), "{stderr}");
+    assert!(stderr.contains("duplicates (hash):      6"), "{stderr}");
     assert!(stderr.contains("invalid (dead letters): 1"), "{stderr}");
     let dead: Vec<serde_json::Value> =
         std::fs::read_to_string(&dlq).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

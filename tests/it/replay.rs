@@ -110,3 +110,30 @@ fn usage_errors_exit_2_and_say_what_to_do() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read archive /nonexistent/archive"));
 }
+
+#[test]
+fn state_moves_between_machines_with_export_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let export = dir.path().join("state.ndjson");
+    let (ok, first, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", a.to_str().unwrap()], None);
+    assert!(ok && !first.is_empty(), "{stderr}");
+    let run = |args: &[&str]| {
+        let out = Command::new(waymark_bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["state", "export", "--state-dir", a.to_str().unwrap(), "--output", export.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&export).unwrap().lines().count() > 17);
+    run(&["state", "import", "--state-dir", b.to_str().unwrap(), "--input", export.to_str().unwrap()]);
+    let stats = run(&["state", "stats", "--state-dir", b.to_str().unwrap()]);
+    assert!(stats.contains("shipments"), "{stats}");
+    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(second, "", "imported state must dedupe the same archive");
+    // Dropping the partition's state makes the archive new again.
+    run(&["state", "drop", "--state-dir", b.to_str().unwrap(), "--topic", "tracking.raw.easypost", "--partition", "0"]);
+    let (ok, third, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(third, first);
+}

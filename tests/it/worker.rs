@@ -74,6 +74,8 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert!(metrics.contains("waymark_events_total{carrier=\"easypost\",outcome=\"duplicate_hash\"}"), "{metrics}");
     assert!(metrics.contains("waymark_dead_letter_total{carrier=\"easypost\",reason=\"invalid_json\"} 1"), "{metrics}");
     assert!(metrics.contains("waymark_dedupe_hit_ratio{carrier=\"easypost\"}"), "{metrics}");
+    assert!(metrics.contains("waymark_store_lookup_seconds_bucket{op=\"scan\",keyspace=\"keys\""), "{metrics}");
+    assert!(metrics.contains("waymark_process_seconds_count"), "{metrics}");
     assert_eq!(http_get(setup.http_port, "/healthz").map(|r| r.0), Some(200));
     assert_eq!(http_get(setup.http_port, "/readyz").map(|r| r.0), Some(200));
 
