@@ -30,10 +30,11 @@ echo "fuzz.sh: building ${#targets[@]} targets" >&2
 cargo +nightly fuzz build --fuzz-dir fuzz
 for target in "${targets[@]}"; do
   corpus=$(mktemp -d)
-  seed_dir=fixtures/$target
-  [[ $target == envelope ]] && seed_dir=replay
-  if [[ -d $seed_dir ]]; then
-    find "$seed_dir" -maxdepth 1 -type f \( -name '*.json' -o -name '*.ndjson' \) -exec cp {} "$corpus"/ \;
+  if [[ $target == envelope ]]; then
+    # Archive lines: one seed per line of the scenario archives.
+    cat replay/*.ndjson | split -l 1 - "$corpus/line-"
+  elif [[ -d fixtures/$target ]]; then
+    find "fixtures/$target" -maxdepth 1 -type f -name '*.json' -exec cp {} "$corpus"/ \;
   fi
   echo "fuzz.sh: $target for ${seconds}s ($(ls "$corpus" | wc -l) seeds)" >&2
   cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$corpus" -- \
