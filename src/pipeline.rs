@@ -254,6 +254,26 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_with_new_ids_reordered_keys_and_other_whitespace_is_a_duplicate() {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let first = tracker(&[("in_transit", "AR", "2024-07-31T22:35:00Z")]);
+        assert_eq!(run(&pipeline, &store, &envelope(0, &first)).upserts.len(), 1);
+        // Same scan: pretty-printed, keys in another order, a new event id, and the
+        // instant written with an offset instead of Z.
+        let replayed = r#"{
+            "result": {"tracking_details": [{"message": "AR", "datetime": "2024-07-31T18:35:00-04:00",
+                                             "carrier_code": "AR", "status": "in_transit"}],
+                       "tracking_code": "EZ1", "object": "Tracker"},
+            "description": "tracker.updated",   "id": "evt_replayed_after_incident",
+            "object": "Event"
+        }"#;
+        let result = run(&pipeline, &store, &envelope(1, replayed));
+        assert!(result.upserts.is_empty());
+        assert_eq!(result.events[0].verdict, Verdict::DuplicateHash);
+    }
+
+    #[test]
     fn bad_records_become_dead_letters_with_reasons() {
         let pipeline = Pipeline::default();
         let store = MemoryStore::default();
