@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::envelope::Envelope;
 use crate::error::StoreError;
+use crate::sink::{Sink, SinkError};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::pipeline::{stage_progress, Pipeline, RecordResult};
 use crate::state::{StateBatch, StateStore, Staged};
@@ -127,4 +128,60 @@ pub fn process<S: StateStore + ?Sized>(
     }
     output.state = staged.take_batch();
     Ok(output)
+}
+
+/// The points between the side effects of committing a batch, where a process can
+/// die. The simulation (tests/it/simulation.rs) crashes at each of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Processed, nothing sent yet.
+    BeforeOutput,
+    /// Outputs acknowledged; state and progress not yet written.
+    AfterOutput,
+    /// State and progress written; the group's offsets not yet committed (the
+    /// caller commits them after `deliver` returns).
+    AfterState,
+}
+
+/// How `deliver` stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The injected crash hook said the process died at this point.
+    #[error("crashed at {0:?}")]
+    Crashed(Failpoint),
+}
+
+/// The commit order of one batch, shared by the worker, replay and the simulation:
+/// outputs first (the sink returns only when all are acknowledged), then the
+/// batch's state and progress in one atomic write. State therefore never claims an
+/// event whose output was not acknowledged; a crash before the write re-processes
+/// the batch from the stored progress against unchanged state, producing the
+/// identical records again. `crash` is the failpoint hook (production: never).
+pub fn deliver<S: StateStore + ?Sized>(
+    store: &S,
+    sink: &mut dyn Sink,
+    output: BatchOutput,
+    crash: &mut dyn FnMut(Failpoint) -> bool,
+) -> Result<Summary, DeliverError> {
+    if crash(Failpoint::BeforeOutput) {
+        return Err(DeliverError::Crashed(Failpoint::BeforeOutput));
+    }
+    sink.send(&output.upserts, &output.dead_letters)?;
+    if crash(Failpoint::AfterOutput) {
+        return Err(DeliverError::Crashed(Failpoint::AfterOutput));
+    }
+    store.write(output.state)?;
+    if crash(Failpoint::AfterState) {
+        return Err(DeliverError::Crashed(Failpoint::AfterState));
+    }
+    Ok(output.summary)
+}
+
+/// The production failpoint hook: never crash.
+pub fn no_crash(_: Failpoint) -> bool {
+    false
 }

@@ -45,7 +45,7 @@ use crate::error::{Fate, StoreError};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::pipeline::{stored_progress, Pipeline};
 use crate::sink::{Sink, SinkError};
-use crate::state::{Keyspace, StateStore};
+use crate::state::Keyspace;
 use crate::store::RocksStore;
 use crate::http::Health;
 use crate::telemetry::{Telemetry, CONSUMER_LAG, STORE_KEYS};
@@ -365,29 +365,13 @@ fn process_and_commit(
     progress: &Mutex<HashMap<(String, i32), i64>>,
 ) -> Result<(), WorkerError> {
     let output = batch::process(deps.pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
-    let mut attempt = 0u32;
-    let mut shutdown_seen: Option<Instant> = None;
-    loop {
-        match sink.send(&output.upserts, &output.dead_letters) {
-            Ok(()) => break,
-            Err(e) if e.fate() == Fate::Retry => {
-                if deps.shutdown.load(Ordering::SeqCst) {
-                    let since = *shutdown_seen.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= deps.config.shutdown_timeout {
-                        // Nothing of this batch is claimed: it is re-processed on restart.
-                        return Err(e.into());
-                    }
-                }
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "output not acknowledged; re-sending the batch (identical records)");
-                metrics::counter!("waymark_output_retries_total").increment(1);
-                // No consumer poll here: a poll could hand out (and so skip) a record.
-                std::thread::sleep(Duration::from_millis(500).saturating_mul(attempt.min(10)));
-            }
-            Err(e) => return Err(e.into()),
-        }
+    let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
+    match batch::deliver(&*deps.store, &mut retrying, output, &mut batch::no_crash) {
+        Ok(_) => {}
+        Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
+        Err(batch::DeliverError::Store(e)) => return Err(e.into()),
+        Err(batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in production ({point:?})"),
     }
-    deps.store.write(output.state)?;
     {
         let mut map = progress.lock().unwrap_or_else(|p| p.into_inner());
         for envelope in envelopes {
@@ -396,6 +380,41 @@ fn process_and_commit(
     }
     commit_progress(consumer, progress, CommitMode::Async);
     Ok(())
+}
+
+/// Re-sends a batch until Kafka acknowledges all of it. Gives up only when a
+/// shutdown has waited longer than its deadline: then nothing of the batch is
+/// claimed and it is re-processed on restart.
+struct RetryingSink<'a> {
+    inner: &'a mut KafkaSink,
+    shutdown: &'a AtomicBool,
+    deadline: Duration,
+}
+
+impl Sink for RetryingSink<'_> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+        let mut attempt = 0u32;
+        let mut shutdown_seen: Option<Instant> = None;
+        loop {
+            match self.inner.send(upserts, dead_letters) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.fate() == Fate::Retry => {
+                    if self.shutdown.load(Ordering::SeqCst) {
+                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.deadline {
+                            return Err(e);
+                        }
+                    }
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "output not acknowledged; re-sending the batch (identical records)");
+                    metrics::counter!("waymark_output_retries_total").increment(1);
+                    // No consumer poll here: a poll could hand out (and so skip) a record.
+                    std::thread::sleep(Duration::from_millis(500).saturating_mul(attempt.min(10)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 fn commit_progress(consumer: &BaseConsumer<WorkerContext>, progress: &Mutex<HashMap<(String, i32), i64>>, mode: CommitMode) {

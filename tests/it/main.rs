@@ -8,4 +8,5 @@ mod fixtures;
 mod properties;
 mod replay;
 mod schemas;
+mod simulation;
 mod worker;
