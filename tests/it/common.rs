@@ -39,15 +39,20 @@ pub fn unique(prefix: &str) -> String {
 
 /// Create topics (partitions each) on the real broker.
 pub fn create_topics(names: &[&str], partitions: i32) {
+    create_topics_on(&brokers(), names, partitions)
+}
+
+/// Create topics on the broker at `brokers`.
+pub fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let results = runtime
         .block_on(admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))
-        .unwrap_or_else(|e| panic!("cannot reach the broker at {} to create topics: {e}", brokers()));
+        .unwrap_or_else(|e| panic!("cannot reach the broker at {brokers} to create topics: {e}"));
     for result in results {
         result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
     }
@@ -55,8 +60,13 @@ pub fn create_topics(names: &[&str], partitions: i32) {
 
 /// Produce envelopes' bodies and headers to `topic` (partition kept modulo `partitions`).
 pub fn produce(topic: &str, envelopes: &[Envelope], partitions: i32) {
+    produce_on(&brokers(), topic, envelopes, partitions)
+}
+
+/// Produce to the broker at `brokers`.
+pub fn produce_on(brokers: &str, topic: &str, envelopes: &[Envelope], partitions: i32) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
@@ -101,8 +111,20 @@ pub struct Read {
 /// records arrived or `timeout` passed; then keep reading `settle` longer to catch
 /// extra records (duplicates) that must not be there.
 pub fn read_all(topic: &str, partitions: i32, expected: usize, timeout: Duration, settle: Duration) -> Vec<Read> {
+    read_all_on(&brokers(), topic, partitions, expected, timeout, settle)
+}
+
+/// [`read_all`] from the broker at `brokers`.
+pub fn read_all_on(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Read> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -178,10 +200,15 @@ pub struct WorkerSetup {
 
 impl WorkerSetup {
     pub fn new(name: &str, partitions: i32) -> WorkerSetup {
+        Self::on(&brokers(), name, partitions)
+    }
+
+    /// A setup against the broker at `brokers`.
+    pub fn on(brokers: &str, name: &str, partitions: i32) -> WorkerSetup {
         let input = unique(&format!("it.{name}.in"));
         let output = unique(&format!("it.{name}.out"));
         let dlq = unique(&format!("it.{name}.dlq"));
-        create_topics(&[&input, &output, &dlq], partitions);
+        create_topics_on(brokers, &[&input, &output, &dlq], partitions);
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
         let config_path = dir.path().join("waymark.toml");
@@ -208,7 +235,6 @@ shutdown_timeout = "20s"
 [http]
 listen = "127.0.0.1:{http_port}"
 "#,
-            brokers = brokers(),
             state = state_dir.display(),
         );
         std::fs::write(&config_path, config).unwrap();

@@ -4,6 +4,7 @@
 
 mod common;
 mod declared;
+mod faults;
 mod fixtures;
 mod properties;
 mod replay;
