@@ -85,12 +85,7 @@ impl Verdict {
 /// blake3 of the canonical content encoding.
 pub fn content_hash(event: &TrackingEvent) -> [u8; 32] {
     let mut enc = Encoder::new(CONTENT_ENCODING);
-    enc.str(&event.tenant_id);
-    enc.str(&event.carrier);
-    enc.str(&event.tracking_number);
-    enc.opt(event.shipment_ref.as_deref());
-    enc.str(event.status.as_str());
-    enc.str(&event.carrier_status_code);
+    scan_identity_fields(&mut enc, event);
     enc.opt(event.carrier_status_detail.as_deref());
     enc.opt(event.description.as_deref());
     enc.i64(event.occurred_at.timestamp_millis());
@@ -103,20 +98,26 @@ pub fn content_hash(event: &TrackingEvent) -> [u8; 32] {
 /// within one identity).
 pub fn identity_digest(event: &TrackingEvent) -> [u8; 16] {
     let mut enc = Encoder::new(b"waymark.key.v1");
-    enc.str(&event.tenant_id);
-    enc.str(&event.carrier);
-    enc.str(&event.tracking_number);
-    enc.opt(event.shipment_ref.as_deref());
-    enc.str(event.status.as_str());
-    enc.str(&event.carrier_status_code);
+    scan_identity_fields(&mut enc, event);
     location_fields(&mut enc, event);
     let mut out = [0u8; 16];
     out.copy_from_slice(&enc.finish().as_bytes()[..16]);
     out
 }
 
+/// Who and what a scan is about: the leading fields of both the content hash and
+/// the composite key (their order is part of the pinned encodings).
+fn scan_identity_fields(enc: &mut Encoder, event: &TrackingEvent) {
+    enc.str(&event.tenant_id);
+    enc.str(&event.carrier);
+    enc.str(&event.tracking_number);
+    enc.opt(event.shipment_ref.as_deref());
+    enc.str(event.status.as_str());
+    enc.str(&event.carrier_status_code);
+}
+
 /// Locations compare case- and space-insensitively: carriers re-render them.
-fn location_fields(enc: &mut Encoder, event: &TrackingEvent) {
+pub(crate) fn location_fields(enc: &mut Encoder, event: &TrackingEvent) {
     for part in [&event.location.city, &event.location.region, &event.location.postal_code, &event.location.country] {
         enc.opt(part.as_deref().map(|p| p.trim().to_uppercase()).as_deref());
     }

@@ -57,9 +57,7 @@ pub fn milestone_id(event: &TrackingEvent) -> String {
     enc.str(event.status.as_str());
     enc.str(&event.carrier_status_code);
     enc.i64(event.occurred_at.timestamp_millis());
-    for part in [&event.location.city, &event.location.region, &event.location.postal_code, &event.location.country] {
-        enc.opt(part.as_deref().map(|p| p.trim().to_uppercase()).as_deref());
-    }
+    crate::dedupe::location_fields(&mut enc, event);
     enc.finish().to_hex().to_string()
 }
 

@@ -292,3 +292,23 @@ pub fn sample_envelopes() -> Vec<Envelope> {
     let text = std::fs::read_to_string(repo().join("replay/sample.ndjson")).unwrap();
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| Envelope::from_kcat_json(l).unwrap()).collect()
 }
+
+/// The at-least-once check on an output topic: every expected milestone is there,
+/// nothing else is, and every repeat is byte-identical to the first emission.
+/// Returns (distinct milestones, repeats).
+pub fn check_at_least_once(output: &[Read], expected: &BTreeMap<String, serde_json::Value>) -> (usize, usize) {
+    let mut seen: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut repeats = 0;
+    for read in output {
+        let id = read.value["milestone_id"].as_str().expect("milestone_id").to_string();
+        if let Some(previous) = seen.insert(id.clone(), read.value.clone()) {
+            repeats += 1;
+            assert_eq!(previous, read.value, "a re-emitted upsert differs from the first ({id})");
+        }
+    }
+    let missing: Vec<&String> = expected.keys().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "{} of {} milestones lost, e.g. {:?}", missing.len(), expected.len(), missing.first());
+    let unexpected = seen.keys().filter(|id| !expected.contains_key(*id)).count();
+    assert_eq!(unexpected, 0, "milestones that a correct pipeline would not emit");
+    (seen.len(), repeats)
+}
