@@ -46,6 +46,19 @@ fn default_output() -> String {
 fn default_dlq() -> String {
     "tracking.dead-letter".into()
 }
+fn default_delivery() -> String {
+    "at-least-once".into()
+}
+
+/// How outputs and input offsets are committed (see `kafka` for the guarantees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Idempotent producer; state and offsets written after outputs are acknowledged.
+    AtLeastOnce,
+    /// Outputs and consumer offsets in one Kafka transaction; state written after it
+    /// commits and caught up from the input on assignment.
+    ExactlyOnce { transactional_id: String },
+}
 
 /// `[kafka]`
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +76,14 @@ pub struct KafkaSection {
     pub output_topic: String,
     #[serde(default = "default_dlq")]
     pub dead_letter_topic: String,
+    /// `at-least-once` (default) or `exactly-once` (Kafka transactions).
+    #[serde(default = "default_delivery")]
+    pub delivery: String,
+    /// transactional.id of this instance in `exactly-once` mode: stable across
+    /// restarts of one instance, distinct between instances. Default:
+    /// `waymark-<group_id>-<hostname>`.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
     /// librdkafka properties for both consumer and producer (security settings go here).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -266,6 +287,8 @@ pub struct Overrides {
     pub dead_letter_topic: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub http_listen: Option<String>,
+    pub delivery: Option<String>,
+    pub transactional_id: Option<String>,
     /// `-X name=value` librdkafka properties.
     pub kafka_properties: Vec<(String, String)>,
 }
@@ -274,6 +297,7 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub kafka: KafkaSection,
+    pub delivery: DeliveryMode,
     pub envelope: EnvelopeRules,
     pub state_dir: PathBuf,
     pub store: StoreOptions,
@@ -336,6 +360,12 @@ impl RawConfig {
         if let Some(v) = o.http_listen {
             self.http.listen = v;
         }
+        if let Some(v) = o.delivery {
+            self.kafka.delivery = v;
+        }
+        if let Some(v) = o.transactional_id {
+            self.kafka.transactional_id = Some(v);
+        }
         for (k, v) in o.kafka_properties {
             self.kafka.properties.insert(k, v);
         }
@@ -394,11 +424,31 @@ impl RawConfig {
         if self.limits.max_body_bytes == 0 {
             return Err(ConfigError::Invalid("limits.max_body_bytes must be at least 1".into()));
         }
+        let delivery = match kafka.delivery.as_str() {
+            "at-least-once" => DeliveryMode::AtLeastOnce,
+            "exactly-once" => DeliveryMode::ExactlyOnce {
+                transactional_id: kafka.transactional_id.clone().unwrap_or_else(|| {
+                    let host = std::env::var("HOSTNAME")
+                        .ok()
+                        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                        .map(|h| h.trim().to_string())
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or_else(|| "localhost".into());
+                    format!("waymark-{}-{host}", kafka.group_id)
+                }),
+            },
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.delivery = \"{other}\": write \"at-least-once\" or \"exactly-once\""
+                )))
+            }
+        };
         let http_listen = self.http.listen.parse().map_err(|e| {
             ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.http.listen))
         })?;
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
         Ok(Config {
+            delivery,
             envelope: EnvelopeRules {
                 topic_carriers: self.topics,
                 require_tenant: self.tenancy.require_tenant,
@@ -503,6 +553,15 @@ mod tests {
         let ups = config.dedupe.policy("ups");
         assert_eq!((ups.ttl, ups.skew), (Duration::from_secs(14 * 86400), Duration::from_secs(3)));
         assert_eq!(config.envelope.topic_carriers["in.ups"], "ups");
+    }
+
+    #[test]
+    fn delivery_mode_is_a_type() {
+        assert_eq!(RawConfig::default().validate().unwrap().delivery, DeliveryMode::AtLeastOnce);
+        let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \"w-1\"").unwrap();
+        assert_eq!(raw.clone().validate().unwrap().delivery, DeliveryMode::ExactlyOnce { transactional_id: "w-1".into() });
+        raw.kafka.delivery = "maybe-once".into();
+        assert!(raw.validate().unwrap_err().to_string().contains("exactly-once"));
     }
 
     #[test]

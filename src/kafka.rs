@@ -18,6 +18,20 @@
 //! re-runs the batch against the state it had, giving the identical upserts.
 //! On revocation the in-flight batch is already complete (processing happens between
 //! polls), and offsets are committed synchronously before the partitions go.
+//!
+//! Mode `exactly-once` (Kafka transactions, DESIGN section 9 design (a)): each
+//! batch's upserts, dead letters and the input offsets are committed in one
+//! transaction, so a `read_committed` reader of the output sees every milestone
+//! exactly once. State is written to RocksDB only after the transaction commits.
+//! A kill between the commit and the state write leaves the store behind the
+//! group's committed offset; on assignment the worker seeks to the store's
+//! progress and re-processes the records up to the committed offset *silently*
+//! (state only, outputs dropped: they are already committed), then carries on.
+//! A commit that fails indefinitely (timeout) is never retried blindly: the
+//! producer is re-created with the same transactional.id (which fences the old one
+//! and settles the pending transaction), and the group's committed offsets tell
+//! whether the batch made it; only if not is it sent again.
+//!
 //! Limits: state is local to the instance; when a partition moves to an instance
 //! with no state for it, that instance starts from the group's committed offset and
 //! its dedupe memory for the partition starts empty (outputs stay idempotent by
@@ -39,13 +53,13 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 
 use crate::batch;
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::envelope::Envelope;
 use crate::error::{Fate, StoreError};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::pipeline::{stored_progress, Pipeline};
 use crate::sink::{Sink, SinkError};
-use crate::state::Keyspace;
+use crate::state::{Keyspace, StateStore};
 use crate::store::RocksStore;
 use crate::http::Health;
 use crate::telemetry::{Telemetry, CONSUMER_LAG, STORE_KEYS};
@@ -100,6 +114,11 @@ pub struct WorkerContext {
     /// while a batch was being polled are dropped, never emitted (the new owner
     /// reads them from the committed offset).
     assigned: Arc<Mutex<HashSet<(String, i32)>>>,
+    /// Exactly-once only: per partition, the group's committed offset when the
+    /// store was behind it; records below it are re-processed silently.
+    catch_up: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    /// Offsets are committed only inside transactions (never on revocation).
+    transactional: bool,
 }
 
 impl ClientContext for WorkerContext {}
@@ -111,10 +130,24 @@ impl ConsumerContext for WorkerContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                let mut catch_up = self.catch_up.lock().unwrap_or_else(|p| p.into_inner());
                 for elem in tpl.clone().elements() {
                     let (topic, partition) = (elem.topic().to_string(), elem.partition());
                     assigned.insert((topic.clone(), partition));
                     match stored_progress(&*self.store, &topic, partition) {
+                        Ok(Some(next)) if self.transactional => {
+                            // The store may lag the group (killed between commit and state write).
+                            let committed = committed_offset(consumer, &topic, partition);
+                            let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
+                            progress.insert((topic.clone(), partition), next);
+                            match committed {
+                                Some(committed) if committed > next => {
+                                    catch_up.insert((topic.clone(), partition), committed);
+                                    tracing::info!(%topic, partition, next, committed, "assigned; catching up state silently to the committed offset");
+                                }
+                                _ => tracing::info!(%topic, partition, next, "assigned; resuming from stored progress"),
+                            }
+                        }
                         Ok(Some(next)) => {
                             let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
                             progress.insert((topic.clone(), partition), next);
@@ -141,7 +174,13 @@ impl ConsumerContext for WorkerContext {
                         let _ = commit.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(next));
                     }
                 }
-                if commit.count() > 0 && !consumer.assignment_lost() {
+                {
+                    let mut catch_up = self.catch_up.lock().unwrap_or_else(|p| p.into_inner());
+                    for elem in tpl.elements() {
+                        catch_up.remove(&(elem.topic().to_string(), elem.partition()));
+                    }
+                }
+                if commit.count() > 0 && !consumer.assignment_lost() && !self.transactional {
                     if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
                         tracing::warn!(error = %e, "committing offsets on revocation failed; the next owner may re-process (identical upserts)");
                     }
@@ -198,13 +237,33 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(config: &Config) -> Result<KafkaSink, KafkaError> {
-        let producer = producer_config(config).create_with_context(DeliveryTracker::default())?;
-        Ok(KafkaSink {
+        Ok(Self::with_producer(config, producer_config(config).create_with_context(DeliveryTracker::default())?))
+    }
+
+    fn with_producer(config: &Config, producer: ThreadedProducer<DeliveryTracker>) -> KafkaSink {
+        KafkaSink {
             producer,
             output_topic: config.kafka.output_topic.clone(),
             dead_letter_topic: config.kafka.dead_letter_topic.clone(),
             flush_timeout: Duration::from_secs(60),
-        })
+        }
+    }
+
+    /// Queue every record of a batch (keys and headers as documented).
+    fn enqueue_all(&self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+        for upsert in upserts {
+            let payload = serde_json::to_vec(upsert).map_err(std::io::Error::other)?;
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "milestone-id", value: Some(upsert.milestone_id.as_str()) })
+                .insert(Header { key: "tenant-id", value: Some(upsert.tenant_id.as_str()) });
+            self.enqueue(&self.output_topic, &upsert.key(), &payload, headers)?;
+        }
+        for dead in dead_letters {
+            let payload = serde_json::to_vec(dead).map_err(std::io::Error::other)?;
+            let headers = OwnedHeaders::new().insert(Header { key: "error-kind", value: Some(dead.error_kind.as_str()) });
+            self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers)?;
+        }
+        Ok(())
     }
 
     fn enqueue(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
@@ -232,18 +291,7 @@ impl Sink for KafkaSink {
             return Ok(());
         }
         *self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()) = DeliveryCounts::default();
-        for upsert in upserts {
-            let payload = serde_json::to_vec(upsert).map_err(std::io::Error::other)?;
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "milestone-id", value: Some(upsert.milestone_id.as_str()) })
-                .insert(Header { key: "tenant-id", value: Some(upsert.tenant_id.as_str()) });
-            self.enqueue(&self.output_topic, &upsert.key(), &payload, headers)?;
-        }
-        for dead in dead_letters {
-            let payload = serde_json::to_vec(dead).map_err(std::io::Error::other)?;
-            let headers = OwnedHeaders::new().insert(Header { key: "error-kind", value: Some(dead.error_kind.as_str()) });
-            self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers)?;
-        }
+        self.enqueue_all(upserts, dead_letters)?;
         let flushed = self.producer.flush(self.flush_timeout);
         let counts = self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if flushed.is_ok() && counts.acked == total && counts.failed == 0 {
@@ -259,6 +307,143 @@ impl Sink for KafkaSink {
             fate: Fate::Retry,
         })
     }
+}
+
+/// The group's committed offset of one partition (None when unknown or unset).
+fn committed_offset(consumer: &BaseConsumer<WorkerContext>, topic: &str, partition: i32) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// The transactional producer of `exactly-once` mode.
+pub struct TransactionalSink {
+    config: ClientConfig,
+    sink: KafkaSink,
+    timeout: Duration,
+}
+
+impl TransactionalSink {
+    pub fn new(config: &Config, transactional_id: &str) -> Result<TransactionalSink, KafkaError> {
+        let mut client = producer_config(config);
+        client.set("transactional.id", transactional_id);
+        let timeout = Duration::from_secs(30);
+        let sink = KafkaSink::with_producer(config, Self::create(&client, timeout)?);
+        Ok(TransactionalSink { config: client, sink, timeout })
+    }
+
+    fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
+        let producer: ThreadedProducer<DeliveryTracker> = client.create_with_context(DeliveryTracker::default())?;
+        producer.init_transactions(timeout)?;
+        Ok(producer)
+    }
+
+    /// Replace the producer: the new one's init fences the old and settles any
+    /// transaction it left open.
+    fn recreate(&mut self) -> Result<(), KafkaError> {
+        tracing::warn!("re-creating the transactional producer");
+        metrics::counter!("waymark_producer_recreated_total").increment(1);
+        self.sink.producer = Self::create(&self.config, self.timeout)?;
+        Ok(())
+    }
+
+    /// Commit one batch's outputs and input offsets atomically, retrying until
+    /// it is certain that they are committed exactly once, or the shutdown
+    /// deadline passes (then nothing of the batch is claimed).
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        upserts: &[MilestoneUpsert],
+        dead_letters: &[DeadLetter],
+        offsets: &TopicPartitionList,
+        shutdown: &AtomicBool,
+        deadline: Duration,
+    ) -> Result<(), SinkError> {
+        let mut attempt = 0u32;
+        let mut shutdown_seen: Option<Instant> = None;
+        loop {
+            match self.try_commit(consumer, upserts, dead_letters, offsets) {
+                Ok(()) => return Ok(()),
+                Err(reason) => {
+                    if shutdown.load(Ordering::SeqCst) {
+                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= deadline {
+                            return Err(SinkError::Kafka { failed: upserts.len() + dead_letters.len(), total: upserts.len() + dead_letters.len(), reason, fate: Fate::Retry });
+                        }
+                    }
+                    attempt += 1;
+                    tracing::warn!(%reason, attempt, "transaction not committed; trying the batch again");
+                    metrics::counter!("waymark_transaction_retries_total").increment(1);
+                    std::thread::sleep(Duration::from_millis(200).saturating_mul(attempt.min(10)));
+                }
+            }
+        }
+    }
+
+    fn try_commit(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        upserts: &[MilestoneUpsert],
+        dead_letters: &[DeadLetter],
+        offsets: &TopicPartitionList,
+    ) -> Result<(), String> {
+        let group = consumer.group_metadata().ok_or("the consumer has no group metadata yet")?;
+        if let Err(e) = self.sink.producer.begin_transaction() {
+            self.recreate().map_err(|r| format!("begin failed ({e}); re-creating the producer failed: {r}"))?;
+            return Err(format!("begin_transaction: {e}"));
+        }
+        let sent = (|| {
+            self.sink.enqueue_all(upserts, dead_letters)?;
+            self.sink
+                .producer
+                .send_offsets_to_transaction(offsets, &group, self.timeout)
+                .map_err(|e| SinkError::Kafka { failed: 0, total: 0, reason: e.to_string(), fate: Fate::Retry })
+        })();
+        if let Err(e) = sent {
+            self.abort_or_recreate();
+            return Err(format!("sending the batch: {e}"));
+        }
+        match self.sink.producer.commit_transaction(self.timeout) {
+            Ok(()) => Ok(()),
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                self.abort_or_recreate();
+                Err(format!("commit_transaction: {e} (aborted)"))
+            }
+            Err(e) => {
+                // Indefinite: it may or may not have committed. Never retry blindly.
+                self.recreate().map_err(|r| format!("commit outcome unknown ({e}); re-creating the producer failed: {r}"))?;
+                if offsets_committed(consumer, offsets) {
+                    tracing::info!("the transaction did commit before the error; not sending the batch again");
+                    Ok(())
+                } else {
+                    Err(format!("commit_transaction: {e} (not committed)"))
+                }
+            }
+        }
+    }
+
+    fn abort_or_recreate(&mut self) {
+        if let Err(e) = self.sink.producer.abort_transaction(self.timeout) {
+            tracing::warn!(error = %e, "abort_transaction failed");
+            if let Err(e) = self.recreate() {
+                tracing::error!(error = %e, "re-creating the transactional producer failed; will retry");
+            }
+        }
+    }
+}
+
+/// Are the group's committed offsets exactly `offsets`?
+fn offsets_committed(consumer: &BaseConsumer<WorkerContext>, offsets: &TopicPartitionList) -> bool {
+    let Ok(committed) = consumer.committed_offsets(offsets.clone(), Duration::from_secs(10)) else {
+        return false;
+    };
+    offsets.elements().iter().all(|want| {
+        committed.find_partition(want.topic(), want.partition()).is_some_and(|got| got.offset() == want.offset())
+    })
 }
 
 /// Everything the worker loop needs, passed in (shutdown and clock included).
@@ -277,12 +462,25 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let config = deps.config;
     let progress: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
     let assigned: Arc<Mutex<HashSet<(String, i32)>>> = Arc::default();
-    let context = WorkerContext { store: deps.store.clone(), progress: progress.clone(), assigned: assigned.clone() };
+    let catch_up: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
+    let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce { .. });
+    let context = WorkerContext {
+        store: deps.store.clone(),
+        progress: progress.clone(),
+        assigned: assigned.clone(),
+        catch_up: catch_up.clone(),
+        transactional,
+    };
     let consumer: BaseConsumer<WorkerContext> =
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
     let topics: Vec<&str> = config.kafka.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(WorkerError::Setup)?;
-    let mut sink = KafkaSink::new(config).map_err(WorkerError::Setup)?;
+    let mut output = match &config.delivery {
+        DeliveryMode::AtLeastOnce => Output::AtLeastOnce(KafkaSink::new(config).map_err(WorkerError::Setup)?),
+        DeliveryMode::ExactlyOnce { transactional_id } => {
+            Output::ExactlyOnce(TransactionalSink::new(config, transactional_id).map_err(WorkerError::Setup)?)
+        }
+    };
     deps.health.ready.store(true, Ordering::SeqCst);
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, "worker started");
 
@@ -294,7 +492,10 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
             envelopes.retain(|e| owned.contains(&(e.topic.clone(), e.partition)));
         }
         if !envelopes.is_empty() {
-            process_and_commit(&deps, &consumer, &mut sink, &envelopes, &progress)?;
+            match &mut output {
+                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &envelopes, &progress)?,
+                Output::ExactlyOnce(sink) => process_transactionally(&deps, &consumer, sink, envelopes, &progress, &catch_up)?,
+            }
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
             update_gauges(&consumer, &deps.store, &progress);
@@ -303,9 +504,65 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     }
     tracing::info!("shutting down: in-flight batch done, committing offsets");
     deps.health.ready.store(false, Ordering::SeqCst);
-    commit_progress(&consumer, &progress, CommitMode::Sync);
+    if !transactional {
+        commit_progress(&consumer, &progress, CommitMode::Sync);
+    }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// The output side of the worker, by delivery mode.
+enum Output {
+    AtLeastOnce(KafkaSink),
+    ExactlyOnce(TransactionalSink),
+}
+
+/// One batch in `exactly-once` mode: silent catch-up first, then one transaction
+/// for outputs and offsets, then state.
+fn process_transactionally(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    sink: &mut TransactionalSink,
+    envelopes: Vec<Envelope>,
+    progress: &Mutex<HashMap<(String, i32), i64>>,
+    catch_up: &Mutex<HashMap<(String, i32), i64>>,
+) -> Result<(), WorkerError> {
+    let now = (deps.clock)();
+    let (silent, live): (Vec<Envelope>, Vec<Envelope>) = {
+        let bounds = catch_up.lock().unwrap_or_else(|p| p.into_inner());
+        envelopes.into_iter().partition(|e| bounds.get(&(e.topic.clone(), e.partition)).is_some_and(|c| e.offset < *c))
+    };
+    if !silent.is_empty() {
+        // Their outputs were committed before the crash; rebuild only the state.
+        let output = batch::process(deps.pipeline, &*deps.store, &silent, now, true, None)?;
+        deps.store.write(output.state)?;
+        metrics::counter!("waymark_records_caught_up_total").increment(silent.len() as u64);
+        record_progress(progress, &silent);
+    }
+    if live.is_empty() {
+        return Ok(());
+    }
+    let output = batch::process(deps.pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
+    let mut offsets = TopicPartitionList::new();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    for e in &live {
+        next.insert((e.topic.clone(), e.partition), e.offset + 1);
+    }
+    for ((topic, partition), offset) in &next {
+        let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    sink.commit(consumer, &output.upserts, &output.dead_letters, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
+    // Only now may state claim the batch.
+    deps.store.write(output.state)?;
+    record_progress(progress, &live);
+    Ok(())
+}
+
+fn record_progress(progress: &Mutex<HashMap<(String, i32), i64>>, envelopes: &[Envelope]) {
+    let mut map = progress.lock().unwrap_or_else(|p| p.into_inner());
+    for envelope in envelopes {
+        map.insert((envelope.topic.clone(), envelope.partition), envelope.offset + 1);
+    }
 }
 
 /// Poll until a batch is full, the wait is over, or shutdown is requested.
@@ -372,12 +629,7 @@ fn process_and_commit(
         Err(batch::DeliverError::Store(e)) => return Err(e.into()),
         Err(batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in production ({point:?})"),
     }
-    {
-        let mut map = progress.lock().unwrap_or_else(|p| p.into_inner());
-        for envelope in envelopes {
-            map.insert((envelope.topic.clone(), envelope.partition), envelope.offset + 1);
-        }
-    }
+    record_progress(progress, envelopes);
     commit_progress(consumer, progress, CommitMode::Async);
     Ok(())
 }

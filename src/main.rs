@@ -63,6 +63,12 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, env = "WAYMARK_HTTP_LISTEN")]
         http_listen: Option<String>,
+        /// Delivery mode: at-least-once (default) or exactly-once (Kafka transactions).
+        #[arg(long, env = "WAYMARK_DELIVERY")]
+        delivery: Option<String>,
+        /// transactional.id for exactly-once (stable per instance, distinct between instances).
+        #[arg(long, env = "WAYMARK_TRANSACTIONAL_ID")]
+        transactional_id: Option<String>,
         /// Any librdkafka property, as name=value (repeatable), e.g. -X security.protocol=SASL_SSL.
         #[arg(short = 'X', value_name = "NAME=VALUE")]
         kafka_property: Vec<String>,
@@ -205,6 +211,8 @@ fn main() -> ExitCode {
             dead_letter_topic,
             state_dir,
             http_listen,
+            delivery,
+            transactional_id,
             kafka_property,
         } => parse_properties(&kafka_property).and_then(|kafka_properties| {
             let overrides = Overrides {
@@ -215,6 +223,8 @@ fn main() -> ExitCode {
                 dead_letter_topic,
                 state_dir,
                 http_listen,
+                delivery,
+                transactional_id,
                 kafka_properties,
             };
             load_config(config.config.as_deref(), overrides).and_then(run)

@@ -243,8 +243,13 @@ listen = "127.0.0.1:{http_port}"
 
     /// Start a worker process with this setup's config (its own state dir if given).
     pub fn spawn(&self, state_dir: Option<&Path>, http_port: Option<u16>) -> Child {
+        self.spawn_with(state_dir, http_port, &[])
+    }
+
+    /// [`WorkerSetup::spawn`] with extra `waymark run` arguments.
+    pub fn spawn_with(&self, state_dir: Option<&Path>, http_port: Option<u16>, extra: &[&str]) -> Child {
         let mut cmd = Command::new(waymark_bin());
-        cmd.arg("run").arg("--config").arg(&self.config_path);
+        cmd.arg("run").arg("--config").arg(&self.config_path).args(extra);
         if let Some(dir) = state_dir {
             cmd.arg("--state-dir").arg(dir);
         }

@@ -92,9 +92,11 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert!(wait_exit(&mut again, Duration::from_secs(30)).is_some_and(|s| s.success()));
 }
 
-#[test]
-fn worker_killed_with_sigkill_mid_stream_loses_no_milestone() {
-    let setup = WorkerSetup::new("kill9", 2);
+/// Produce a 2-partition stream, SIGKILL the worker at random moments up to 6
+/// times, restart it each time, then check the output topic (read_committed).
+/// Returns (kills, distinct, repeats).
+fn sigkill_run(name: &str, extra_args: &[&str]) -> (usize, usize, usize) {
+    let setup = WorkerSetup::new(name, 2);
     let mut input = Vec::new();
     for (partition, seed) in [(0, 11u64), (1, 12u64)] {
         let spec = TrafficSpec { seed, shipments: 250, partition, topic: setup.input.clone(), ..TrafficSpec::default() };
@@ -106,18 +108,17 @@ fn worker_killed_with_sigkill_mid_stream_loses_no_milestone() {
 
     let mut rng = Rng::new(0x5eed);
     let mut kills = 0;
-    let mut worker = setup.spawn(None, None);
+    let mut worker = setup.spawn_with(None, None, extra_args);
     loop {
         std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
         let so_far = read_all(&setup.output, 2, usize::MAX, Duration::from_millis(300), Duration::ZERO).len();
-        let done = so_far >= expected.len();
-        if done || kills >= 6 {
+        if so_far >= expected.len() || kills >= 6 {
             break;
         }
         signal(&worker, "KILL");
         let _ = worker.wait();
         kills += 1;
-        worker = setup.spawn(None, None);
+        worker = setup.spawn_with(None, None, extra_args);
     }
     let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(3));
     signal(&worker, "TERM");
@@ -130,9 +131,22 @@ fn worker_killed_with_sigkill_mid_stream_loses_no_milestone() {
         expected.len()
     );
     assert!(kills >= 1, "the stream finished before any kill; make it longer");
-    let seen: BTreeMap<String, serde_json::Value> =
-        output.iter().map(|r| (r.value["milestone_id"].as_str().unwrap().to_string(), r.value.clone())).collect();
-    for (id, value) in &seen {
-        assert_eq!(without_source(value.clone()), without_source(expected[id].clone()));
+    for read in &output {
+        let id = read.value["milestone_id"].as_str().unwrap();
+        assert_eq!(without_source(read.value.clone()), without_source(expected[id].clone()));
     }
+    (kills, distinct, repeats)
+}
+
+#[test]
+fn worker_killed_with_sigkill_mid_stream_loses_no_milestone() {
+    sigkill_run("kill9", &[]);
+}
+
+#[test]
+fn exactly_once_worker_killed_with_sigkill_shows_each_milestone_once_to_read_committed() {
+    let transactional_id = unique("it.eos.txn");
+    let (kills, distinct, repeats) = sigkill_run("eos", &["--delivery", "exactly-once", "--transactional-id", &transactional_id]);
+    assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones over {kills} kills");
+    assert!(distinct > 0);
 }
