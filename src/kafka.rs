@@ -83,7 +83,8 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000");
     for (k, v) in config.kafka.properties.iter().chain(&config.kafka.consumer_properties) {
         client.set(k, v);
     }
@@ -121,7 +122,20 @@ pub struct WorkerContext {
     transactional: bool,
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry the lag of
+    /// each assigned partition: publishing it here costs the poll loop nothing.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in statistics.topics {
+            for (partition, p) in stats.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WorkerContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -498,7 +512,7 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
             }
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
-            update_gauges(&consumer, &deps.store, &progress);
+            update_gauges(&deps.store);
             last_gauges = Instant::now();
         }
     }
@@ -683,13 +697,7 @@ fn commit_progress(consumer: &BaseConsumer<WorkerContext>, progress: &Mutex<Hash
     }
 }
 
-fn update_gauges(consumer: &BaseConsumer<WorkerContext>, store: &RocksStore, progress: &Mutex<HashMap<(String, i32), i64>>) {
-    let map = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    for ((topic, partition), next) in map {
-        if let Ok((_, high)) = consumer.client().fetch_watermarks(&topic, partition, Duration::from_millis(500)) {
-            metrics::gauge!(CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string()).set((high - next).max(0) as f64);
-        }
-    }
+fn update_gauges(store: &RocksStore) {
     for keyspace in [Keyspace::Keys, Keyspace::Hashes, Keyspace::Shipments] {
         if let Ok(n) = store.estimated_keys(keyspace) {
             metrics::gauge!(STORE_KEYS, "keyspace" => keyspace.name()).set(n as f64);

@@ -76,6 +76,12 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert!(metrics.contains("waymark_dedupe_hit_ratio{carrier=\"easypost\"}"), "{metrics}");
     assert!(metrics.contains("waymark_store_lookup_seconds_bucket{op=\"scan\",keyspace=\"keys\""), "{metrics}");
     assert!(metrics.contains("waymark_process_seconds_count"), "{metrics}");
+    // Lag comes from librdkafka's statistics, every 5 s.
+    let lag_seen = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        http_get(setup.http_port, "/metrics").is_some_and(|(_, m)| m.contains("waymark_consumer_lag{topic="))
+    });
+    assert!(lag_seen, "no waymark_consumer_lag gauge within 10 s");
     assert_eq!(http_get(setup.http_port, "/healthz").map(|r| r.0), Some(200));
     assert_eq!(http_get(setup.http_port, "/readyz").map(|r| r.0), Some(200));
 
