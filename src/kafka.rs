@@ -52,7 +52,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 
-use crate::batch;
+use crate::batch::{self, Failpoint};
 use crate::config::{Config, DeliveryMode};
 use crate::envelope::Envelope;
 use crate::error::{Fate, StoreError};
@@ -525,6 +525,29 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     Ok(())
 }
 
+/// Crash-test hook: `WAYMARK_FAILPOINT=<point>:<n>` makes the process abort (like
+/// `kill -9`: no destructors, no flush) the n-th time it reaches `<point>`, one of
+/// `before_output`, `after_output` (outputs acknowledged or transaction committed,
+/// state not written) and `after_state` (state written, offsets not committed in
+/// at-least-once mode). Unset, it costs one relaxed atomic load per batch.
+fn failpoint(point: &str) {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var("WAYMARK_FAILPOINT").ok()?;
+        let (name, nth) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+        Some((name.to_string(), nth.parse().unwrap_or(1)))
+    });
+    if let Some((name, nth)) = armed {
+        if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+            eprintln!("waymark: failpoint {point} reached, aborting (WAYMARK_FAILPOINT)");
+            std::process::abort();
+        }
+    }
+}
+
 /// The output side of the worker, by delivery mode.
 enum Output {
     AtLeastOnce(KafkaSink),
@@ -565,9 +588,12 @@ fn process_transactionally(
     for ((topic, partition), offset) in &next {
         let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
     }
+    failpoint("before_output");
     sink.commit(consumer, &output.upserts, &output.dead_letters, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
+    failpoint("after_output");
     // Only now may state claim the batch.
     deps.store.write(output.state)?;
+    failpoint("after_state");
     record_progress(progress, &live);
     Ok(())
 }
@@ -637,7 +663,14 @@ fn process_and_commit(
 ) -> Result<(), WorkerError> {
     let output = batch::process(deps.pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
     let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
-    match batch::deliver(&*deps.store, &mut retrying, output, &mut batch::no_crash) {
+    match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
+        failpoint(match point {
+            Failpoint::BeforeOutput => "before_output",
+            Failpoint::AfterOutput => "after_output",
+            Failpoint::AfterState => "after_state",
+        });
+        false
+    }) {
         Ok(_) => {}
         Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
         Err(batch::DeliverError::Store(e)) => return Err(e.into()),

@@ -156,3 +156,38 @@ fn exactly_once_worker_killed_with_sigkill_shows_each_milestone_once_to_read_com
     assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones over {kills} kills");
     assert!(distinct > 0);
 }
+
+/// One crash at a failpoint between two side effects, then a clean restart.
+/// Returns (distinct, repeats) as read by a read_committed consumer.
+fn failpoint_run(name: &str, point: &str, extra_args: &[&str]) -> (usize, usize) {
+    let setup = WorkerSetup::new(name, 1);
+    let spec = TrafficSpec { seed: 31, shipments: 60, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let input = generate(&spec).envelopes;
+    let expected = expected_upserts(&input);
+    produce(&setup.input, &input, 1);
+    // batch_size is 200 in the test config: the 2nd batch hits the failpoint.
+    let mut cmd = std::process::Command::new(waymark_bin());
+    cmd.arg("run").arg("--config").arg(&setup.config_path).args(extra_args);
+    cmd.env("WAYMARK_FAILPOINT", format!("{point}:2")).env("WAYMARK_LOG", "warn");
+    let mut crashing = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let status = wait_exit(&mut crashing, Duration::from_secs(60)).expect("the failpoint aborts the worker");
+    assert!(!status.success(), "{point}: the worker should have died at the failpoint, got {status:?}");
+    let mut worker = setup.spawn_with(None, None, extra_args);
+    let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(60), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    println!("checked: failpoint {point} {extra_args:?}: {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
+    (distinct, repeats)
+}
+
+#[test]
+fn a_crash_between_any_two_side_effects_loses_nothing() {
+    for point in ["before_output", "after_output", "after_state"] {
+        failpoint_run(&format!("fp.alo.{point}"), point, &[]);
+        let txn = unique("it.fp.txn");
+        let (_, repeats) =
+            failpoint_run(&format!("fp.eos.{point}"), point, &["--delivery", "exactly-once", "--transactional-id", &txn]);
+        assert_eq!(repeats, 0, "exactly-once, crash at {point}: a read_committed reader saw repeats");
+    }
+}
