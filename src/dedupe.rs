@@ -44,6 +44,18 @@ pub struct DedupePolicy {
     pub skew: Duration,
 }
 
+impl DedupePolicy {
+    /// The TTL in milliseconds (saturating), as the store's expiry arithmetic uses it.
+    pub fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The skew tolerance in milliseconds (saturating).
+    pub fn skew_ms(&self) -> i64 {
+        i64::try_from(self.skew.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 impl Default for DedupePolicy {
     fn default() -> Self {
         DedupePolicy { ttl: Duration::from_secs(30 * 24 * 3600), skew: Duration::from_secs(2) }
@@ -186,11 +198,10 @@ fn hash_key(scope: Scope, hash: &[u8; 32]) -> Vec<u8> {
 
 /// Value layouts: Keys = expires_at_ms (8, BE) | content hash (32); Hashes = expires_at_ms (8, BE).
 pub fn expires_at_ms(keyspace: Keyspace, value: &[u8]) -> Result<i64, StoreError> {
-    let head: [u8; 8] = value.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| StoreError::Corrupt {
+    keyspace.expiry(value).ok_or_else(|| StoreError::Corrupt {
         keyspace: keyspace.name(),
         reason: format!("value of {} bytes is shorter than its 8-byte expiry", value.len()),
-    })?;
-    Ok(i64::from_be_bytes(head))
+    })
 }
 
 /// Decide whether `event` is new, and if so stage its key and hash.
@@ -211,7 +222,7 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
     }
     let identity = identity_digest(event);
     let occurred_ms = event.occurred_at.timestamp_millis();
-    let skew_ms = i64::try_from(policy.skew.as_millis()).unwrap_or(i64::MAX);
+    let skew_ms = policy.skew_ms();
     let from = composite_key(scope, &identity, occurred_ms.saturating_sub(skew_ms));
     // Exclusive upper bound one millisecond past the tolerance.
     let to = composite_key(scope, &identity, occurred_ms.saturating_add(skew_ms).saturating_add(1));
@@ -221,8 +232,7 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
             return Ok(Verdict::DuplicateKey { collision });
         }
     }
-    let ttl_ms = i64::try_from(policy.ttl.as_millis()).unwrap_or(i64::MAX);
-    let expires = now_ms.saturating_add(ttl_ms).to_be_bytes();
+    let expires = now_ms.saturating_add(policy.ttl_ms()).to_be_bytes();
     let mut key_value = Vec::with_capacity(40);
     key_value.extend_from_slice(&expires);
     key_value.extend_from_slice(&hash);

@@ -124,8 +124,7 @@ impl Pipeline {
 
         let scope = Scope::of(&envelope.topic, envelope.partition);
         let policy = self.dedupe.policy(&context.carrier);
-        let ttl_ms = i64::try_from(policy.ttl.as_millis()).unwrap_or(i64::MAX);
-        let expires_at_ms = now.timestamp_millis().saturating_add(ttl_ms);
+        let expires_at_ms = now.timestamp_millis().saturating_add(policy.ttl_ms());
         let mut result = RecordResult {
             carrier: Some(context.carrier.clone()),
             tenant_id: Some(context.tenant_id.clone()),

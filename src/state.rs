@@ -42,6 +42,18 @@ impl Keyspace {
     pub fn parse(name: &str) -> Option<Keyspace> {
         Keyspace::ALL.into_iter().find(|k| k.name() == name)
     }
+
+    /// The `expires_at` (ms) stored in a value of this keyspace: the first 8 bytes
+    /// (big-endian) for keys and hashes, bytes 10..18 of a shipment state; offsets
+    /// never expire (`None`), and neither does a value too short to hold one.
+    pub fn expiry(self, value: &[u8]) -> Option<i64> {
+        let bytes = match self {
+            Keyspace::Offsets => return None,
+            Keyspace::Shipments => value.get(10..18)?,
+            Keyspace::Keys | Keyspace::Hashes => value.get(..8)?,
+        };
+        Some(i64::from_be_bytes(bytes.try_into().ok()?))
+    }
 }
 
 /// The 8-byte prefix of all state derived from one input partition.

@@ -157,15 +157,6 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
-/// Where the expiry timestamp sits in a value of a keyspace (None: never expires).
-pub fn expiry_of(keyspace: Keyspace, value: &[u8]) -> Option<i64> {
-    let bytes = match keyspace {
-        Keyspace::Offsets => return None,
-        Keyspace::Shipments => value.get(10..18)?,
-        Keyspace::Keys | Keyspace::Hashes => value.get(..8)?,
-    };
-    Some(i64::from_be_bytes(bytes.try_into().ok()?))
-}
 
 impl RocksStore {
     /// Write every entry (optionally only one partition's scope) as NDJSON.
@@ -246,7 +237,7 @@ impl RocksStore {
             let mut n = 0u64;
             for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
                 let (key, value) = item.map_err(io)?;
-                if expiry_of(keyspace, &value).is_some_and(|at| at <= now_ms) {
+                if keyspace.expiry(&value).is_some_and(|at| at <= now_ms) {
                     batch.delete_cf(cf, key);
                     n += 1;
                     if batch.len() >= 10_000 {
@@ -283,7 +274,7 @@ fn keyspace_options(keyspace: Keyspace, options: &StoreOptions, cache: &Cache, c
         cf.set_periodic_compaction_seconds(24 * 3600);
         let name = format!("waymark-expiry-{}", keyspace.name());
         cf.set_compaction_filter(&name, move |_level, _key, value| {
-            let expired = expiry_of(keyspace, value).is_some_and(|expires_at| expires_at <= clock());
+            let expired = keyspace.expiry(value).is_some_and(|expires_at| expires_at <= clock());
             if expired {
                 metrics::counter!(EXPIRED_METRIC, "keyspace" => keyspace.name()).increment(1);
                 Decision::Remove
