@@ -114,15 +114,13 @@ pub fn replay_stream<S: StateStore + ?Sized>(
             let output = process(pipeline, store, &batch, now(), false, None)?;
             let mut dead = std::mem::take(&mut malformed);
             dead.extend(output.dead_letters);
-            let batch_summary = output.summary.clone();
             let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
             match crate::batch::deliver(store, sink, output, &mut crate::batch::no_crash) {
-                Ok(_) => {}
+                Ok(delivered) => summary.merge(&delivered),
                 Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
                 Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),
                 Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in replay ({point:?})"),
             }
-            summary.merge(&batch_summary);
             on_progress(summary);
             batch.clear();
         }
