@@ -377,22 +377,18 @@ impl TransactionalSink {
         shutdown: &AtomicBool,
         deadline: Duration,
     ) -> Result<(), SinkError> {
-        let mut attempt = 0u32;
-        let mut shutdown_seen: Option<Instant> = None;
+        let mut retry = Retry::new(shutdown, deadline, Duration::from_millis(200));
         loop {
             match self.try_commit(consumer, upserts, dead_letters, offsets) {
                 Ok(()) => return Ok(()),
                 Err(reason) => {
-                    if shutdown.load(Ordering::SeqCst) {
-                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= deadline {
-                            return Err(SinkError::Kafka { failed: upserts.len() + dead_letters.len(), total: upserts.len() + dead_letters.len(), reason, fate: Fate::Retry });
-                        }
+                    if retry.gave_up() {
+                        let total = upserts.len() + dead_letters.len();
+                        return Err(SinkError::Kafka { failed: total, total, reason, fate: Fate::Retry });
                     }
-                    attempt += 1;
-                    tracing::warn!(%reason, attempt, "transaction not committed; trying the batch again");
+                    tracing::warn!(%reason, attempt = retry.attempt + 1, "transaction not committed; trying the batch again");
                     metrics::counter!("waymark_transaction_retries_total").increment(1);
-                    std::thread::sleep(Duration::from_millis(200).saturating_mul(attempt.min(10)));
+                    retry.back_off();
                 }
             }
         }
@@ -692,27 +688,51 @@ struct RetryingSink<'a> {
 
 impl Sink for RetryingSink<'_> {
     fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
-        let mut attempt = 0u32;
-        let mut shutdown_seen: Option<Instant> = None;
+        let mut retry = Retry::new(self.shutdown, self.deadline, Duration::from_millis(500));
         loop {
             match self.inner.send(upserts, dead_letters) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.fate() == Fate::Retry => {
-                    if self.shutdown.load(Ordering::SeqCst) {
-                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.deadline {
-                            return Err(e);
-                        }
+                    if retry.gave_up() {
+                        return Err(e);
                     }
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "output not acknowledged; re-sending the batch (identical records)");
+                    tracing::warn!(error = %e, attempt = retry.attempt + 1, "output not acknowledged; re-sending the batch (identical records)");
                     metrics::counter!("waymark_output_retries_total").increment(1);
                     // No consumer poll here: a poll could hand out (and so skip) a record.
-                    std::thread::sleep(Duration::from_millis(500).saturating_mul(attempt.min(10)));
+                    retry.back_off();
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Retry policy of a batch's output: retry forever with linear back-off (capped at
+/// ten steps), except once a shutdown has waited longer than its deadline.
+struct Retry<'a> {
+    shutdown: &'a AtomicBool,
+    deadline: Duration,
+    step: Duration,
+    attempt: u32,
+    shutdown_seen: Option<Instant>,
+}
+
+impl<'a> Retry<'a> {
+    fn new(shutdown: &'a AtomicBool, deadline: Duration, step: Duration) -> Self {
+        Retry { shutdown, deadline, step, attempt: 0, shutdown_seen: None }
+    }
+
+    /// True when a shutdown is under way and has waited past its deadline.
+    fn gave_up(&mut self) -> bool {
+        if !self.shutdown.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shutdown_seen.get_or_insert_with(Instant::now).elapsed() >= self.deadline
+    }
+
+    fn back_off(&mut self) {
+        self.attempt += 1;
+        std::thread::sleep(self.step.saturating_mul(self.attempt.min(10)));
     }
 }
 
