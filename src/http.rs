@@ -58,9 +58,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // The recorder buffers every histogram sample until upkeep drains it into the
+    // buckets; without this tick, a worker nobody scrapes would grow without bound
+    // (several samples per record).
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
+            _ = upkeep.tick() => handle.run_upkeep(),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let handle = handle.clone();
