@@ -39,6 +39,11 @@ impl Keyspace {
         }
     }
 
+    /// Position in [`Keyspace::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn parse(name: &str) -> Option<Keyspace> {
         Keyspace::ALL.into_iter().find(|k| k.name() == name)
     }
@@ -106,46 +111,62 @@ impl StateBatch {
 /// Uncommitted writes layered over a store.
 pub struct Staged<'a, S: StateStore + ?Sized> {
     store: &'a S,
-    pending: BTreeMap<(Keyspace, Vec<u8>), Vec<u8>>,
+    /// One map per keyspace (indexed like [`Keyspace::ALL`]), so a lookup borrows
+    /// the key instead of allocating a composite map key on the hot path.
+    pending: [BTreeMap<Vec<u8>, Vec<u8>>; 4],
 }
 
 impl<'a, S: StateStore + ?Sized> Staged<'a, S> {
     pub fn new(store: &'a S) -> Self {
-        Staged { store, pending: BTreeMap::new() }
+        Staged { store, pending: Default::default() }
     }
 
     pub fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.pending.get(&(keyspace, key.to_vec())) {
+        if let Some(value) = self.pending[keyspace.index()].get(key) {
             return Ok(Some(value.clone()));
         }
         self.store.get(keyspace, key)
     }
 
     pub fn scan(&self, keyspace: Keyspace, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.store.scan(keyspace, from, to)?.into_iter().collect();
-        for ((_, key), value) in self.pending.range((keyspace, from.to_vec())..(keyspace, to.to_vec())) {
+        let committed = self.store.scan(keyspace, from, to)?;
+        if from >= to {
+            return Ok(committed);
+        }
+        let staged = &self.pending[keyspace.index()];
+        let mut range = staged.range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to))).peekable();
+        if range.peek().is_none() {
+            return Ok(committed);
+        }
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = committed.into_iter().collect();
+        for (key, value) in range {
             merged.insert(key.clone(), value.clone());
         }
         Ok(merged.into_iter().collect())
     }
 
     pub fn put(&mut self, keyspace: Keyspace, key: Vec<u8>, value: Vec<u8>) {
-        self.pending.insert((keyspace, key), value);
+        self.pending[keyspace.index()].insert(key, value);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.iter().all(BTreeMap::is_empty)
     }
 
     /// The staged writes as one batch, leaving the overlay empty.
     pub fn take_batch(&mut self) -> StateBatch {
-        let pending = std::mem::take(&mut self.pending);
-        StateBatch { puts: pending.into_iter().map(|((ks, k), v)| (ks, k, v)).collect() }
+        let mut batch = StateBatch::default();
+        for keyspace in Keyspace::ALL {
+            for (key, value) in std::mem::take(&mut self.pending[keyspace.index()]) {
+                batch.put(keyspace, key, value);
+            }
+        }
+        batch
     }
 
     /// Forget staged writes (their output was not acknowledged).
     pub fn discard(&mut self) {
-        self.pending.clear();
+        self.pending.iter_mut().for_each(BTreeMap::clear);
     }
 }
 
@@ -230,6 +251,13 @@ impl<S: StateStore + ?Sized> StateStore for Overlay<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyspace_index_is_its_position_in_all() {
+        for (position, keyspace) in Keyspace::ALL.into_iter().enumerate() {
+            assert_eq!(keyspace.index(), position, "{keyspace:?}");
+        }
+    }
 
     #[test]
     fn staged_writes_are_visible_before_commit_and_only_after_in_the_store() {
