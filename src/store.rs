@@ -257,8 +257,24 @@ fn keyspace_options(keyspace: Keyspace, options: &StoreOptions, cache: &Cache, c
     let mut block = BlockBasedOptions::default();
     block.set_block_cache(cache);
     block.set_bloom_filter(10.0, false);
+    // Index and filter blocks live in the block cache, so memory stays within the
+    // configured budget at any number of keys. They are partitioned: a monolithic
+    // index or filter of a large SST file is bigger than one cache shard, is never
+    // retained, and every lookup re-reads it (measured: 9k checks/s at 1M keys,
+    // against 100k+ at 300k). With partitions only the small top level is pinned
+    // and each lookup touches one 4 KiB partition.
     block.set_cache_index_and_filter_blocks(true);
+    block.set_cache_index_and_filter_blocks_with_high_priority(true);
+    block.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    block.set_partition_filters(true);
+    block.set_metadata_block_size(4096);
+    block.set_pin_top_level_index_and_filter(true);
     block.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    if keyspace == Keyspace::Keys {
+        // Keys are only ever range-scanned within one scope|identity prefix: the
+        // prefix filter answers those; whole-key entries would only double the filter.
+        block.set_whole_key_filtering(false);
+    }
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&block);
     cf.set_write_buffer_size(options.memtable_bytes);
@@ -270,6 +286,12 @@ fn keyspace_options(keyspace: Keyspace, options: &StoreOptions, cache: &Cache, c
         if keyspace == Keyspace::Keys {
             cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(24));
             cf.set_memtable_prefix_bloom_ratio(0.1);
+        } else {
+            // Most lookups miss the memtable (a new event, or a duplicate of one
+            // already flushed): a bloom over whole keys answers them without a
+            // skiplist search, which profiled as the largest cost of a check.
+            cf.set_memtable_prefix_bloom_ratio(0.1);
+            cf.set_memtable_whole_key_filtering(true);
         }
         cf.set_periodic_compaction_seconds(24 * 3600);
         let name = format!("waymark-expiry-{}", keyspace.name());

@@ -4,6 +4,9 @@
 //!
 //! cargo run --release --manifest-path benches/Cargo.toml --features store --bin dedupe-load -- 10000000 [ops] [dir]
 //!
+//! The store uses the worker's default options; BLOCK_CACHE_MB, MEMTABLE_MB and
+//! SYNC_WRITES=0|1 override them for experiments.
+//!
 //! Prints: preload rate, checks/s, p50/p99/max latency of one check (+ write for
 //! new events, batched by 500 like the worker), RSS (current and peak), SST bytes
 //! per live event and per stored key after compaction.
@@ -30,7 +33,14 @@ fn main() {
     let ops: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = args.get(3).map(std::path::PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
-    let options = StoreOptions::default();
+    // The worker's defaults, unless overridden for an experiment.
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    let defaults = StoreOptions::default();
+    let options = StoreOptions {
+        block_cache_bytes: env("BLOCK_CACHE_MB").map_or(defaults.block_cache_bytes, |mb| mb << 20),
+        memtable_bytes: env("MEMTABLE_MB").map_or(defaults.memtable_bytes, |mb| mb << 20),
+        sync_writes: env("SYNC_WRITES").map_or(defaults.sync_writes, |v| v != 0),
+    };
     eprintln!("store {} (block cache {} MiB, memtable {} MiB, sync_writes {})", dir.display(), options.block_cache_bytes >> 20, options.memtable_bytes >> 20, options.sync_writes);
     let store = RocksStore::open(&dir, &options, system_clock()).expect("open store");
     // The compaction filter expires entries by the wall clock: check against it too.
