@@ -138,6 +138,9 @@ pub enum Failpoint {
     BeforeOutput,
     /// Outputs acknowledged; state and progress not yet written.
     AfterOutput,
+    /// The sink's durable copy of the state (the worker's changelog) acknowledged;
+    /// the local store not yet written.
+    AfterChangelog,
     /// State and progress written; the group's offsets not yet committed (the
     /// caller commits them after `deliver` returns).
     AfterState,
@@ -174,7 +177,12 @@ pub fn deliver<S: StateStore + ?Sized>(
     if crash(Failpoint::AfterOutput) {
         return Err(DeliverError::Crashed(Failpoint::AfterOutput));
     }
-    store.write(output.state)?;
+    let mut state = output.state;
+    sink.send_state(&mut state)?;
+    if crash(Failpoint::AfterChangelog) {
+        return Err(DeliverError::Crashed(Failpoint::AfterChangelog));
+    }
+    store.write(state)?;
     if crash(Failpoint::AfterState) {
         return Err(DeliverError::Crashed(Failpoint::AfterState));
     }

@@ -131,6 +131,17 @@ pub struct StateSection {
     pub memtable_mb: usize,
     #[serde(default = "default_true")]
     pub sync_writes: bool,
+    /// Log state changes to a compacted changelog topic per input topic, so a
+    /// partition's dedupe and shipment state moves with it between instances.
+    #[serde(default = "default_true")]
+    pub changelog: bool,
+    /// Replication factor of changelog topics the worker creates (-1: the broker's
+    /// `default.replication.factor`).
+    #[serde(default = "default_changelog_replication")]
+    pub changelog_replication: i32,
+}
+fn default_changelog_replication() -> i32 {
+    -1
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("waymark-state")
@@ -151,6 +162,8 @@ impl Default for StateSection {
             block_cache_mb: default_cache_mb(),
             memtable_mb: default_memtable_mb(),
             sync_writes: true,
+            changelog: true,
+            changelog_replication: default_changelog_replication(),
         }
     }
 }
@@ -203,6 +216,13 @@ pub struct WorkerSection {
     /// Deadline for finishing in-flight work on SIGTERM.
     #[serde(default = "default_shutdown")]
     pub shutdown_timeout: String,
+    /// Longest a partition's state restore from its changelog may take on
+    /// assignment before the worker stops with an error.
+    #[serde(default = "default_restore_timeout")]
+    pub restore_timeout: String,
+}
+fn default_restore_timeout() -> String {
+    "10m".into()
 }
 fn default_batch() -> usize {
     500
@@ -215,7 +235,12 @@ fn default_shutdown() -> String {
 }
 impl Default for WorkerSection {
     fn default() -> Self {
-        WorkerSection { batch_size: default_batch(), batch_wait: default_batch_wait(), shutdown_timeout: default_shutdown() }
+        WorkerSection {
+            batch_size: default_batch(),
+            batch_wait: default_batch_wait(),
+            shutdown_timeout: default_shutdown(),
+            restore_timeout: default_restore_timeout(),
+        }
     }
 }
 
@@ -308,8 +333,19 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub http_listen: SocketAddr,
     pub tenant_label: bool,
+    /// State hand-over through changelog topics (`None`: state stays local).
+    pub changelog: Option<ChangelogSettings>,
     /// User-declared carriers, loaded and validated from `declared_carriers`.
     pub declared_carriers: Vec<std::sync::Arc<crate::carriers::declared::DeclaredCarrier>>,
+}
+
+/// How changelog topics are created and read (see `changelog`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangelogSettings {
+    pub replication: i32,
+    /// `retention.ms` of the topics: the longest dedupe TTL plus a day.
+    pub retention: Duration,
+    pub restore_timeout: Duration,
 }
 
 /// Prefix of environment variables that set librdkafka properties:
@@ -447,6 +483,16 @@ impl RawConfig {
             ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.http.listen))
         })?;
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
+        let longest_ttl = per_carrier.values().map(|p| p.ttl).chain([default_policy.ttl]).max().unwrap_or(default_policy.ttl);
+        let changelog = if self.state.changelog {
+            Some(ChangelogSettings {
+                replication: self.state.changelog_replication,
+                retention: longest_ttl.saturating_add(Duration::from_secs(24 * 3600)),
+                restore_timeout: duration("worker.restore_timeout", &self.worker.restore_timeout)?,
+            })
+        } else {
+            None
+        };
         Ok(Config {
             delivery,
             envelope: EnvelopeRules {
@@ -468,6 +514,7 @@ impl RawConfig {
             shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
             http_listen,
             tenant_label: self.telemetry.tenant_label,
+            changelog,
             declared_carriers,
         })
     }

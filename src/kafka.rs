@@ -32,10 +32,15 @@
 //! and settles the pending transaction), and the group's committed offsets tell
 //! whether the batch made it; only if not is it sent again.
 //!
-//! Limits: state is local to the instance; when a partition moves to an instance
-//! with no state for it, that instance starts from the group's committed offset and
-//! its dedupe memory for the partition starts empty (outputs stay idempotent by
-//! `milestone_id`).
+//! State hand-over (`state.changelog = true`, the default): see [`crate::changelog`].
+//! Every batch's state changes also go to a compacted changelog topic (inside the
+//! transaction in `exactly-once` mode; after the outputs are acknowledged and
+//! before the local write in `at-least-once` mode), and an assigned partition's
+//! state is restored from it before any record of the partition is processed, so
+//! its dedupe keys and shipment states move with it between instances. With
+//! changelogs off, state is local: a partition that moves starts with empty dedupe
+//! memory on its new instance (outputs stay idempotent by `milestone_id`), and
+//! `exactly-once` catches a lagging store up from the input as described above.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,13 +58,14 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 
 use crate::batch::{self, Failpoint};
+use crate::changelog::{self, ChangelogError, ChangelogRecord, Restorer};
 use crate::config::{Config, DeliveryMode};
 use crate::envelope::Envelope;
 use crate::error::{Fate, StoreError};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::pipeline::{stored_progress, Pipeline};
 use crate::sink::{Sink, SinkError};
-use crate::state::{Keyspace, StateStore};
+use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
 use crate::http::Health;
 use crate::telemetry::{Telemetry, CONSUMER_LAG, STORE_KEYS};
@@ -72,6 +78,18 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
+}
+
+/// Connection properties shared by every client (admin, changelog restore).
+pub fn base_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.properties {
+        client.set(k, v);
+    }
+    client
 }
 
 /// librdkafka properties for the consumer: ours first, then the user's.
@@ -120,6 +138,10 @@ pub struct WorkerContext {
     catch_up: Arc<Mutex<HashMap<(String, i32), i64>>>,
     /// Offsets are committed only inside transactions (never on revocation).
     transactional: bool,
+    /// State hand-over: restore each assigned partition from its changelog first.
+    restorer: Option<Restorer>,
+    /// A restore that failed inside the rebalance callback; the worker loop stops on it.
+    fatal: Arc<Mutex<Option<ChangelogError>>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -148,10 +170,24 @@ impl ConsumerContext for WorkerContext {
                 for elem in tpl.clone().elements() {
                     let (topic, partition) = (elem.topic().to_string(), elem.partition());
                     assigned.insert((topic.clone(), partition));
+                    if let Some(restorer) = &self.restorer {
+                        match self.restore_then_start(consumer, restorer, &topic, partition) {
+                            Ok(Some(start)) => {
+                                let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(start));
+                                progress.insert((topic.clone(), partition), start);
+                            }
+                            Ok(None) => tracing::info!(%topic, partition, "assigned; no progress anywhere, starting at auto.offset.reset"),
+                            Err(e) => {
+                                tracing::error!(%topic, partition, error = %e, "cannot restore the partition's state; stopping");
+                                self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            }
+                        }
+                        continue;
+                    }
                     match stored_progress(&*self.store, &topic, partition) {
                         Ok(Some(next)) if self.transactional => {
                             // The store may lag the group (killed between commit and state write).
-                            let committed = committed_offset(consumer, &topic, partition);
+                            let committed = committed_offset(consumer, &topic, partition, Duration::from_secs(10)).ok().flatten();
                             let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
                             progress.insert((topic.clone(), partition), next);
                             match committed {
@@ -210,6 +246,32 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+impl WorkerContext {
+    /// Changelog mode: the group's committed offset first (for a read_committed
+    /// consumer it waits until no transactional commit is pending, so the
+    /// changelog's end below is at least as new as that offset), then the
+    /// changelog replayed into the store, then the offset to start at: the later
+    /// of the committed offset and this store's own progress (ahead only when this
+    /// instance processed further before losing the partition: that state is in
+    /// the changelog too).
+    fn restore_then_start(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        restorer: &Restorer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, ChangelogError> {
+        let restore_failed = |reason: String| ChangelogError::Restore { topic: topic.to_string(), partition, reason };
+        let committed = committed_offset(consumer, topic, partition, restorer.timeout)
+            .map_err(|e| restore_failed(format!("cannot read the group's committed offset: {e}")))?;
+        let applied = restorer.restore(&*self.store, topic, partition)?;
+        let stored = stored_progress(&*self.store, topic, partition)?;
+        let start = committed.into_iter().chain(stored).max();
+        tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
+        Ok(start)
+    }
+}
+
 /// Delivery results of the producer, counted per batch.
 #[derive(Default)]
 pub struct DeliveryTracker {
@@ -221,6 +283,8 @@ struct DeliveryCounts {
     acked: usize,
     failed: usize,
     last_error: Option<String>,
+    /// Highest acknowledged offset per (topic, partition).
+    offsets: HashMap<(String, i32), i64>,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -231,7 +295,11 @@ impl ProducerContext for DeliveryTracker {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match result {
-            Ok(_) => counts.acked += 1,
+            Ok(message) => {
+                counts.acked += 1;
+                let highest = counts.offsets.entry((message.topic().to_string(), message.partition())).or_insert(-1);
+                *highest = (*highest).max(message.offset());
+            }
             Err((e, _)) => {
                 counts.failed += 1;
                 counts.last_error = Some(e.to_string());
@@ -247,6 +315,8 @@ pub struct KafkaSink {
     dead_letter_topic: String,
     /// How long one attempt waits for acknowledgements.
     flush_timeout: Duration,
+    /// Group id naming the changelog topics, when state changes are logged.
+    changelog_group: Option<String>,
 }
 
 impl KafkaSink {
@@ -260,7 +330,50 @@ impl KafkaSink {
             output_topic: config.kafka.output_topic.clone(),
             dead_letter_topic: config.kafka.dead_letter_topic.clone(),
             flush_timeout: Duration::from_secs(60),
+            changelog_group: config.changelog.as_ref().map(|_| config.kafka.group_id.clone()),
         }
+    }
+
+    /// The changelog records of a batch's state (none when changelogs are off).
+    fn changelog_records(&self, state: &StateBatch) -> Result<Vec<ChangelogRecord>, SinkError> {
+        match &self.changelog_group {
+            Some(group) => Ok(changelog::records(state, group)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn enqueue_changelog(&self, records: &[ChangelogRecord]) -> Result<(), SinkError> {
+        for record in records {
+            let base = BaseRecord::to(&record.topic).key(&record.key[..]).payload(&record.value[..]).partition(record.partition);
+            self.enqueue_record(base)?;
+        }
+        Ok(())
+    }
+
+    fn reset_counts(&self) {
+        *self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()) = DeliveryCounts::default();
+    }
+
+    fn counts(&self) -> DeliveryCounts {
+        self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Wait until `total` records queued since the last reset are acknowledged.
+    fn await_acks(&self, total: usize) -> Result<DeliveryCounts, SinkError> {
+        let flushed = self.producer.flush(self.flush_timeout);
+        let counts = self.counts();
+        if flushed.is_ok() && counts.acked == total && counts.failed == 0 {
+            return Ok(counts);
+        }
+        Err(SinkError::Kafka {
+            failed: total - counts.acked.min(total),
+            total,
+            reason: counts
+                .last_error
+                .or_else(|| flushed.err().map(|e| e.to_string()))
+                .unwrap_or_else(|| "not acknowledged in time".into()),
+            fate: Fate::Retry,
+        })
     }
 
     /// Queue every record of a batch (keys and headers as documented).
@@ -281,7 +394,11 @@ impl KafkaSink {
     }
 
     fn enqueue(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
+        self.enqueue_record(BaseRecord::to(topic).key(key).payload(payload).headers(headers))
+    }
+
+    fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>) -> Result<(), SinkError> {
+        let mut record = record;
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -304,34 +421,40 @@ impl Sink for KafkaSink {
         if total == 0 {
             return Ok(());
         }
-        *self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()) = DeliveryCounts::default();
+        self.reset_counts();
         self.enqueue_all(upserts, dead_letters)?;
-        let flushed = self.producer.flush(self.flush_timeout);
-        let counts = self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if flushed.is_ok() && counts.acked == total && counts.failed == 0 {
+        self.await_acks(total).map(|_| ())
+    }
+
+    /// At-least-once: the changelog gets the state only after the outputs are
+    /// acknowledged, so a new owner never restores a claim on an unsent upsert.
+    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        let records = self.changelog_records(state)?;
+        if records.is_empty() {
             return Ok(());
         }
-        Err(SinkError::Kafka {
-            failed: total - counts.acked,
-            total,
-            reason: counts
-                .last_error
-                .or_else(|| flushed.err().map(|e| e.to_string()))
-                .unwrap_or_else(|| "not acknowledged in time".into()),
-            fate: Fate::Retry,
-        })
+        self.reset_counts();
+        self.enqueue_changelog(&records)?;
+        let counts = self.await_acks(records.len())?;
+        changelog::stage_positions(state, &records, &counts.offsets);
+        Ok(())
     }
 }
 
-/// The group's committed offset of one partition (None when unknown or unset).
-fn committed_offset(consumer: &BaseConsumer<WorkerContext>, topic: &str, partition: i32) -> Option<i64> {
+/// The group's committed offset of one partition (`Ok(None)`: the group has none).
+fn committed_offset(
+    consumer: &BaseConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Option<i64>, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
-    match committed.find_partition(topic, partition)?.offset() {
-        Offset::Offset(n) => Some(n),
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    Ok(match committed.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(n)) => Some(n),
         _ => None,
-    }
+    })
 }
 
 /// The transactional producer of `exactly-once` mode.
@@ -373,17 +496,24 @@ impl TransactionalSink {
         consumer: &BaseConsumer<WorkerContext>,
         upserts: &[MilestoneUpsert],
         dead_letters: &[DeadLetter],
+        state: &mut StateBatch,
         offsets: &TopicPartitionList,
         shutdown: &AtomicBool,
         deadline: Duration,
     ) -> Result<(), SinkError> {
+        let records = self.sink.changelog_records(state)?;
         let mut retry = Retry::new(shutdown, deadline, Duration::from_millis(200));
         loop {
-            match self.try_commit(consumer, upserts, dead_letters, offsets) {
-                Ok(()) => return Ok(()),
+            match self.try_commit(consumer, upserts, dead_letters, &records, offsets) {
+                Ok(positions) => {
+                    if let Some(delivered) = positions {
+                        changelog::stage_positions(state, &records, &delivered);
+                    }
+                    return Ok(());
+                }
                 Err(reason) => {
                     if retry.gave_up() {
-                        let total = upserts.len() + dead_letters.len();
+                        let total = upserts.len() + dead_letters.len() + records.len();
                         return Err(SinkError::Kafka { failed: total, total, reason, fate: Fate::Retry });
                     }
                     tracing::warn!(%reason, attempt = retry.attempt + 1, "transaction not committed; trying the batch again");
@@ -394,20 +524,25 @@ impl TransactionalSink {
         }
     }
 
+    /// One attempt. `Ok(Some(offsets))`: committed, with the changelog offsets
+    /// the delivery reports gave; `Ok(None)`: committed, offsets unknown.
     fn try_commit(
         &mut self,
         consumer: &BaseConsumer<WorkerContext>,
         upserts: &[MilestoneUpsert],
         dead_letters: &[DeadLetter],
+        records: &[ChangelogRecord],
         offsets: &TopicPartitionList,
-    ) -> Result<(), String> {
+    ) -> Result<Option<HashMap<(String, i32), i64>>, String> {
         let group = consumer.group_metadata().ok_or("the consumer has no group metadata yet")?;
+        self.sink.reset_counts();
         if let Err(e) = self.sink.producer.begin_transaction() {
             self.recreate().map_err(|r| format!("begin failed ({e}); re-creating the producer failed: {r}"))?;
             return Err(format!("begin_transaction: {e}"));
         }
         let sent = (|| {
             self.sink.enqueue_all(upserts, dead_letters)?;
+            self.sink.enqueue_changelog(records)?;
             self.sink
                 .producer
                 .send_offsets_to_transaction(offsets, &group, self.timeout)
@@ -418,7 +553,11 @@ impl TransactionalSink {
             return Err(format!("sending the batch: {e}"));
         }
         match self.sink.producer.commit_transaction(self.timeout) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                let counts = self.sink.counts();
+                let all = upserts.len() + dead_letters.len() + records.len();
+                Ok((counts.acked == all).then_some(counts.offsets))
+            }
             Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
                 self.abort_or_recreate();
                 Err(format!("commit_transaction: {e} (aborted)"))
@@ -428,7 +567,7 @@ impl TransactionalSink {
                 self.recreate().map_err(|r| format!("commit outcome unknown ({e}); re-creating the producer failed: {r}"))?;
                 if offsets_committed(consumer, offsets) {
                     tracing::info!("the transaction did commit before the error; not sending the batch again");
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(format!("commit_transaction: {e} (not committed)"))
                 }
@@ -474,12 +613,29 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let assigned: Arc<Mutex<HashSet<(String, i32)>>> = Arc::default();
     let catch_up: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
     let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce { .. });
+    let fatal: Arc<Mutex<Option<ChangelogError>>> = Arc::default();
+    let restorer = match &config.changelog {
+        Some(settings) => {
+            changelog::ensure_topics(
+                &base_config(config),
+                &config.kafka.group_id,
+                &config.kafka.input_topics,
+                settings.replication,
+                settings.retention,
+                Duration::from_secs(30),
+            )?;
+            Some(Restorer::new(base_config(config), &config.kafka.group_id, settings.restore_timeout))
+        }
+        None => None,
+    };
     let context = WorkerContext {
         store: deps.store.clone(),
         progress: progress.clone(),
         assigned: assigned.clone(),
         catch_up: catch_up.clone(),
         transactional,
+        restorer,
+        fatal: fatal.clone(),
     };
     let consumer: BaseConsumer<WorkerContext> =
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
@@ -497,6 +653,10 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let mut last_gauges = Instant::now();
     while !deps.shutdown.load(Ordering::SeqCst) {
         let mut envelopes = poll_batch(&consumer, config, deps.shutdown, &progress);
+        if let Some(e) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            deps.health.failed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         {
             let owned = assigned.lock().unwrap_or_else(|p| p.into_inner());
             envelopes.retain(|e| owned.contains(&(e.topic.clone(), e.partition)));
@@ -524,7 +684,8 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
 /// Crash-test hook: `WAYMARK_FAILPOINT=<point>:<n>` makes the process abort (like
 /// `kill -9`: no destructors, no flush) the n-th time it reaches `<point>`, one of
 /// `before_output`, `after_output` (outputs acknowledged or transaction committed,
-/// state not written) and `after_state` (state written, offsets not committed in
+/// state not written), `after_changelog` (at-least-once with changelogs: state
+/// logged, not written locally) and `after_state` (state written, offsets not committed in
 /// at-least-once mode). Unset, it costs one relaxed atomic load per batch.
 fn failpoint(point: &str) {
     use std::sync::atomic::AtomicU64;
@@ -585,10 +746,11 @@ fn process_transactionally(
         let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
     }
     failpoint("before_output");
-    sink.commit(consumer, &output.upserts, &output.dead_letters, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
+    let mut state = output.state;
+    sink.commit(consumer, &output.upserts, &output.dead_letters, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
     failpoint("after_output");
     // Only now may state claim the batch.
-    deps.store.write(output.state)?;
+    deps.store.write(state)?;
     failpoint("after_state");
     record_progress(progress, &live);
     Ok(())
@@ -663,6 +825,7 @@ fn process_and_commit(
         failpoint(match point {
             Failpoint::BeforeOutput => "before_output",
             Failpoint::AfterOutput => "after_output",
+            Failpoint::AfterChangelog => "after_changelog",
             Failpoint::AfterState => "after_state",
         });
         false
@@ -686,17 +849,17 @@ struct RetryingSink<'a> {
     deadline: Duration,
 }
 
-impl Sink for RetryingSink<'_> {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+impl RetryingSink<'_> {
+    fn retrying(&mut self, what: &str, mut attempt: impl FnMut(&mut KafkaSink) -> Result<(), SinkError>) -> Result<(), SinkError> {
         let mut retry = Retry::new(self.shutdown, self.deadline, Duration::from_millis(500));
         loop {
-            match self.inner.send(upserts, dead_letters) {
+            match attempt(self.inner) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.fate() == Fate::Retry => {
                     if retry.gave_up() {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, attempt = retry.attempt + 1, "output not acknowledged; re-sending the batch (identical records)");
+                    tracing::warn!(error = %e, attempt = retry.attempt + 1, "{what} not acknowledged; re-sending (identical records)");
                     metrics::counter!("waymark_output_retries_total").increment(1);
                     // No consumer poll here: a poll could hand out (and so skip) a record.
                     retry.back_off();
@@ -704,6 +867,16 @@ impl Sink for RetryingSink<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Sink for RetryingSink<'_> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+        self.retrying("output", |sink| sink.send(upserts, dead_letters))
+    }
+
+    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        self.retrying("changelog", |sink| sink.send_state(state))
     }
 }
 

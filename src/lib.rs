@@ -23,6 +23,8 @@ pub mod telemetry;
 
 // The adapters.
 #[cfg(feature = "runtime")]
+pub mod changelog;
+#[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod http;

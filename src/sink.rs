@@ -15,12 +15,15 @@ pub enum SinkError {
     Io(#[from] std::io::Error),
     #[error("Kafka did not acknowledge {failed} of {total} records: {reason}")]
     Kafka { failed: usize, total: usize, reason: String, fate: Fate },
+    /// The batch's state cannot be logged (a bug, not a transient fault).
+    #[error("cannot log the batch's state changes: {0}")]
+    State(#[from] crate::error::StoreError),
 }
 
 impl SinkError {
     pub fn fate(&self) -> Fate {
         match self {
-            SinkError::Io(_) => Fate::Stop,
+            SinkError::Io(_) | SinkError::State(_) => Fate::Stop,
             SinkError::Kafka { fate, .. } => *fate,
         }
     }
@@ -30,6 +33,14 @@ impl SinkError {
 pub trait Sink {
     /// Deliver a batch; `Ok` means every record is acknowledged.
     fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError>;
+
+    /// Hand the batch's state changes to storage beyond this process (the Kafka
+    /// worker's changelog), after `send` succeeded and before the local store
+    /// claims them; `Ok` means acknowledged. The sink may add entries to the batch
+    /// (how far that storage holds this store's writes). Default: nothing to do.
+    fn send_state(&mut self, _state: &mut crate::state::StateBatch) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// NDJSON files or streams: upserts to one, dead letters to another (or dropped

@@ -1,0 +1,394 @@
+//! State hand-over between instances: every state change the worker commits is
+//! also written to a compacted **changelog topic**, and the local RocksDB is a
+//! cache of it (DESIGN section 9, design (b), layered on design (a)).
+//!
+//! - One changelog topic per input topic, `<group_id>-<input_topic>-changelog`,
+//!   with as many partitions: the changes derived from input partition `p` go to
+//!   changelog partition `p`, keyed by keyspace byte + state key (so compaction
+//!   keeps the latest value of each key). Input progress is not logged: the group's
+//!   committed offsets are authoritative when a partition moves.
+//! - `exactly-once`: the changelog records are part of the batch's transaction, so
+//!   they commit atomically with the outputs and the input offsets.
+//!   `at-least-once`: they are produced after the outputs are acknowledged and
+//!   before the local state write, so neither the changelog nor the store ever
+//!   claims an event whose upserts were not acknowledged.
+//! - On assignment of a partition, the worker first asks the group for its
+//!   committed offset (which, for a `read_committed` consumer, waits for pending
+//!   transactional commits), then replays the changelog partition into the store
+//!   from where this store last read it up to its end (`read_committed`), and only
+//!   then starts consuming at the committed offset. Replaying is idempotent (puts
+//!   in log order), so reading from an older position is always safe; after each
+//!   batch the store also records the changelog offsets of its own writes, so a
+//!   partition that comes back reads only what others wrote meanwhile.
+//! - Retention: `cleanup.policy=compact,delete` with `retention.ms` = the longest
+//!   dedupe TTL plus a day; every entry expires by then anyway (DESIGN section 4).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use thiserror::Error;
+
+use crate::error::StoreError;
+use crate::pipeline::progress_key;
+use crate::state::{Keyspace, Scope, StateBatch, StateStore};
+
+/// Why the changelog could not be set up or replayed. The worker stops on it (a
+/// partition must not be processed with state it could not restore); a restart
+/// tries again.
+#[derive(Debug, Error)]
+pub enum ChangelogError {
+    #[error("changelog topic setup: {0} (the worker needs rights to describe and create topics, or create `{1}` yourself: compacted, as many partitions as the input)")]
+    Setup(String, String),
+    #[error("input topic `{0}` does not exist or has no partitions: create it before starting the worker")]
+    MissingInput(String),
+    #[error("restoring {topic} [{partition}] from its changelog: {reason}")]
+    Restore { topic: String, partition: i32, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Name of the changelog topic of one input topic.
+pub fn topic_for(group_id: &str, input_topic: &str) -> String {
+    format!("{group_id}-{input_topic}-changelog")
+}
+
+/// Changelog record key: the keyspace's index, then the state key.
+pub fn encode_key(keyspace: Keyspace, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 1);
+    out.push(keyspace.index() as u8);
+    out.extend_from_slice(key);
+    out
+}
+
+/// The state entry a changelog record carries.
+pub fn decode(key: &[u8], value: &[u8]) -> Result<(Keyspace, Vec<u8>, Vec<u8>), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { keyspace: "changelog", reason };
+    let (&index, state_key) = key.split_first().ok_or_else(|| corrupt("empty record key".into()))?;
+    let keyspace = Keyspace::ALL
+        .get(index as usize)
+        .copied()
+        .filter(|k| *k != Keyspace::Offsets)
+        .ok_or_else(|| corrupt(format!("record key names keyspace {index}, which is not logged")))?;
+    if state_key.len() < 8 {
+        return Err(corrupt(format!("state key of {} bytes has no scope", state_key.len())));
+    }
+    Ok((keyspace, state_key.to_vec(), value.to_vec()))
+}
+
+/// Marks a changelog position key apart from a progress key: a topic name never
+/// starts with a NUL byte.
+const POSITION_MARK: &[u8] = b"\0changelog\0";
+
+/// Where the store remembers how far it has read (or written) one input
+/// partition's changelog: scope | partition | mark | topic, in the offsets keyspace.
+pub fn position_key(input_topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = Scope::of(input_topic, partition).0.to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(POSITION_MARK);
+    key.extend_from_slice(input_topic.as_bytes());
+    key
+}
+
+/// The input partition of a progress key (`None` for any other offsets entry).
+fn progress_partition(key: &[u8]) -> Option<(String, i32)> {
+    let partition = i32::from_be_bytes(key.get(8..12)?.try_into().ok()?);
+    let topic = key.get(12..)?;
+    if topic.is_empty() || topic.starts_with(b"\0") {
+        return None;
+    }
+    let topic = std::str::from_utf8(topic).ok()?;
+    (progress_key(topic, partition) == key).then(|| (topic.to_string(), partition))
+}
+
+/// One state change on its way to the changelog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangelogRecord {
+    pub input_topic: String,
+    pub topic: String,
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// The changelog records of a batch's state. Each state key belongs to the input
+/// partition whose scope prefixes it; the batch's progress entries say which
+/// partitions those are (the worker always stages progress).
+pub fn records(batch: &StateBatch, group_id: &str) -> Result<Vec<ChangelogRecord>, StoreError> {
+    let partitions: HashMap<&[u8], (String, i32)> = batch
+        .puts
+        .iter()
+        .filter(|(keyspace, _, _)| *keyspace == Keyspace::Offsets)
+        .filter_map(|(_, key, _)| Some((&key[..8], progress_partition(key)?)))
+        .collect();
+    let mut out = Vec::new();
+    for (keyspace, key, value) in &batch.puts {
+        if *keyspace == Keyspace::Offsets {
+            continue;
+        }
+        let (input_topic, partition) = key.get(..8).and_then(|scope| partitions.get(scope)).ok_or_else(|| StoreError::Corrupt {
+            keyspace: keyspace.name(),
+            reason: "a staged state key belongs to no partition of its batch (no progress entry for its scope)".into(),
+        })?;
+        out.push(ChangelogRecord {
+            input_topic: input_topic.clone(),
+            topic: topic_for(group_id, input_topic),
+            partition: *partition,
+            key: encode_key(*keyspace, key),
+            value: value.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Record, in the batch about to be written locally, how far the changelog holds
+/// this store's own writes: `delivered` maps (changelog topic, partition) to the
+/// highest acknowledged offset.
+pub fn stage_positions(batch: &mut StateBatch, records: &[ChangelogRecord], delivered: &HashMap<(String, i32), i64>) {
+    let mut seen: HashMap<(&str, i32), &str> = HashMap::new();
+    for record in records {
+        seen.insert((&record.topic, record.partition), &record.input_topic);
+    }
+    for ((topic, partition), input_topic) in seen {
+        if let Some(offset) = delivered.get(&(topic.to_string(), partition)) {
+            batch.put(Keyspace::Offsets, position_key(input_topic, partition), (offset + 1).to_be_bytes().to_vec());
+        }
+    }
+}
+
+/// The stored changelog position of an input partition.
+pub fn stored_position<S: StateStore + ?Sized>(store: &S, input_topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    match store.get(Keyspace::Offsets, &position_key(input_topic, partition))? {
+        None => Ok(None),
+        Some(bytes) => {
+            let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                keyspace: Keyspace::Offsets.name(),
+                reason: format!("changelog position of {} bytes", bytes.len()),
+            })?;
+            Ok(Some(i64::from_be_bytes(raw)))
+        }
+    }
+}
+
+/// Make sure every input topic has its changelog topic with at least as many
+/// partitions (created compacted if missing; grown if the input grew).
+pub fn ensure_topics(
+    client: &ClientConfig,
+    group_id: &str,
+    input_topics: &[String],
+    replication: i32,
+    retention: Duration,
+    timeout: Duration,
+) -> Result<(), ChangelogError> {
+    let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| ChangelogError::Setup(e.to_string(), "?".into()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ChangelogError::Setup(e.to_string(), "?".into()))?;
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let retention_ms = retention.as_millis().to_string();
+    for input in input_topics {
+        let changelog = topic_for(group_id, input);
+        let setup = |e: &dyn std::fmt::Display| ChangelogError::Setup(e.to_string(), changelog.clone());
+        let partitions_of = |topic: &str| -> Result<usize, ChangelogError> {
+            let metadata = admin.inner().fetch_metadata(Some(topic), timeout).map_err(|e| setup(&e))?;
+            Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
+        };
+        let wanted = partitions_of(input)?;
+        if wanted == 0 {
+            return Err(ChangelogError::MissingInput(input.clone()));
+        }
+        let have = partitions_of(&changelog)?;
+        if have == 0 {
+            let topic = NewTopic::new(&changelog, wanted as i32, TopicReplication::Fixed(replication))
+                .set("cleanup.policy", "compact,delete")
+                .set("retention.ms", &retention_ms);
+            let results = runtime.block_on(admin.create_topics([&topic], &options)).map_err(|e| setup(&e))?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => return Err(setup(&code)),
+                }
+            }
+            tracing::info!(topic = %changelog, partitions = wanted, "created the changelog topic");
+        } else if have < wanted {
+            let grow = NewPartitions::new(&changelog, wanted);
+            let results = runtime.block_on(admin.create_partitions([&grow], &options)).map_err(|e| setup(&e))?;
+            for result in results {
+                result.map_err(|(_, code)| setup(&code))?;
+            }
+            tracing::info!(topic = %changelog, from = have, to = wanted, "grew the changelog topic with its input");
+        }
+    }
+    Ok(())
+}
+
+/// The restore consumer's context: reaching the end of the changelog is how a
+/// restore finishes, not an error worth logging (librdkafka reports it as one).
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!(error = %error, reason, "changelog restore consumer error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+/// Replays changelog partitions into the local store.
+#[derive(Clone)]
+pub struct Restorer {
+    client: ClientConfig,
+    group_id: String,
+    /// Longest a single restore may take before the worker gives up (and stops).
+    pub timeout: Duration,
+}
+
+impl Restorer {
+    /// `client` carries the connection properties (bootstrap servers, security).
+    pub fn new(mut client: ClientConfig, group_id: &str, timeout: Duration) -> Restorer {
+        client
+            .set("group.id", format!("{group_id}-changelog-restore"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        Restorer { client, group_id: group_id.to_string(), timeout }
+    }
+
+    /// Bring the store's state of one input partition up to the end of its
+    /// changelog. Returns the number of entries applied.
+    pub fn restore<S: StateStore + ?Sized>(&self, store: &S, input_topic: &str, partition: i32) -> Result<u64, ChangelogError> {
+        let failed = |reason: String| ChangelogError::Restore { topic: input_topic.to_string(), partition, reason };
+        let changelog = topic_for(&self.group_id, input_topic);
+        let started = Instant::now();
+        let consumer: BaseConsumer<QuietEof> = self.client.create_with_context(QuietEof).map_err(|e| failed(e.to_string()))?;
+        let (_, high) = consumer.fetch_watermarks(&changelog, partition, self.timeout).map_err(|e| failed(e.to_string()))?;
+        let from = stored_position(store, input_topic, partition)?;
+        if from.is_some_and(|from| from >= high) || high == 0 {
+            return Ok(0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&changelog, partition, from.map_or(Offset::Beginning, Offset::Offset))
+            .map_err(|e| failed(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| failed(e.to_string()))?;
+        let position = position_key(input_topic, partition);
+        let mut batch = StateBatch::default();
+        let mut applied = 0u64;
+        let mut next: Option<i64> = None;
+        let flush = |batch: &mut StateBatch, next: Option<i64>| -> Result<(), StoreError> {
+            if let Some(next) = next {
+                batch.put(Keyspace::Offsets, position.clone(), next.to_be_bytes().to_vec());
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            store.write(std::mem::take(batch))
+        };
+        loop {
+            if started.elapsed() > self.timeout {
+                return Err(failed(format!(
+                    "not at the end after {:?} ({applied} entries applied; raise worker.restore_timeout for large state)",
+                    self.timeout
+                )));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic = %changelog, partition, "changelog read error; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Some(Ok(message)) => {
+                    let value = message.payload().unwrap_or_default();
+                    let (keyspace, key, value) = decode(message.key().unwrap_or_default(), value)?;
+                    batch.put(keyspace, key, value);
+                    applied += 1;
+                    next = Some(message.offset() + 1);
+                    if batch.puts.len() >= 10_000 {
+                        flush(&mut batch, next)?;
+                        tracing::info!(topic = %input_topic, partition, applied, "restoring state from the changelog");
+                    }
+                }
+            }
+        }
+        // The consumer's position is past any trailing transaction markers.
+        let at_end = consumer
+            .position()
+            .ok()
+            .and_then(|p| p.find_partition(&changelog, partition).map(|e| e.offset()))
+            .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None });
+        flush(&mut batch, at_end.or(next))?;
+        metrics::counter!("waymark_changelog_restored_total").increment(applied);
+        tracing::info!(topic = %input_topic, partition, applied, seconds = started.elapsed().as_secs_f64(), "state restored from the changelog");
+        Ok(applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::progress_key;
+
+    #[test]
+    fn records_go_to_the_partition_whose_scope_prefixes_them() {
+        let (a, b) = (Scope::of("in", 0), Scope::of("in", 3));
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Hashes, [&a.0[..], b"h1"].concat(), b"v1".to_vec());
+        batch.put(Keyspace::Shipments, [&b.0[..], b"s1"].concat(), b"v2".to_vec());
+        batch.put(Keyspace::Offsets, progress_key("in", 0), 5i64.to_be_bytes().to_vec());
+        batch.put(Keyspace::Offsets, progress_key("in", 3), 9i64.to_be_bytes().to_vec());
+        let out = records(&batch, "g").unwrap();
+        assert_eq!(out.len(), 2, "progress is not logged");
+        assert_eq!((out[0].topic.as_str(), out[0].partition), ("g-in-changelog", 0));
+        assert_eq!((out[1].topic.as_str(), out[1].partition), ("g-in-changelog", 3));
+        let (keyspace, key, value) = decode(&out[1].key, &out[1].value).unwrap();
+        assert_eq!((keyspace, key, value), (Keyspace::Shipments, [&b.0[..], b"s1"].concat(), b"v2".to_vec()));
+    }
+
+    #[test]
+    fn a_state_key_of_no_partition_in_the_batch_is_an_error_not_a_guess() {
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Keys, [&Scope::of("in", 1).0[..], b"k"].concat(), b"v".to_vec());
+        batch.put(Keyspace::Offsets, progress_key("in", 0), 1i64.to_be_bytes().to_vec());
+        assert!(records(&batch, "g").is_err());
+    }
+
+    #[test]
+    fn position_keys_are_not_mistaken_for_progress() {
+        assert_eq!(progress_partition(&progress_key("in", 2)), Some(("in".to_string(), 2)));
+        assert_eq!(progress_partition(&position_key("in", 2)), None);
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Offsets, position_key("in", 2), 1i64.to_be_bytes().to_vec());
+        batch.put(Keyspace::Offsets, progress_key("in", 2), 1i64.to_be_bytes().to_vec());
+        assert!(records(&batch, "g").unwrap().is_empty());
+    }
+
+    #[test]
+    fn offsets_and_garbage_are_never_restored() {
+        assert!(decode(&encode_key(Keyspace::Offsets, &[0; 12]), b"x").is_err());
+        assert!(decode(&[], b"x").is_err());
+        assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0], b"x").is_err());
+        assert!(decode(&encode_key(Keyspace::Keys, &[1; 4]), b"x").is_err(), "too short for a scope");
+    }
+
+    #[test]
+    fn positions_are_one_past_the_last_delivered_offset() {
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Hashes, [&Scope::of("in", 0).0[..], b"h"].concat(), b"v".to_vec());
+        batch.put(Keyspace::Offsets, progress_key("in", 0), 1i64.to_be_bytes().to_vec());
+        let recs = records(&batch, "g").unwrap();
+        let delivered = HashMap::from([(("g-in-changelog".to_string(), 0), 41i64)]);
+        stage_positions(&mut batch, &recs, &delivered);
+        let store = crate::state::MemoryStore::default();
+        store.write(batch).unwrap();
+        assert_eq!(stored_position(&store, "in", 0).unwrap(), Some(42));
+    }
+}
