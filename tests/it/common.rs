@@ -241,6 +241,13 @@ listen = "127.0.0.1:{http_port}"
         WorkerSetup { input, output, dlq, group, partitions, state_dir, config_path, http_port, _dir: dir }
     }
 
+    /// Switch state hand-over off (`state.changelog = false`): state stays local.
+    pub fn disable_changelog(&self) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        assert!(text.contains("[state]\n"), "the test config has a [state] section");
+        std::fs::write(&self.config_path, text.replace("[state]\n", "[state]\nchangelog = false\n")).unwrap();
+    }
+
     /// Start a worker process with this setup's config (its own state dir if given).
     pub fn spawn(&self, state_dir: Option<&Path>, http_port: Option<u16>) -> Child {
         self.spawn_with(state_dir, http_port, &[])

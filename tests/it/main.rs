@@ -6,6 +6,7 @@ mod common;
 mod declared;
 mod faults;
 mod fixtures;
+mod group;
 mod properties;
 mod replay;
 mod schemas;
