@@ -99,3 +99,107 @@ fn broker_stopped_and_restarted_mid_stream_loses_nothing() {
     );
     assert!(status.is_some_and(|s| s.success()), "SIGTERM after the outage must still exit 0: {status:?}");
 }
+
+/// A small tmpfs mounted for one test (needs root, as CI runs; fails clearly otherwise).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this test mounts a {megabytes} MiB tmpfs to fill the state disk and needs root for it (CI runs as root); run it as root"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write zeros until the disk is full (ENOSPC).
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&block) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_state_disk_stops_the_worker_with_a_clear_error_and_loses_nothing() {
+    let disk = SmallDisk::mount(24);
+    let setup = WorkerSetup::new("diskfull", 1);
+    // Small memtables, so RocksDB must write to disk soon after the disk fills.
+    let text = std::fs::read_to_string(&setup.config_path).unwrap();
+    std::fs::write(&setup.config_path, text.replace("[state]\n", "[state]\nmemtable_mb = 1\n")).unwrap();
+    let state_dir = disk.path().join("state");
+    let spec = |seed: u64, shipments: usize| TrafficSpec { seed, shipments, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let first = generate(&spec(41, 40)).envelopes;
+    let mut second = generate(&spec(42, 1_500)).envelopes;
+    // One partition, one stream: the second part continues the first's offsets.
+    for (i, envelope) in second.iter_mut().enumerate() {
+        envelope.offset = (first.len() + i) as i64;
+    }
+    let all: Vec<Envelope> = first.iter().chain(&second).cloned().collect();
+    let expected = expected_upserts(&all);
+
+    produce(&setup.input, &first, 1);
+    let stderr_path = disk.path().parent().unwrap().join(format!("waymark-diskfull-{}.log", std::process::id()));
+    let mut worker = Command::new(waymark_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&setup.config_path)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .env("WAYMARK_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let before = read_all(&setup.output, 1, 1, Duration::from_secs(60), Duration::ZERO);
+    assert!(!before.is_empty(), "the worker emitted nothing before the disk filled");
+    std::thread::sleep(Duration::from_secs(1));
+    let filler = disk.fill();
+    produce(&setup.input, &second, 1);
+    let status = wait_exit(&mut worker, Duration::from_secs(120));
+    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    assert!(status.is_some_and(|s| !s.success()), "the worker must stop (non-zero) when its state disk is full: {status:?}\n{log}");
+    assert!(
+        log.contains("No space left on device") && log.contains("disk is not full"),
+        "the error must say what happened and what to do:\n{log}"
+    );
+
+    // Free the disk and restart: nothing acknowledged was lost.
+    std::fs::remove_file(filler).unwrap();
+    let mut worker = setup.spawn(Some(&state_dir), None);
+    let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(3));
+    signal(&worker, "TERM");
+    let restarted = wait_exit(&mut worker, Duration::from_secs(30));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    let reason = log.lines().find(|l| l.contains("No space left")).unwrap_or("").trim();
+    println!("checked: disk filled mid-stream; worker stopped with `{reason}`; after freeing it: {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
+    assert!(restarted.is_some_and(|s| s.success()));
+}
