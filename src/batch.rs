@@ -130,6 +130,36 @@ pub fn process<S: StateStore + ?Sized>(
     Ok(output)
 }
 
+/// [`process`] for one reorder window: the records' new events are applied and
+/// emitted in status-hierarchy order (see `Pipeline::process_in_hierarchy_order`),
+/// and the whole window commits as one unit, so no offset passes an event it held.
+pub fn process_window<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
+    store: &S,
+    envelopes: &[Envelope],
+    now: DateTime<Utc>,
+    track_progress: bool,
+    telemetry: Option<&Telemetry>,
+) -> Result<BatchOutput, StoreError> {
+    let mut staged = Staged::new(store);
+    let started = Instant::now();
+    let (results, upserts) = pipeline.process_in_hierarchy_order(envelopes, now, &mut staged)?;
+    let per_record = started.elapsed() / (envelopes.len().max(1) as u32);
+    let mut output = BatchOutput { upserts, ..BatchOutput::default() };
+    for (envelope, result) in envelopes.iter().zip(results) {
+        if let Some(telemetry) = telemetry {
+            telemetry.record(&result, per_record);
+        }
+        if track_progress {
+            stage_progress(&mut staged, &envelope.topic, envelope.partition, envelope.offset + 1);
+        }
+        output.summary.add_result(&result);
+        output.dead_letters.extend(result.dead_letter);
+    }
+    output.state = staged.take_batch();
+    Ok(output)
+}
+
 /// The points between the side effects of committing a batch, where a process can
 /// die. The simulation (tests/it/simulation.rs) crashes at each of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

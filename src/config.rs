@@ -244,6 +244,30 @@ impl Default for WorkerSection {
     }
 }
 
+/// `[order]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderSection {
+    /// Bounded reorder window: hold records up to this long ("0s": off) and emit
+    /// their new milestones in status-hierarchy order per shipment.
+    #[serde(default = "default_reorder_window")]
+    pub reorder_window: String,
+    /// ...or until this many records are held, whichever comes first.
+    #[serde(default = "default_reorder_max_records")]
+    pub reorder_max_records: usize,
+}
+fn default_reorder_window() -> String {
+    "0s".into()
+}
+fn default_reorder_max_records() -> usize {
+    10_000
+}
+impl Default for OrderSection {
+    fn default() -> Self {
+        OrderSection { reorder_window: default_reorder_window(), reorder_max_records: default_reorder_max_records() }
+    }
+}
+
 /// `[http]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +312,8 @@ pub struct RawConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub worker: WorkerSection,
+    #[serde(default)]
+    pub order: OrderSection,
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
@@ -335,8 +361,18 @@ pub struct Config {
     pub tenant_label: bool,
     /// State hand-over through changelog topics (`None`: state stays local).
     pub changelog: Option<ChangelogSettings>,
+    /// The bounded reorder window (`None`: off, each batch emits in arrival order).
+    pub reorder: Option<ReorderWindow>,
     /// User-declared carriers, loaded and validated from `declared_carriers`.
     pub declared_carriers: Vec<std::sync::Arc<crate::carriers::declared::DeclaredCarrier>>,
+}
+
+/// Limits of the bounded reorder window: a window closes when its first record
+/// has been held `window` long or `max_records` are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReorderWindow {
+    pub window: Duration,
+    pub max_records: usize,
 }
 
 /// How changelog topics are created and read (see `changelog`).
@@ -484,6 +520,12 @@ impl RawConfig {
         })?;
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
         let longest_ttl = per_carrier.values().map(|p| p.ttl).chain([default_policy.ttl]).max().unwrap_or(default_policy.ttl);
+        let reorder_window = duration("order.reorder_window", &self.order.reorder_window)?;
+        if !reorder_window.is_zero() && self.order.reorder_max_records == 0 {
+            return Err(ConfigError::Invalid("order.reorder_max_records must be at least 1 when the reorder window is on".into()));
+        }
+        let reorder = (!reorder_window.is_zero())
+            .then_some(ReorderWindow { window: reorder_window, max_records: self.order.reorder_max_records });
         let changelog = if self.state.changelog {
             Some(ChangelogSettings {
                 replication: self.state.changelog_replication,
@@ -515,6 +557,7 @@ impl RawConfig {
             http_listen,
             tenant_label: self.telemetry.tenant_label,
             changelog,
+            reorder,
             declared_carriers,
         })
     }

@@ -38,6 +38,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(PROCESS_SECONDS, "Pipeline time per record (normalize, dedupe, order)");
     metrics::describe_histogram!(STORE_LOOKUP_SECONDS, "State store lookup latency, by operation and keyspace");
     metrics::describe_gauge!(CONSUMER_LAG, "High watermark minus next offset, per input partition");
+    metrics::describe_gauge!(REORDER_HELD, "Records held by the bounded reorder window, not yet processed or committed");
     Ok(handle)
 }
 

@@ -68,7 +68,7 @@ use crate::sink::{Sink, SinkError};
 use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
 use crate::http::Health;
-use crate::telemetry::{Telemetry, CONSUMER_LAG, STORE_KEYS};
+use crate::telemetry::{Telemetry, CONSUMER_LAG, REORDER_HELD, STORE_KEYS};
 
 #[derive(Debug, Error)]
 pub enum WorkerError {
@@ -651,8 +651,12 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, "worker started");
 
     let mut last_gauges = Instant::now();
-    while !deps.shutdown.load(Ordering::SeqCst) {
-        let mut envelopes = poll_batch(&consumer, config, deps.shutdown, &progress);
+    let mut window = ReorderBuffer::default();
+    loop {
+        // After a shutdown request: no more polling, but a held window is still
+        // processed and committed (in-flight work).
+        let stopping = deps.shutdown.load(Ordering::SeqCst);
+        let mut envelopes = if stopping { Vec::new() } else { poll_batch(&consumer, config, deps.shutdown, &progress) };
         if let Some(e) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
             deps.health.failed.store(true, Ordering::SeqCst);
             return Err(e.into());
@@ -660,16 +664,34 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         {
             let owned = assigned.lock().unwrap_or_else(|p| p.into_inner());
             envelopes.retain(|e| owned.contains(&(e.topic.clone(), e.partition)));
+            // Held records of a partition revoked meanwhile are dropped, never
+            // emitted: nothing of them was committed, the new owner reads them.
+            window.retain(|e| owned.contains(&(e.topic.clone(), e.partition)));
         }
-        if !envelopes.is_empty() {
+        let unit = match config.reorder {
+            None => envelopes,
+            Some(limits) => {
+                window.extend(envelopes);
+                let unit = if window.due(limits) || stopping { window.take() } else { Vec::new() };
+                metrics::gauge!(REORDER_HELD).set(window.held.len() as f64);
+                unit
+            }
+        };
+        if !unit.is_empty() {
+            let hierarchy = config.reorder.is_some();
             match &mut output {
-                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &envelopes, &progress)?,
-                Output::ExactlyOnce(sink) => process_transactionally(&deps, &consumer, sink, envelopes, &progress, &catch_up)?,
+                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &unit, &progress, hierarchy)?,
+                Output::ExactlyOnce(sink) => {
+                    process_transactionally(&deps, &consumer, sink, unit, &progress, &catch_up, hierarchy)?
+                }
             }
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
             update_gauges(&deps.store);
             last_gauges = Instant::now();
+        }
+        if stopping {
+            break;
         }
     }
     tracing::info!("shutting down: in-flight batch done, committing offsets");
@@ -705,6 +727,51 @@ fn failpoint(point: &str) {
     }
 }
 
+/// Records held by the bounded reorder window. Nothing of them is committed
+/// (outputs, state, offsets) until the window closes and they are processed as one
+/// unit in status-hierarchy order, so offsets never pass a held record and a crash
+/// simply re-reads them. Memory is bounded by `order.reorder_max_records`.
+#[derive(Default)]
+struct ReorderBuffer {
+    held: Vec<Envelope>,
+    /// When the oldest held record arrived.
+    since: Option<Instant>,
+    /// Highest held offset per partition: a partition revoked and assigned back
+    /// re-delivers records from its committed offset; those are held already.
+    highest: HashMap<(String, i32), i64>,
+}
+
+impl ReorderBuffer {
+    fn extend(&mut self, envelopes: Vec<Envelope>) {
+        for envelope in envelopes {
+            let highest = self.highest.entry((envelope.topic.clone(), envelope.partition)).or_insert(-1);
+            if envelope.offset > *highest {
+                *highest = envelope.offset;
+                self.since.get_or_insert_with(Instant::now);
+                self.held.push(envelope);
+            }
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Envelope) -> bool) {
+        self.held.retain(|e| keep(e));
+        self.highest.retain(|(topic, partition), _| self.held.iter().any(|e| &e.topic == topic && e.partition == *partition));
+        if self.held.is_empty() {
+            self.since = None;
+        }
+    }
+
+    fn due(&self, limits: crate::config::ReorderWindow) -> bool {
+        self.held.len() >= limits.max_records || self.since.is_some_and(|since| since.elapsed() >= limits.window)
+    }
+
+    fn take(&mut self) -> Vec<Envelope> {
+        self.since = None;
+        self.highest.clear();
+        std::mem::take(&mut self.held)
+    }
+}
+
 /// The output side of the worker, by delivery mode.
 enum Output {
     AtLeastOnce(KafkaSink),
@@ -720,7 +787,9 @@ fn process_transactionally(
     envelopes: Vec<Envelope>,
     progress: &Mutex<HashMap<(String, i32), i64>>,
     catch_up: &Mutex<HashMap<(String, i32), i64>>,
+    hierarchy: bool,
 ) -> Result<(), WorkerError> {
+    let process = if hierarchy { batch::process_window::<RocksStore> } else { batch::process::<RocksStore> };
     let now = (deps.clock)();
     let (silent, live): (Vec<Envelope>, Vec<Envelope>) = {
         let bounds = catch_up.lock().unwrap_or_else(|p| p.into_inner());
@@ -728,7 +797,7 @@ fn process_transactionally(
     };
     if !silent.is_empty() {
         // Their outputs were committed before the crash; rebuild only the state.
-        let output = batch::process(deps.pipeline, &*deps.store, &silent, now, true, None)?;
+        let output = process(deps.pipeline, &*deps.store, &silent, now, true, None)?;
         deps.store.write(output.state)?;
         metrics::counter!("waymark_records_caught_up_total").increment(silent.len() as u64);
         record_progress(progress, &silent);
@@ -736,7 +805,7 @@ fn process_transactionally(
     if live.is_empty() {
         return Ok(());
     }
-    let output = batch::process(deps.pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
+    let output = process(deps.pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
     let mut offsets = TopicPartitionList::new();
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for e in &live {
@@ -818,8 +887,10 @@ fn process_and_commit(
     sink: &mut KafkaSink,
     envelopes: &[Envelope],
     progress: &Mutex<HashMap<(String, i32), i64>>,
+    hierarchy: bool,
 ) -> Result<(), WorkerError> {
-    let output = batch::process(deps.pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
+    let process = if hierarchy { batch::process_window::<RocksStore> } else { batch::process::<RocksStore> };
+    let output = process(deps.pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
     let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
     match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
         failpoint(match point {

@@ -121,45 +121,97 @@ impl Pipeline {
         };
         // A history applies oldest first, ties by rank, whatever order the carrier listed it in.
         events.sort_by_key(|e| (e.occurred_at, e.status.rank()));
-
         let scope = Scope::of(&envelope.topic, envelope.partition);
-        let policy = self.dedupe.policy(&context.carrier);
-        let expires_at_ms = now.timestamp_millis().saturating_add(policy.ttl_ms());
         let mut result = RecordResult {
             carrier: Some(context.carrier.clone()),
             tenant_id: Some(context.tenant_id.clone()),
             ..RecordResult::default()
         };
         for event in events {
-            let verdict = check_and_stage(state, scope, policy, &event, now)?;
-            let mut outcome = EventOutcome { verdict, status: event.status, applied: Applied::default() };
-            if verdict == Verdict::New {
-                let key = shipment_key(
-                    scope,
-                    &event.tenant_id,
-                    &event.carrier,
-                    &event.tracking_number,
-                    event.shipment_ref.as_deref(),
-                );
-                let shipment = match state.get(Keyspace::Shipments, &key)? {
-                    Some(bytes) => {
-                        let mut shipment = ShipmentState::decode(&bytes)?;
-                        if shipment.expires_at_ms <= now.timestamp_millis() {
-                            // Forgotten shipment (TTL passed): start its timeline afresh.
-                            shipment = ShipmentState::new(event.status, event.occurred_at, expires_at_ms);
-                        } else {
-                            outcome.applied = shipment.apply(event.status, event.occurred_at, expires_at_ms);
-                        }
-                        shipment
-                    }
-                    None => ShipmentState::new(event.status, event.occurred_at, expires_at_ms),
-                };
-                state.put(Keyspace::Shipments, key, shipment.encode());
-                result.upserts.push(MilestoneUpsert::new(event, shipment.shipment_status, shipment.latest_status));
-            }
+            let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
             result.events.push(outcome);
+            result.upserts.extend(upsert);
         }
         Ok(result)
+    }
+
+    /// Process records as one unit whose new events are applied in status-hierarchy
+    /// order (the bounded reorder window): all events of all records are sorted by
+    /// (rank, occurred_at), stably, so within each shipment a lower status is
+    /// emitted before a higher one whatever order they arrived in. Returns one
+    /// result per record (events and dead letters; their `upserts` stay empty) and
+    /// the upserts in emission order. Every distinct event still becomes exactly
+    /// one milestone; only where copies of one event chain across the skew
+    /// tolerance (t, t+1.5 s, t+3 s) can the copy that represents it differ from
+    /// arrival order, as it would for any other arrival order.
+    pub fn process_in_hierarchy_order<S: StateStore + ?Sized>(
+        &self,
+        envelopes: &[Envelope],
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
+    ) -> Result<(Vec<RecordResult>, Vec<MilestoneUpsert>), StoreError> {
+        let mut results = Vec::with_capacity(envelopes.len());
+        let mut pending: Vec<(usize, Scope, TrackingEvent)> = Vec::new();
+        for (index, envelope) in envelopes.iter().enumerate() {
+            match self.canonical_events(envelope, now) {
+                Err(rejected) => results.push(RecordResult {
+                    dead_letter: Some(DeadLetter::new(envelope, &rejected.error, rejected.carrier.clone(), rejected.tenant_id.clone(), now)),
+                    carrier: rejected.carrier,
+                    tenant_id: rejected.tenant_id,
+                    ..RecordResult::default()
+                }),
+                Ok((context, events)) => {
+                    let scope = Scope::of(&envelope.topic, envelope.partition);
+                    pending.extend(events.into_iter().map(|event| (index, scope, event)));
+                    results.push(RecordResult {
+                        carrier: Some(context.carrier),
+                        tenant_id: Some(context.tenant_id),
+                        ..RecordResult::default()
+                    });
+                }
+            }
+        }
+        pending.sort_by_key(|(_, _, event)| (event.status.rank(), event.occurred_at));
+        let mut upserts = Vec::new();
+        for (index, scope, event) in pending {
+            let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
+            results[index].events.push(outcome);
+            upserts.extend(upsert);
+        }
+        Ok((results, upserts))
+    }
+
+    /// Dedupe, order and emit one canonical event of the input partition `scope`.
+    fn apply_event<S: StateStore + ?Sized>(
+        &self,
+        scope: Scope,
+        event: TrackingEvent,
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
+    ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
+        let policy = self.dedupe.policy(&event.carrier);
+        let verdict = check_and_stage(state, scope, policy, &event, now)?;
+        let mut outcome = EventOutcome { verdict, status: event.status, applied: Applied::default() };
+        if verdict != Verdict::New {
+            return Ok((outcome, None));
+        }
+        let expires_at_ms = now.timestamp_millis().saturating_add(policy.ttl_ms());
+        let key = shipment_key(scope, &event.tenant_id, &event.carrier, &event.tracking_number, event.shipment_ref.as_deref());
+        let shipment = match state.get(Keyspace::Shipments, &key)? {
+            Some(bytes) => {
+                let mut shipment = ShipmentState::decode(&bytes)?;
+                if shipment.expires_at_ms <= now.timestamp_millis() {
+                    // Forgotten shipment (TTL passed): start its timeline afresh.
+                    shipment = ShipmentState::new(event.status, event.occurred_at, expires_at_ms);
+                } else {
+                    outcome.applied = shipment.apply(event.status, event.occurred_at, expires_at_ms);
+                }
+                shipment
+            }
+            None => ShipmentState::new(event.status, event.occurred_at, expires_at_ms),
+        };
+        state.put(Keyspace::Shipments, key, shipment.encode());
+        Ok((outcome, Some(MilestoneUpsert::new(event, shipment.shipment_status, shipment.latest_status))))
     }
 }
 

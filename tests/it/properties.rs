@@ -127,3 +127,50 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The bounded reorder window: the same deliveries cut into windows of any
+    /// sizes still give exactly one milestone per distinct scan, and within each
+    /// window every shipment's milestones come out in status-hierarchy order,
+    /// whatever order they arrived in.
+    #[test]
+    fn a_reorder_window_emits_each_shipment_in_hierarchy_order(
+        (scans, deliveries) in scenario(),
+        cuts in prop::collection::vec(1usize..12, 1..20),
+    ) {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let now = Utc.with_ymd_and_hms(2026, 5, 2, 0, 0, 0).unwrap();
+        let envelopes: Vec<(usize, Envelope)> =
+            deliveries.iter().enumerate().map(|(offset, d)| (d.scan, envelope(offset, &scans[d.scan], d))).collect();
+        let mut emitted: BTreeMap<String, usize> = BTreeMap::new();
+        let mut last_shipment_status: BTreeMap<String, u8> = BTreeMap::new();
+        let mut rest = &envelopes[..];
+        let mut cut = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let size = (*cut.next().unwrap()).min(rest.len());
+            let (window, tail) = rest.split_at(size);
+            rest = tail;
+            let records: Vec<Envelope> = window.iter().map(|(_, e)| e.clone()).collect();
+            let mut staged = Staged::new(&store);
+            let (results, upserts) = pipeline.process_in_hierarchy_order(&records, now, &mut staged).unwrap();
+            store.write(staged.take_batch()).unwrap();
+            prop_assert_eq!(results.len(), records.len());
+            let mut last_in_window: BTreeMap<String, u8> = BTreeMap::new();
+            for upsert in upserts {
+                *emitted.entry(upsert.milestone_id.clone()).or_default() += 1;
+                let shipment = upsert.tracking_number.clone();
+                let rank = upsert.status.rank();
+                prop_assert!(rank >= last_in_window.get(&shipment).copied().unwrap_or(0), "{} emitted {:?} after a higher status in one window", shipment, upsert.status);
+                last_in_window.insert(shipment.clone(), rank);
+                let shipment_rank = upsert.shipment_status.rank();
+                prop_assert!(shipment_rank >= last_shipment_status.get(&shipment).copied().unwrap_or(0));
+                last_shipment_status.insert(shipment, shipment_rank);
+            }
+        }
+        prop_assert_eq!(emitted.len(), scans.len(), "one milestone per distinct scan");
+        prop_assert!(emitted.values().all(|n| *n == 1));
+    }
+}

@@ -232,3 +232,74 @@ fn a_crash_between_any_two_side_effects_loses_nothing() {
         }
     }
 }
+
+/// Per shipment key, in output order, the rank of each milestone's own status.
+fn rank_drops(reads: &[Read]) -> usize {
+    let mut ordered: Vec<&Read> = reads.iter().collect();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    let mut last: BTreeMap<String, u8> = BTreeMap::new();
+    let mut drops = 0;
+    for read in ordered {
+        let rank = waymark::Status::parse(read.value["status"].as_str().unwrap()).unwrap().rank();
+        let key = read.key.clone().unwrap_or_default();
+        if rank < last.get(&key).copied().unwrap_or(0) {
+            drops += 1;
+        }
+        last.insert(key, rank);
+    }
+    drops
+}
+
+#[test]
+fn the_reorder_window_holds_uncommitted_and_emits_in_hierarchy_order() {
+    let setup = WorkerSetup::new("reorder", 2);
+    let text = std::fs::read_to_string(&setup.config_path).unwrap();
+    std::fs::write(&setup.config_path, format!("{text}\n[order]\nreorder_window = \"6s\"\nreorder_max_records = 100000\n")).unwrap();
+    let mut input = Vec::new();
+    for (partition, seed) in [(0, 51u64), (1, 52u64)] {
+        let spec = TrafficSpec { seed, shipments: 120, partition, topic: setup.input.clone(), ..TrafficSpec::default() };
+        input.extend(generate(&spec).envelopes);
+    }
+    let expected = expected_upserts(&input);
+    // The check below means something only if arrival order breaks hierarchy order.
+    let arrival_order: Vec<Read> = {
+        let output = batch::process(&waymark::Pipeline::default(), &MemoryStore::default(), &input, chrono::Utc::now(), false, None).unwrap();
+        output
+            .upserts
+            .iter()
+            .enumerate()
+            .map(|(i, u)| Read { partition: 0, offset: i as i64, key: Some(u.key()), value: serde_json::to_value(u).unwrap(), headers: BTreeMap::new() })
+            .collect()
+    };
+    let drops_without_window = rank_drops(&arrival_order);
+    assert!(drops_without_window > 0, "the stream has no out-of-order deliveries to reorder");
+    produce(&setup.input, &input, 2);
+
+    // Killed while the window holds records: nothing of them may be committed.
+    let mut worker = setup.spawn(None, None);
+    let held = (0..200).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, metrics) = http_get(setup.http_port, "/metrics")?;
+        let line = metrics.lines().find(|l| l.starts_with("waymark_reorder_held_records "))?;
+        let n: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        (n > 0.0).then_some(n)
+    });
+    let held = held.expect("the worker never reported held records");
+    signal(&worker, "KILL");
+    let _ = worker.wait();
+    let early = read_all(&setup.output, 2, usize::MAX, Duration::from_millis(500), Duration::ZERO);
+    assert!(early.is_empty(), "records held by the window were emitted before it closed");
+
+    let mut worker = setup.spawn(None, None);
+    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(90), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    let drops = rank_drops(&output);
+    println!(
+        "checked: SIGKILL with {held} records held, then {distinct} distinct of {} expected, {repeats} repeats; status drops per shipment: {drops} with the window, {drops_without_window} in arrival order",
+        expected.len()
+    );
+    assert_eq!(repeats, 0);
+    assert_eq!(drops, 0, "within one window, every shipment's milestones must come out in hierarchy order");
+}
