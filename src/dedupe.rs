@@ -242,7 +242,7 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Location, SourceRef, Status};
     use crate::state::MemoryStore;

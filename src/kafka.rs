@@ -461,7 +461,10 @@ fn committed_offset(
 pub struct TransactionalSink {
     config: ClientConfig,
     sink: KafkaSink,
+    /// Timeout of each transactional call (init, send offsets, commit, abort).
     timeout: Duration,
+    /// How many times the producer was replaced after an indefinite error.
+    recreated: u64,
 }
 
 impl TransactionalSink {
@@ -470,7 +473,7 @@ impl TransactionalSink {
         client.set("transactional.id", transactional_id);
         let timeout = Duration::from_secs(30);
         let sink = KafkaSink::with_producer(config, Self::create(&client, timeout)?);
-        Ok(TransactionalSink { config: client, sink, timeout })
+        Ok(TransactionalSink { config: client, sink, timeout, recreated: 0 })
     }
 
     fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
@@ -484,6 +487,7 @@ impl TransactionalSink {
     fn recreate(&mut self) -> Result<(), KafkaError> {
         tracing::warn!("re-creating the transactional producer");
         metrics::counter!("waymark_producer_recreated_total").increment(1);
+        self.recreated += 1;
         self.sink.producer = Self::create(&self.config, self.timeout)?;
         Ok(())
     }
@@ -999,5 +1003,114 @@ fn update_gauges(store: &RocksStore) {
         if let Ok(n) = store.estimated_keys(keyspace) {
             metrics::gauge!(STORE_KEYS, "keyspace" => keyspace.name()).set(n as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Transactional fault injection with librdkafka's mock cluster (unit level:
+    //! the real broker tests in tests/ prove the read_committed guarantees; the
+    //! mock cannot, it keeps no transaction markers).
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::output::MilestoneUpsert;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaApiKey;
+
+    fn config_for(brokers: &str) -> Config {
+        let toml = format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"mock-group\"\ninput_topics = [\"in\"]\noutput_topic = \"out\"\ndead_letter_topic = \"dlq\"\n[kafka.producer_properties]\n\"retry.backoff.ms\" = \"200\"\n\"retry.backoff.max.ms\" = \"200\"\n[state]\nchangelog = false\n"
+        );
+        RawConfig::from_toml(&toml).unwrap().validate().unwrap()
+    }
+
+    fn upsert() -> MilestoneUpsert {
+        let event = crate::dedupe::tests::event("1Z", crate::event::Status::InTransit, 1_722_438_000_000);
+        MilestoneUpsert::new(event, crate::event::Status::InTransit, crate::event::Status::InTransit)
+    }
+
+    /// A consumer that has joined the group (so it has group metadata).
+    fn joined_consumer(config: &Config, store: Arc<RocksStore>) -> BaseConsumer<WorkerContext> {
+        let context = WorkerContext {
+            store,
+            progress: Arc::default(),
+            assigned: Arc::default(),
+            catch_up: Arc::default(),
+            transactional: true,
+            restorer: None,
+            fatal: Arc::default(),
+        };
+        let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context).unwrap();
+        consumer.subscribe(&["in"]).unwrap();
+        let started = Instant::now();
+        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(30), "the mock group never assigned the partition");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        consumer
+    }
+
+    #[test]
+    fn commit_timeouts_recreate_the_producer_and_the_batch_still_commits() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["in", "out", "dlq"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let config = config_for(&cluster.bootstrap_servers());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(dir.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
+        let consumer = joined_consumer(&config, store);
+        let mut sink = TransactionalSink::new(&config, "mock-txn").unwrap();
+        sink.timeout = Duration::from_secs(2);
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        let shutdown = AtomicBool::new(false);
+
+        // A clean commit first.
+        sink.commit(&consumer, &[upsert()], &[], &mut StateBatch::default(), &offsets, &shutdown, Duration::from_secs(5)).unwrap();
+        assert_eq!(sink.recreated, 0);
+
+        // Then EndTxn answers "concurrent transactions" (retriable) 15 times in a
+        // row: with retries 200 ms apart that outlasts the 2 s commit timeout, an
+        // indefinite outcome. The sink must re-create the producer rather than
+        // retry the commit blindly, and the batch must still get in once the
+        // coordinator answers again.
+        cluster.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 15]);
+        sink.commit(&consumer, &[upsert()], &[], &mut StateBatch::default(), &offsets, &shutdown, Duration::from_secs(5))
+            .expect("the batch commits once the coordinator answers again");
+        assert!(sink.recreated >= 1, "an indefinite commit error must re-create the producer");
+
+        // An abortable commit error followed by an abort that times out: abort,
+        // then re-create, then the batch goes in.
+        let recreated_before = sink.recreated;
+        let mut errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN];
+        errors.extend([RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 15]);
+        cluster.request_errors(RDKafkaApiKey::EndTxn, &errors);
+        sink.commit(&consumer, &[upsert()], &[], &mut StateBatch::default(), &offsets, &shutdown, Duration::from_secs(5))
+            .expect("the batch commits after the abort path");
+        assert!(sink.recreated > recreated_before, "an abort that times out must re-create the producer");
+    }
+
+    #[test]
+    fn a_shutdown_past_its_deadline_gives_up_without_claiming_the_batch() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["in", "out", "dlq"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let config = config_for(&cluster.bootstrap_servers());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(dir.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
+        let consumer = joined_consumer(&config, store);
+        let mut sink = TransactionalSink::new(&config, "mock-txn-2").unwrap();
+        sink.timeout = Duration::from_secs(1);
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        cluster.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 2000]);
+        let shutdown = AtomicBool::new(true);
+        let started = Instant::now();
+        let result = sink.commit(&consumer, &[upsert()], &[], &mut StateBatch::default(), &offsets, &shutdown, Duration::from_secs(2));
+        assert!(result.is_err(), "a commit that never succeeds must not be reported as committed");
+        assert!(started.elapsed() < Duration::from_secs(20), "gave up only after {:?}", started.elapsed());
+        cluster.clear_request_errors(RDKafkaApiKey::EndTxn);
     }
 }
