@@ -185,6 +185,11 @@ pub fn ensure_topics(
     retention: Duration,
     timeout: Duration,
 ) -> Result<(), ChangelogError> {
+    // An admin client is a producer to librdkafka, which may ask brokers with
+    // auto.create.topics.enable to create a missing topic when it fetches its
+    // metadata: that topic would have broker defaults (not compacted).
+    let mut client = client.clone();
+    client.set("allow.auto.create.topics", "false");
     let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| ChangelogError::Setup(e.to_string(), "?".into()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -216,7 +221,10 @@ pub fn ensure_topics(
                 }
             }
             tracing::info!(topic = %changelog, partitions = wanted, "created the changelog topic");
-        } else if have < wanted {
+        } else {
+            warn_unless_compacted(&admin, &runtime, &options, &changelog);
+        }
+        if have > 0 && have < wanted {
             let grow = NewPartitions::new(&changelog, wanted);
             let results = runtime.block_on(admin.create_partitions([&grow], &options)).map_err(|e| setup(&e))?;
             for result in results {
@@ -242,6 +250,30 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
+/// A changelog topic made by someone else may lack compaction (then retention
+/// would delete live state): say so, with the fix. Best effort, never fatal.
+fn warn_unless_compacted(
+    admin: &AdminClient<DefaultClientContext>,
+    runtime: &tokio::runtime::Runtime,
+    options: &AdminOptions,
+    topic: &str,
+) {
+    let described = runtime.block_on(admin.describe_configs([&rdkafka::admin::ResourceSpecifier::Topic(topic)], options));
+    let policy = described
+        .ok()
+        .and_then(|mut results| results.pop())
+        .and_then(|result| result.ok())
+        .and_then(|resource| resource.get("cleanup.policy").and_then(|entry| entry.value.clone()));
+    match policy {
+        Some(policy) if policy.contains("compact") => {}
+        Some(policy) => tracing::warn!(
+            %topic, %policy,
+            "the changelog topic is not compacted: old state may be deleted before it expires; set cleanup.policy=compact,delete on it"
+        ),
+        None => tracing::debug!(%topic, "could not read the changelog topic's cleanup.policy"),
+    }
+}
+
 /// Replays changelog partitions into the local store.
 #[derive(Clone)]
 pub struct Restorer {
@@ -259,6 +291,9 @@ impl Restorer {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
+            // The end is reached when a fetch comes back empty: don't let the
+            // broker hold that fetch for the default 500 ms per partition.
+            .set("fetch.wait.max.ms", "10")
             .set("auto.offset.reset", "earliest");
         Restorer { client, group_id: group_id.to_string(), timeout }
     }
@@ -299,7 +334,7 @@ impl Restorer {
                     self.timeout
                 )));
             }
-            match consumer.poll(Duration::from_millis(500)) {
+            match consumer.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => {
