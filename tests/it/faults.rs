@@ -203,3 +203,26 @@ fn a_full_state_disk_stops_the_worker_with_a_clear_error_and_loses_nothing() {
     println!("checked: disk filled mid-stream; worker stopped with `{reason}`; after freeing it: {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
     assert!(restarted.is_some_and(|s| s.success()));
 }
+
+#[test]
+fn a_slow_downstream_backpressures_the_worker_without_loss() {
+    // A producer queue of 5 records with 20 ms linger: every batch of 200 fills
+    // it again and again (QueueFull), as a slow output topic would. The worker
+    // must wait for deliveries, not drop, buffer without bound or fail.
+    let setup = WorkerSetup::new("backpressure", 1);
+    let text = std::fs::read_to_string(&setup.config_path).unwrap();
+    let slow = "\n[kafka.producer_properties]\n\"queue.buffering.max.messages\" = \"5\"\n\"linger.ms\" = \"20\"\n";
+    std::fs::write(&setup.config_path, format!("{text}{slow}")).unwrap();
+    let spec = TrafficSpec { seed: 61, shipments: 80, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let input = generate(&spec).envelopes;
+    let expected = expected_upserts(&input);
+    produce(&setup.input, &input, 1);
+    let mut worker = setup.spawn(None, None);
+    let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(30));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    println!("checked: producer queue of 5 records, {} records in, {distinct} distinct of {} expected, {repeats} repeats", input.len(), expected.len());
+    assert_eq!(repeats, 0, "nothing crashed, so nothing may repeat");
+    assert!(status.is_some_and(|s| s.success()));
+}
