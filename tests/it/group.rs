@@ -28,7 +28,7 @@ const CHUNKS: usize = 6;
 
 fn shipments_per_partition() -> usize {
     match std::env::var("WAYMARK_FAULT_SCALE").as_deref() {
-        Ok("full") => 2_300,
+        Ok("full") => 2_500,
         _ => 200,
     }
 }

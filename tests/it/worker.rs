@@ -112,7 +112,7 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
 /// kills; `WAYMARK_FAULT_SCALE=full` runs ~100,000 records and 20 kills.
 fn fault_scale() -> (usize, usize) {
     match std::env::var("WAYMARK_FAULT_SCALE").as_deref() {
-        Ok("full") => (4_800, 20),
+        Ok("full") => (5_000, 20),
         _ => (250, 6),
     }
 }
