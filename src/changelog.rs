@@ -43,7 +43,7 @@ use crate::state::{Keyspace, Scope, StateBatch, StateStore};
 /// tries again.
 #[derive(Debug, Error)]
 pub enum ChangelogError {
-    #[error("changelog topic setup: {0} (the worker needs rights to describe and create topics, or create `{1}` yourself: compacted, as many partitions as the input)")]
+    #[error("changelog topic `{1}`: {0} (check that the brokers are reachable; the worker needs rights to describe and create topics, or create the topic yourself: cleanup.policy=compact,delete, as many partitions as its input)")]
     Setup(String, String),
     #[error("input topic `{0}` does not exist or has no partitions: create it before starting the worker")]
     MissingInput(String),

@@ -620,14 +620,30 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let fatal: Arc<Mutex<Option<ChangelogError>>> = Arc::default();
     let restorer = match &config.changelog {
         Some(settings) => {
-            changelog::ensure_topics(
-                &base_config(config),
-                &config.kafka.group_id,
-                &config.kafka.input_topics,
-                settings.replication,
-                settings.retention,
-                Duration::from_secs(30),
-            )?;
+            // The broker may not be up yet: wait for it (not ready meanwhile)
+            // rather than exit into a crash loop.
+            let mut retry = Retry::new(deps.shutdown, Duration::ZERO, Duration::from_secs(1));
+            loop {
+                let ensured = changelog::ensure_topics(
+                    &base_config(config),
+                    &config.kafka.group_id,
+                    &config.kafka.input_topics,
+                    settings.replication,
+                    settings.retention,
+                    Duration::from_secs(10),
+                );
+                match ensured {
+                    Ok(()) => break,
+                    Err(_) if deps.shutdown.load(Ordering::SeqCst) => {
+                        tracing::info!("stopped before the changelog topics were ready; nothing was processed");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, brokers = %config.kafka.brokers, attempt = retry.attempt + 1, "changelog topics not ready; retrying");
+                        retry.back_off();
+                    }
+                }
+            }
             Some(Restorer::new(base_config(config), &config.kafka.group_id, settings.restore_timeout))
         }
         None => None,

@@ -22,11 +22,16 @@ struct PrivateBroker {
 
 impl PrivateBroker {
     fn start() -> PrivateBroker {
-        // The shared broker being up proves Java, Maven and the jar cache work here.
-        let _ = brokers();
-        let broker = PrivateBroker { port: free_port(), controller_port: free_port(), data: tempfile::tempdir().unwrap() };
+        let broker = PrivateBroker::stopped();
         broker.script("start");
         broker
+    }
+
+    /// Ports and data directory chosen, broker not started yet.
+    fn stopped() -> PrivateBroker {
+        // The shared broker being up proves Java, Maven and the jar cache work here.
+        let _ = brokers();
+        PrivateBroker { port: free_port(), controller_port: free_port(), data: tempfile::tempdir().unwrap() }
     }
 
     fn address(&self) -> String {
@@ -224,5 +229,32 @@ fn a_slow_downstream_backpressures_the_worker_without_loss() {
     let (distinct, repeats) = check_at_least_once(&output, &expected);
     println!("checked: producer queue of 5 records, {} records in, {distinct} distinct of {} expected, {repeats} repeats", input.len(), expected.len());
     assert_eq!(repeats, 0, "nothing crashed, so nothing may repeat");
+    assert!(status.is_some_and(|s| s.success()));
+}
+
+#[test]
+fn a_worker_started_before_its_broker_waits_for_it() {
+    let broker = PrivateBroker::stopped();
+    // The setup creates topics, which needs the broker: write the config by hand
+    // through a setup on the shared broker, then point it at the private one.
+    let setup = WorkerSetup::new("brokerlate", 1);
+    let text = std::fs::read_to_string(&setup.config_path).unwrap();
+    std::fs::write(&setup.config_path, text.replace(&brokers(), &broker.address())).unwrap();
+    let mut worker = setup.spawn(None, None);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(worker.try_wait().unwrap().is_none(), "the worker must wait for its broker, not exit");
+    assert_eq!(http_get(setup.http_port, "/readyz").map(|r| r.0), Some(503), "not ready while the broker is away");
+
+    broker.script("start");
+    create_topics_on(&broker.address(), &[&setup.input, &setup.output, &setup.dlq], 1);
+    let spec = TrafficSpec { seed: 71, shipments: 30, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let input = generate(&spec).envelopes;
+    let expected = expected_upserts(&input);
+    produce_on(&broker.address(), &setup.input, &input, 1);
+    let output = read_all_on(&broker.address(), &setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(30));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    println!("checked: worker started 4 s before its broker; {distinct} distinct of {} expected, {repeats} repeats", expected.len());
     assert!(status.is_some_and(|s| s.success()));
 }
