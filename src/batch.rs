@@ -116,15 +116,7 @@ pub fn process<S: StateStore + ?Sized>(
     for envelope in envelopes {
         let started = Instant::now();
         let result = pipeline.process(envelope, now, &mut staged)?;
-        if let Some(telemetry) = telemetry {
-            telemetry.record(&result, started.elapsed());
-        }
-        if track_progress {
-            stage_progress(&mut staged, &envelope.topic, envelope.partition, envelope.offset + 1);
-        }
-        output.summary.add_result(&result);
-        output.upserts.extend(result.upserts);
-        output.dead_letters.extend(result.dead_letter);
+        account(&mut output, &mut staged, envelope, result, started.elapsed(), track_progress, telemetry);
     }
     output.state = staged.take_batch();
     Ok(output)
@@ -145,19 +137,35 @@ pub fn process_window<S: StateStore + ?Sized>(
     let started = Instant::now();
     let (results, upserts) = pipeline.process_in_hierarchy_order(envelopes, now, &mut staged)?;
     let per_record = started.elapsed() / (envelopes.len().max(1) as u32);
+    // The window's upserts in emission order; the per-record results carry none.
     let mut output = BatchOutput { upserts, ..BatchOutput::default() };
     for (envelope, result) in envelopes.iter().zip(results) {
-        if let Some(telemetry) = telemetry {
-            telemetry.record(&result, per_record);
-        }
-        if track_progress {
-            stage_progress(&mut staged, &envelope.topic, envelope.partition, envelope.offset + 1);
-        }
-        output.summary.add_result(&result);
-        output.dead_letters.extend(result.dead_letter);
+        account(&mut output, &mut staged, envelope, result, per_record, track_progress, telemetry);
     }
     output.state = staged.take_batch();
     Ok(output)
+}
+
+/// One processed record into the batch: telemetry, progress, summary, its
+/// upserts and dead letter.
+fn account<S: StateStore + ?Sized>(
+    output: &mut BatchOutput,
+    staged: &mut Staged<'_, S>,
+    envelope: &Envelope,
+    result: RecordResult,
+    elapsed: std::time::Duration,
+    track_progress: bool,
+    telemetry: Option<&Telemetry>,
+) {
+    if let Some(telemetry) = telemetry {
+        telemetry.record(&result, elapsed);
+    }
+    if track_progress {
+        stage_progress(staged, &envelope.topic, envelope.partition, envelope.offset + 1);
+    }
+    output.summary.add_result(&result);
+    output.upserts.extend(result.upserts);
+    output.dead_letters.extend(result.dead_letter);
 }
 
 /// The points between the side effects of committing a batch, where a process can
