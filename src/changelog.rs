@@ -35,7 +35,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use thiserror::Error;
 
 use crate::error::StoreError;
-use crate::pipeline::progress_key;
+use crate::pipeline::{progress_key, stored_offset};
 use crate::state::{Keyspace, Scope, StateBatch, StateStore};
 
 /// Why the changelog could not be set up or replayed. The worker stops on it (a
@@ -163,16 +163,7 @@ pub fn stage_positions(batch: &mut StateBatch, records: &[ChangelogRecord], deli
 
 /// The stored changelog position of an input partition.
 pub fn stored_position<S: StateStore + ?Sized>(store: &S, input_topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-    match store.get(Keyspace::Offsets, &position_key(input_topic, partition))? {
-        None => Ok(None),
-        Some(bytes) => {
-            let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-                keyspace: Keyspace::Offsets.name(),
-                reason: format!("changelog position of {} bytes", bytes.len()),
-            })?;
-            Ok(Some(i64::from_be_bytes(raw)))
-        }
-    }
+    stored_offset(store, &position_key(input_topic, partition))
 }
 
 /// Make sure every input topic has its changelog topic with at least as many

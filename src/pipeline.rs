@@ -230,7 +230,12 @@ pub fn stage_progress<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, topic: 
 
 /// The next offset to process for a partition, if the store knows it.
 pub fn stored_progress<S: StateStore + ?Sized>(store: &S, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-    match store.get(Keyspace::Offsets, &progress_key(topic, partition))? {
+    stored_offset(store, &progress_key(topic, partition))
+}
+
+/// An offset (8 bytes, big-endian) stored under `key` in the offsets keyspace.
+pub fn stored_offset<S: StateStore + ?Sized>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
+    match store.get(Keyspace::Offsets, key)? {
         None => Ok(None),
         Some(bytes) => {
             let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
