@@ -672,6 +672,8 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
 
     let mut last_gauges = Instant::now();
     let mut window = ReorderBuffer::default();
+    // With the reorder window on, every unit is processed in hierarchy order.
+    let process: Process = if config.reorder.is_some() { batch::process_window } else { batch::process };
     loop {
         // After a shutdown request: no more polling, but a held window is still
         // processed and committed (in-flight work).
@@ -698,12 +700,9 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
             }
         };
         if !unit.is_empty() {
-            let hierarchy = config.reorder.is_some();
             match &mut output {
-                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &unit, &progress, hierarchy)?,
-                Output::ExactlyOnce(sink) => {
-                    process_transactionally(&deps, &consumer, sink, unit, &progress, &catch_up, hierarchy)?
-                }
+                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &unit, &progress, process)?,
+                Output::ExactlyOnce(sink) => process_transactionally(&deps, &consumer, sink, unit, &progress, &catch_up, process)?,
             }
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
@@ -774,8 +773,17 @@ impl ReorderBuffer {
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&Envelope) -> bool) {
+        let before = self.held.len();
         self.held.retain(|e| keep(e));
-        self.highest.retain(|(topic, partition), _| self.held.iter().any(|e| &e.topic == topic && e.partition == *partition));
+        if self.held.len() == before {
+            return;
+        }
+        // Only after a revocation: forget the dropped partitions' positions.
+        self.highest.clear();
+        for envelope in &self.held {
+            let highest = self.highest.entry((envelope.topic.clone(), envelope.partition)).or_insert(-1);
+            *highest = (*highest).max(envelope.offset);
+        }
         if self.held.is_empty() {
             self.since = None;
         }
@@ -792,6 +800,10 @@ impl ReorderBuffer {
     }
 }
 
+/// How a unit of records is processed: `batch::process` (arrival order) or
+/// `batch::process_window` (the reorder window's hierarchy order).
+type Process = fn(&Pipeline, &RocksStore, &[Envelope], DateTime<Utc>, bool, Option<&Telemetry>) -> Result<batch::BatchOutput, StoreError>;
+
 /// The output side of the worker, by delivery mode.
 enum Output {
     AtLeastOnce(KafkaSink),
@@ -807,9 +819,8 @@ fn process_transactionally(
     envelopes: Vec<Envelope>,
     progress: &Mutex<HashMap<(String, i32), i64>>,
     catch_up: &Mutex<HashMap<(String, i32), i64>>,
-    hierarchy: bool,
+    process: Process,
 ) -> Result<(), WorkerError> {
-    let process = if hierarchy { batch::process_window::<RocksStore> } else { batch::process::<RocksStore> };
     let now = (deps.clock)();
     let (silent, live): (Vec<Envelope>, Vec<Envelope>) = {
         let bounds = catch_up.lock().unwrap_or_else(|p| p.into_inner());
@@ -907,9 +918,8 @@ fn process_and_commit(
     sink: &mut KafkaSink,
     envelopes: &[Envelope],
     progress: &Mutex<HashMap<(String, i32), i64>>,
-    hierarchy: bool,
+    process: Process,
 ) -> Result<(), WorkerError> {
-    let process = if hierarchy { batch::process_window::<RocksStore> } else { batch::process::<RocksStore> };
     let output = process(deps.pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
     let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
     match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
@@ -1066,20 +1076,39 @@ mod tests {
         consumer
     }
 
+    /// A mock cluster with the worker's topics, a consumer that joined the group,
+    /// a transactional sink whose calls time out after `timeout`, and the offsets
+    /// of one processed input record.
+    struct MockWorker {
+        cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        consumer: BaseConsumer<WorkerContext>,
+        sink: TransactionalSink,
+        offsets: TopicPartitionList,
+        _state: tempfile::TempDir,
+    }
+
+    impl MockWorker {
+        fn new(transactional_id: &str, timeout: Duration) -> MockWorker {
+            let cluster = MockCluster::new(1).unwrap();
+            for topic in ["in", "out", "dlq"] {
+                cluster.create_topic(topic, 1, 1).unwrap();
+            }
+            let config = config_for(&cluster.bootstrap_servers());
+            let state = tempfile::tempdir().unwrap();
+            let options = crate::store::StoreOptions::default();
+            let store = Arc::new(RocksStore::open(state.path(), &options, crate::store::system_clock()).unwrap());
+            let consumer = joined_consumer(&config, store);
+            let mut sink = TransactionalSink::new(&config, transactional_id).unwrap();
+            sink.timeout = timeout;
+            let mut offsets = TopicPartitionList::new();
+            offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+            MockWorker { cluster, consumer, sink, offsets, _state: state }
+        }
+    }
+
     #[test]
     fn commit_timeouts_recreate_the_producer_and_the_batch_still_commits() {
-        let cluster = MockCluster::new(1).unwrap();
-        for topic in ["in", "out", "dlq"] {
-            cluster.create_topic(topic, 1, 1).unwrap();
-        }
-        let config = config_for(&cluster.bootstrap_servers());
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RocksStore::open(dir.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
-        let consumer = joined_consumer(&config, store);
-        let mut sink = TransactionalSink::new(&config, "mock-txn").unwrap();
-        sink.timeout = Duration::from_secs(2);
-        let mut offsets = TopicPartitionList::new();
-        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        let MockWorker { _state, cluster, consumer, mut sink, offsets } = MockWorker::new("mock-txn", Duration::from_secs(2));
         let shutdown = AtomicBool::new(false);
 
         // A clean commit first.
@@ -1109,18 +1138,7 @@ mod tests {
 
     #[test]
     fn a_shutdown_past_its_deadline_gives_up_without_claiming_the_batch() {
-        let cluster = MockCluster::new(1).unwrap();
-        for topic in ["in", "out", "dlq"] {
-            cluster.create_topic(topic, 1, 1).unwrap();
-        }
-        let config = config_for(&cluster.bootstrap_servers());
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RocksStore::open(dir.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
-        let consumer = joined_consumer(&config, store);
-        let mut sink = TransactionalSink::new(&config, "mock-txn-2").unwrap();
-        sink.timeout = Duration::from_secs(1);
-        let mut offsets = TopicPartitionList::new();
-        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        let MockWorker { _state, cluster, consumer, mut sink, offsets } = MockWorker::new("mock-txn-2", Duration::from_secs(1));
         cluster.request_errors(RDKafkaApiKey::EndTxn, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 2000]);
         let shutdown = AtomicBool::new(true);
         let started = Instant::now();
