@@ -243,9 +243,19 @@ listen = "127.0.0.1:{http_port}"
 
     /// Switch state hand-over off (`state.changelog = false`): state stays local.
     pub fn disable_changelog(&self) {
+        self.configure("state", "changelog = false");
+    }
+
+    /// Add `lines` to the config's `[section]`, creating the section if needed.
+    pub fn configure(&self, section: &str, lines: &str) {
         let text = std::fs::read_to_string(&self.config_path).unwrap();
-        assert!(text.contains("[state]\n"), "the test config has a [state] section");
-        std::fs::write(&self.config_path, text.replace("[state]\n", "[state]\nchangelog = false\n")).unwrap();
+        let header = format!("[{section}]\n");
+        let text = if text.contains(&header) {
+            text.replacen(&header, &format!("{header}{lines}\n"), 1)
+        } else {
+            format!("{text}\n{header}{lines}\n")
+        };
+        std::fs::write(&self.config_path, text).unwrap();
     }
 
     /// Start a worker process with this setup's config (its own state dir if given).
@@ -323,4 +333,23 @@ pub fn check_at_least_once(output: &[Read], expected: &BTreeMap<String, serde_js
     let unexpected = seen.keys().filter(|id| !expected.contains_key(*id)).count();
     assert_eq!(unexpected, 0, "milestones that a correct pipeline would not emit");
     (seen.len(), repeats)
+}
+
+/// The upserts a correct pipeline emits for `envelopes` (each partition in order),
+/// by milestone id; prints what the stream holds.
+pub fn expected_upserts(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::Value> {
+    let store = waymark::state::MemoryStore::default();
+    let output = waymark::batch::process(&waymark::Pipeline::default(), &store, envelopes, chrono::Utc::now(), false, None)
+        .expect("the in-memory pipeline cannot fail");
+    let s = &output.summary;
+    println!(
+        "stream: {} records, {} canonical events, {} duplicates ({:.0}% of events; {} by key within skew), {} out of order",
+        s.records,
+        s.events,
+        s.duplicate_hash + s.duplicate_key,
+        100.0 * (s.duplicate_hash + s.duplicate_key) as f64 / s.events.max(1) as f64,
+        s.duplicate_key,
+        s.out_of_order
+    );
+    output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
 }

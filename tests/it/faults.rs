@@ -2,14 +2,12 @@
 //! disturbs the tests sharing WAYMARK_TEST_BROKERS): the broker is stopped and
 //! restarted mid-stream while the worker runs.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use waymark::state::MemoryStore;
 use waymark::synth::{generate, TrafficSpec};
-use waymark::{batch, Envelope};
+use waymark::Envelope;
 
 use crate::common::*;
 
@@ -59,12 +57,6 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.script("stop");
     }
-}
-
-fn expected_upserts(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::Value> {
-    let output = batch::process(&waymark::Pipeline::default(), &MemoryStore::default(), envelopes, chrono::Utc::now(), false, None)
-        .unwrap();
-    output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
 }
 
 #[test]
@@ -157,8 +149,7 @@ fn a_full_state_disk_stops_the_worker_with_a_clear_error_and_loses_nothing() {
     let disk = SmallDisk::mount(24);
     let setup = WorkerSetup::new("diskfull", 1);
     // Small memtables, so RocksDB must write to disk soon after the disk fills.
-    let text = std::fs::read_to_string(&setup.config_path).unwrap();
-    std::fs::write(&setup.config_path, text.replace("[state]\n", "[state]\nmemtable_mb = 1\n")).unwrap();
+    setup.configure("state", "memtable_mb = 1");
     let state_dir = disk.path().join("state");
     let spec = |seed: u64, shipments: usize| TrafficSpec { seed, shipments, topic: setup.input.clone(), ..TrafficSpec::default() };
     let first = generate(&spec(41, 40)).envelopes;
@@ -215,9 +206,7 @@ fn a_slow_downstream_backpressures_the_worker_without_loss() {
     // it again and again (QueueFull), as a slow output topic would. The worker
     // must wait for deliveries, not drop, buffer without bound or fail.
     let setup = WorkerSetup::new("backpressure", 1);
-    let text = std::fs::read_to_string(&setup.config_path).unwrap();
-    let slow = "\n[kafka.producer_properties]\n\"queue.buffering.max.messages\" = \"5\"\n\"linger.ms\" = \"20\"\n";
-    std::fs::write(&setup.config_path, format!("{text}{slow}")).unwrap();
+    setup.configure("kafka.producer_properties", "\"queue.buffering.max.messages\" = \"5\"\n\"linger.ms\" = \"20\"");
     let spec = TrafficSpec { seed: 61, shipments: 80, topic: setup.input.clone(), ..TrafficSpec::default() };
     let input = generate(&spec).envelopes;
     let expected = expected_upserts(&input);

@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use waymark::state::MemoryStore;
 use waymark::synth::{generate, TrafficSpec};
-use waymark::{batch, Envelope, Status};
+use waymark::{Envelope, Status};
 
 use crate::common::*;
 
@@ -31,13 +30,6 @@ fn shipments_per_partition() -> usize {
         Ok("full") => 2_500,
         _ => 200,
     }
-}
-
-/// Distinct milestone ids (and upserts) a correct pipeline emits for `envelopes`.
-fn expected(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::Value> {
-    let output = batch::process(&waymark::Pipeline::default(), &MemoryStore::default(), envelopes, chrono::Utc::now(), false, None)
-        .expect("in-memory pipeline");
-    output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
 }
 
 /// Reads the output topic incrementally (read_committed).
@@ -183,7 +175,7 @@ fn membership_run(name: &str, exactly_once: bool, changelog: bool) -> (Vec<Read>
             .collect()
     };
     let all: Vec<Envelope> = per_partition.iter().flatten().cloned().collect();
-    let expected_all = expected(&all);
+    let expected_all = expected_upserts(&all);
     println!("{name}: {} records on {PARTITIONS} partitions in {CHUNKS} chunks, {} distinct milestones", all.len(), expected_all.len());
 
     let root = tempfile::tempdir().unwrap();
@@ -208,7 +200,7 @@ fn membership_run(name: &str, exactly_once: bool, changelog: bool) -> (Vec<Read>
         produced.extend(chunk);
         // Order within each partition is what matters to the pipeline.
         produced.sort_by_key(|e| e.partition);
-        let target = expected(&produced).len();
+        let target = expected_upserts(&produced).len();
         assert!(
             watcher.wait_distinct(target, Duration::from_secs(180)),
             "{name}: after chunk {k}, only {} of {target} distinct milestones arrived",

@@ -9,24 +9,6 @@ use waymark::{batch, Envelope};
 
 use crate::common::*;
 
-/// The upserts a correct pipeline emits for `envelopes` (each partition in order).
-fn expected_upserts(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::Value> {
-    let now = chrono::Utc::now();
-    let store = MemoryStore::default();
-    let output = batch::process(&waymark::Pipeline::default(), &store, envelopes, now, false, None).unwrap();
-    let s = &output.summary;
-    println!(
-        "stream: {} records, {} canonical events, {} duplicates ({:.0}% of events; {} by key within skew), {} out of order",
-        s.records,
-        s.events,
-        s.duplicate_hash + s.duplicate_key,
-        100.0 * (s.duplicate_hash + s.duplicate_key) as f64 / s.events.max(1) as f64,
-        s.duplicate_key,
-        s.out_of_order
-    );
-    output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
-}
-
 /// Strip the source (topic differs between the test's input and the archive).
 fn without_source(mut v: serde_json::Value) -> serde_json::Value {
     v.as_object_mut().unwrap().remove("source");
@@ -253,8 +235,7 @@ fn rank_drops(reads: &[Read]) -> usize {
 #[test]
 fn the_reorder_window_holds_uncommitted_and_emits_in_hierarchy_order() {
     let setup = WorkerSetup::new("reorder", 2);
-    let text = std::fs::read_to_string(&setup.config_path).unwrap();
-    std::fs::write(&setup.config_path, format!("{text}\n[order]\nreorder_window = \"6s\"\nreorder_max_records = 100000\n")).unwrap();
+    setup.configure("order", "reorder_window = \"6s\"\nreorder_max_records = 100000");
     let mut input = Vec::new();
     for (partition, seed) in [(0, 51u64), (1, 52u64)] {
         let spec = TrafficSpec { seed, shipments: 120, partition, topic: setup.input.clone(), ..TrafficSpec::default() };
