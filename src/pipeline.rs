@@ -47,6 +47,27 @@ pub struct RecordResult {
     pub dead_letter: Option<DeadLetter>,
 }
 
+impl RecordResult {
+    /// A record that yields no events: its dead letter, with what was known of it.
+    fn rejected(envelope: &Envelope, rejected: Rejected, now: DateTime<Utc>) -> RecordResult {
+        RecordResult {
+            dead_letter: Some(DeadLetter::new(envelope, &rejected.error, rejected.carrier.clone(), rejected.tenant_id.clone(), now)),
+            carrier: rejected.carrier,
+            tenant_id: rejected.tenant_id,
+            ..RecordResult::default()
+        }
+    }
+
+    /// A record resolved to its carrier and tenant, before its events are applied.
+    fn resolved(context: &RecordContext) -> RecordResult {
+        RecordResult {
+            carrier: Some(context.carrier.clone()),
+            tenant_id: Some(context.tenant_id.clone()),
+            ..RecordResult::default()
+        }
+    }
+}
+
 /// Why a record yields no events, with what was known of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -104,29 +125,12 @@ impl Pipeline {
     ) -> Result<RecordResult, StoreError> {
         let (context, mut events) = match self.canonical_events(envelope, now) {
             Ok(ok) => ok,
-            Err(rejected) => {
-                return Ok(RecordResult {
-                    dead_letter: Some(DeadLetter::new(
-                        envelope,
-                        &rejected.error,
-                        rejected.carrier.clone(),
-                        rejected.tenant_id.clone(),
-                        now,
-                    )),
-                    carrier: rejected.carrier,
-                    tenant_id: rejected.tenant_id,
-                    ..RecordResult::default()
-                })
-            }
+            Err(rejected) => return Ok(RecordResult::rejected(envelope, rejected, now)),
         };
         // A history applies oldest first, ties by rank, whatever order the carrier listed it in.
         events.sort_by_key(|e| (e.occurred_at, e.status.rank()));
         let scope = Scope::of(&envelope.topic, envelope.partition);
-        let mut result = RecordResult {
-            carrier: Some(context.carrier.clone()),
-            tenant_id: Some(context.tenant_id.clone()),
-            ..RecordResult::default()
-        };
+        let mut result = RecordResult::resolved(&context);
         for event in events {
             let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
             result.events.push(outcome);
@@ -154,20 +158,11 @@ impl Pipeline {
         let mut pending: Vec<(usize, Scope, TrackingEvent)> = Vec::new();
         for (index, envelope) in envelopes.iter().enumerate() {
             match self.canonical_events(envelope, now) {
-                Err(rejected) => results.push(RecordResult {
-                    dead_letter: Some(DeadLetter::new(envelope, &rejected.error, rejected.carrier.clone(), rejected.tenant_id.clone(), now)),
-                    carrier: rejected.carrier,
-                    tenant_id: rejected.tenant_id,
-                    ..RecordResult::default()
-                }),
+                Err(rejected) => results.push(RecordResult::rejected(envelope, rejected, now)),
                 Ok((context, events)) => {
                     let scope = Scope::of(&envelope.topic, envelope.partition);
                     pending.extend(events.into_iter().map(|event| (index, scope, event)));
-                    results.push(RecordResult {
-                        carrier: Some(context.carrier),
-                        tenant_id: Some(context.tenant_id),
-                        ..RecordResult::default()
-                    });
+                    results.push(RecordResult::resolved(&context));
                 }
             }
         }
