@@ -15,6 +15,7 @@ use crate::error::StoreError;
 use crate::sink::{Sink, SinkError};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::pipeline::{stage_progress, Pipeline, RecordResult};
+use crate::routing::RoutedRecord;
 use crate::state::{StateBatch, StateStore, Staged};
 use crate::telemetry::Telemetry;
 
@@ -23,6 +24,8 @@ use crate::telemetry::Telemetry;
 pub struct BatchOutput {
     pub upserts: Vec<MilestoneUpsert>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Stage one of the worker: canonical events on their way to their home partition.
+    pub routed: Vec<RoutedRecord>,
     /// Apply only after the outputs are acknowledged.
     pub state: StateBatch,
     pub summary: Summary,
@@ -102,7 +105,8 @@ impl std::fmt::Display for Summary {
 }
 
 /// Run `envelopes` through the pipeline against `store` at `now`. With
-/// `track_progress`, each record also stages "offset + 1" as its partition's progress.
+/// `track_progress`, each record of a partition that owns state also stages
+/// "offset + 1" as its partition's progress.
 pub fn process<S: StateStore + ?Sized>(
     pipeline: &Pipeline,
     store: &S,
@@ -116,7 +120,7 @@ pub fn process<S: StateStore + ?Sized>(
     for envelope in envelopes {
         let started = Instant::now();
         let result = pipeline.process(envelope, now, &mut staged)?;
-        account(&mut output, &mut staged, envelope, result, started.elapsed(), track_progress, telemetry);
+        account(pipeline, &mut output, &mut staged, envelope, result, started.elapsed(), track_progress, telemetry);
     }
     output.state = staged.take_batch();
     Ok(output)
@@ -140,7 +144,7 @@ pub fn process_window<S: StateStore + ?Sized>(
     // The window's upserts in emission order; the per-record results carry none.
     let mut output = BatchOutput { upserts, ..BatchOutput::default() };
     for (envelope, result) in envelopes.iter().zip(results) {
-        account(&mut output, &mut staged, envelope, result, per_record, track_progress, telemetry);
+        account(pipeline, &mut output, &mut staged, envelope, result, per_record, track_progress, telemetry);
     }
     output.state = staged.take_batch();
     Ok(output)
@@ -148,7 +152,9 @@ pub fn process_window<S: StateStore + ?Sized>(
 
 /// One processed record into the batch: telemetry, progress, summary, its
 /// upserts and dead letter.
+#[allow(clippy::too_many_arguments)]
 fn account<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
     output: &mut BatchOutput,
     staged: &mut Staged<'_, S>,
     envelope: &Envelope,
@@ -160,12 +166,13 @@ fn account<S: StateStore + ?Sized>(
     if let Some(telemetry) = telemetry {
         telemetry.record(&result, elapsed);
     }
-    if track_progress {
+    if track_progress && pipeline.is_stateful(&envelope.topic) {
         stage_progress(staged, &envelope.topic, envelope.partition, envelope.offset + 1);
     }
     output.summary.add_result(&result);
     output.upserts.extend(result.upserts);
     output.dead_letters.extend(result.dead_letter);
+    output.routed.extend(result.routed);
 }
 
 /// The points between the side effects of committing a batch, where a process can
@@ -211,7 +218,7 @@ pub fn deliver<S: StateStore + ?Sized>(
     if crash(Failpoint::BeforeOutput) {
         return Err(DeliverError::Crashed(Failpoint::BeforeOutput));
     }
-    sink.send(&output.upserts, &output.dead_letters)?;
+    sink.send(&output.upserts, &output.dead_letters, &output.routed)?;
     if crash(Failpoint::AfterOutput) {
         return Err(DeliverError::Crashed(Failpoint::AfterOutput));
     }

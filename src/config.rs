@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::carriers::DEFAULT_MAX_BODY_BYTES;
 use crate::dedupe::{DedupeConfig, DedupePolicy};
 use crate::envelope::EnvelopeRules;
+use crate::routing::{repartition_topic, Placement};
 use crate::store::StoreOptions;
 
 /// A configuration problem: always exit code 2, with what to change.
@@ -220,6 +221,13 @@ pub struct WorkerSection {
     /// assignment before the worker stops with an error.
     #[serde(default = "default_restore_timeout")]
     pub restore_timeout: String,
+    /// `/healthz` fails when there is lag and no batch has completed for this
+    /// long ("0s": never), so an orchestrator restarts a stuck worker.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: String,
+}
+fn default_stall_timeout() -> String {
+    "5m".into()
 }
 fn default_restore_timeout() -> String {
     "10m".into()
@@ -240,6 +248,7 @@ impl Default for WorkerSection {
             batch_wait: default_batch_wait(),
             shutdown_timeout: default_shutdown(),
             restore_timeout: default_restore_timeout(),
+            stall_timeout: default_stall_timeout(),
         }
     }
 }
@@ -265,6 +274,48 @@ fn default_reorder_max_records() -> usize {
 impl Default for OrderSection {
     fn default() -> Self {
         OrderSection { reorder_window: default_reorder_window(), reorder_max_records: default_reorder_max_records() }
+    }
+}
+
+/// `[routing]`: where a shipment's state lives (see `routing`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingSection {
+    /// `home` (default): every shipment's events are routed through the
+    /// repartition topic to one home partition, whatever the producer's keying.
+    /// `input`: the input is keyed by shipment, the input partition is the home
+    /// (no extra hop; a runtime check counts shipments seen on two partitions).
+    #[serde(default = "default_routing_mode")]
+    pub mode: String,
+    /// Partitions of the processing stage (the repartition topic): fixed when a
+    /// group is first deployed; a state directory made with another count is refused.
+    #[serde(default = "default_routing_partitions")]
+    pub partitions: u32,
+    /// `retention.ms` of the repartition topic the worker creates: longer than the
+    /// group can ever lag (its records are consumed within seconds normally).
+    #[serde(default = "default_repartition_retention")]
+    pub retention: String,
+    /// Replication factor of the repartition topic the worker creates (-1: the broker's default).
+    #[serde(default = "default_changelog_replication")]
+    pub replication: i32,
+}
+fn default_routing_mode() -> String {
+    "home".into()
+}
+fn default_routing_partitions() -> u32 {
+    crate::routing::DEFAULT_PARTITIONS
+}
+fn default_repartition_retention() -> String {
+    "7d".into()
+}
+impl Default for RoutingSection {
+    fn default() -> Self {
+        RoutingSection {
+            mode: default_routing_mode(),
+            partitions: default_routing_partitions(),
+            retention: default_repartition_retention(),
+            replication: default_changelog_replication(),
+        }
     }
 }
 
@@ -315,6 +366,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub order: OrderSection,
     #[serde(default)]
+    pub routing: RoutingSection,
+    #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
     pub telemetry: TelemetrySection,
@@ -357,6 +410,8 @@ pub struct Config {
     pub batch_size: usize,
     pub batch_wait: Duration,
     pub shutdown_timeout: Duration,
+    /// Liveness fails after this long with lag and no progress (zero: never).
+    pub stall_timeout: Duration,
     pub http_listen: SocketAddr,
     pub tenant_label: bool,
     /// State hand-over through changelog topics (`None`: state stays local).
@@ -365,6 +420,17 @@ pub struct Config {
     pub reorder: Option<ReorderWindow>,
     /// User-declared carriers, loaded and validated from `declared_carriers`.
     pub declared_carriers: Vec<std::sync::Arc<crate::carriers::declared::DeclaredCarrier>>,
+    /// Where shipment state lives.
+    pub placement: Placement,
+    /// How the worker creates the repartition topic.
+    pub repartition: RepartitionSettings,
+}
+
+/// How the repartition topic is created when missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepartitionSettings {
+    pub retention: Duration,
+    pub replication: i32,
 }
 
 /// Limits of the bounded reorder window: a window closes when its first record
@@ -535,7 +601,35 @@ impl RawConfig {
         } else {
             None
         };
+        let placement = match self.routing.mode.as_str() {
+            "home" => {
+                if self.routing.partitions == 0 || self.routing.partitions > 100_000 {
+                    return Err(ConfigError::Invalid(format!(
+                        "routing.partitions = {}: write a partition count from 1 to 100000 (fixed for the life of a group)",
+                        self.routing.partitions
+                    )));
+                }
+                Placement::Home { topic: repartition_topic(&kafka.group_id), partitions: self.routing.partitions }
+            }
+            "input" => Placement::Input,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "routing.mode = \"{other}\": write \"home\" (route every shipment to one home partition; the default) or \"input\" (only when producers key records by shipment)"
+                )))
+            }
+        };
+        if let Placement::Home { topic, .. } = &placement {
+            if kafka.input_topics.contains(topic) || [&kafka.output_topic, &kafka.dead_letter_topic].contains(&topic) {
+                return Err(ConfigError::Invalid(format!("`{topic}` is the group's internal repartition topic: use it for nothing else")));
+            }
+        }
+        let repartition = RepartitionSettings {
+            retention: duration("routing.retention", &self.routing.retention)?,
+            replication: self.routing.replication,
+        };
         Ok(Config {
+            placement,
+            repartition,
             delivery,
             envelope: EnvelopeRules {
                 topic_carriers: self.topics,
@@ -554,6 +648,7 @@ impl RawConfig {
             batch_size: self.worker.batch_size,
             batch_wait: duration("worker.batch_wait", &self.worker.batch_wait)?,
             shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
+            stall_timeout: duration("worker.stall_timeout", &self.worker.stall_timeout)?,
             http_listen,
             tenant_label: self.telemetry.tenant_label,
             changelog,
@@ -600,7 +695,16 @@ impl Config {
             // Names were checked against the built-ins on load: this only adds.
             carriers.register(declared.clone());
         }
-        crate::pipeline::Pipeline { rules: self.envelope.clone(), carriers, dedupe: self.dedupe.clone() }
+        crate::pipeline::Pipeline {
+            rules: self.envelope.clone(),
+            carriers,
+            dedupe: self.dedupe.clone(),
+            placement: self.placement.clone(),
+            // Replay and `normalize` apply events in their home's scope directly;
+            // the worker turns the hop on (see `worker`).
+            hop: false,
+            keying_check: None,
+        }
     }
 }
 

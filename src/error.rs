@@ -42,6 +42,10 @@ pub enum RecordError {
     InvalidEnvelope(String),
     #[error("not a tracking event: {0}")]
     Unsupported(String),
+    /// A defect of Waymark's own, confined to this record (its dead letter says
+    /// so; please report it).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RecordError {
@@ -60,6 +64,7 @@ impl RecordError {
             RecordError::AbsurdTimestamp { .. } => "absurd_timestamp",
             RecordError::InvalidEnvelope(_) => "invalid_envelope",
             RecordError::Unsupported(_) => "unsupported",
+            RecordError::Internal(_) => "internal_error",
         }
     }
 

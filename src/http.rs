@@ -4,7 +4,7 @@
 //! minimal HTTP/1.1 responder on tokio that reads the request line and closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,47 @@ pub struct Health {
     pub ready: AtomicBool,
     /// The worker hit a fatal error (liveness fails, so an orchestrator restarts it).
     pub failed: AtomicBool,
+    /// Partitions assigned to this instance right now.
+    pub assigned: AtomicUsize,
+    /// At least one broker connection is up (librdkafka's statistics).
+    pub broker_up: AtomicBool,
+    /// Records behind the log end over the assigned partitions (statistics).
+    pub lag: AtomicI64,
+    /// Wall-clock ms of the last completed batch (or of the start).
+    pub last_progress_ms: AtomicI64,
+    /// Liveness fails when there is lag and no batch completed for this long (ms; 0: never).
+    pub stall_after_ms: AtomicI64,
+}
+
+impl Health {
+    /// `Err(why)` when the worker is dead or stuck: it failed, or it has work
+    /// (lag) and has completed no batch for `stall_after_ms`.
+    pub fn liveness(&self, now_ms: i64) -> Result<(), String> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err("failed".into());
+        }
+        let stall_after = self.stall_after_ms.load(Ordering::SeqCst);
+        let lag = self.lag.load(Ordering::SeqCst);
+        let idle = now_ms.saturating_sub(self.last_progress_ms.load(Ordering::SeqCst));
+        if stall_after > 0 && lag > 0 && idle > stall_after {
+            return Err(format!("stalled: {lag} records to process and no batch completed for {} s", idle / 1000));
+        }
+        Ok(())
+    }
+
+    /// `Err(why)` unless subscribed, with partitions assigned and a broker reachable.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("not ready: starting or stopping".into());
+        }
+        if !self.broker_up.load(Ordering::SeqCst) {
+            return Err("not ready: no broker reachable".into());
+        }
+        if self.assigned.load(Ordering::SeqCst) == 0 {
+            return Err("not ready: no partitions assigned".into());
+        }
+        Ok(())
+    }
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
@@ -105,10 +146,14 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, h
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") if !health.failed.load(Ordering::SeqCst) => ("200 OK", "text/plain", "ok\n".into()),
-        ("GET", "/healthz") => ("503 Service Unavailable", "text/plain", "failed\n".into()),
-        ("GET", "/readyz") if health.ready.load(Ordering::SeqCst) => ("200 OK", "text/plain", "ready\n".into()),
-        ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".into()),
+        ("GET", "/healthz") => match health.liveness(chrono::Utc::now().timestamp_millis()) {
+            Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
+            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        },
+        ("GET", "/readyz") => match health.readiness() {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
+            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        },
         ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
@@ -165,6 +210,22 @@ mod tests {
     }
 
     #[test]
+    fn liveness_fails_only_when_there_is_work_and_no_progress() {
+        let health = Health::default();
+        health.stall_after_ms.store(60_000, Ordering::SeqCst);
+        health.last_progress_ms.store(1_000_000, Ordering::SeqCst);
+        assert!(health.liveness(1_000_000 + 3_600_000).is_ok(), "idle without lag is healthy");
+        health.lag.store(617, Ordering::SeqCst);
+        assert!(health.liveness(1_000_000 + 60_000).is_ok(), "at the limit: still healthy");
+        let why = health.liveness(1_000_000 + 60_001).unwrap_err();
+        assert!(why.contains("617") && why.contains("60 s"), "{why}");
+        health.last_progress_ms.store(1_000_000 + 60_000, Ordering::SeqCst);
+        assert!(health.liveness(1_000_000 + 60_001).is_ok(), "progress resets the clock");
+        health.stall_after_ms.store(0, Ordering::SeqCst);
+        assert!(health.liveness(i64::MAX).is_ok(), "0 switches the check off");
+    }
+
+    #[test]
     fn health_and_readiness_endpoints() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
@@ -186,6 +247,10 @@ mod tests {
             assert_eq!(get("/healthz").await, "200");
             assert_eq!(get("/readyz").await, "503");
             health.ready.store(true, Ordering::SeqCst);
+            assert_eq!(get("/readyz").await, "503", "no broker, no partitions: not ready");
+            health.broker_up.store(true, Ordering::SeqCst);
+            assert_eq!(get("/readyz").await, "503", "no partitions: not ready");
+            health.assigned.store(3, Ordering::SeqCst);
             assert_eq!(get("/readyz").await, "200");
             health.failed.store(true, Ordering::SeqCst);
             assert_eq!(get("/healthz").await, "503");

@@ -3,7 +3,7 @@
 //!
 //! The core (`envelope`, `carriers`, `dedupe`, `order`, `pipeline`, `batch`) is
 //! free of I/O: the clock is a parameter and state sits behind
-//! [`state::StateStore`]. Kafka (`kafka`), files (`replay`, `sink`), RocksDB
+//! [`state::StateStore`]. Kafka (`worker`), files (`replay`, `sink`), RocksDB
 //! (`store`) and HTTP (`telemetry`) are adapters at the edges.
 
 // The pure core: no I/O, builds without the `runtime` feature (fuzzing).
@@ -16,6 +16,7 @@ pub mod event;
 pub mod order;
 pub mod output;
 pub mod pipeline;
+pub mod routing;
 pub mod sink;
 pub mod state;
 pub mod synth;
@@ -23,17 +24,15 @@ pub mod telemetry;
 
 // The adapters.
 #[cfg(feature = "runtime")]
-pub mod changelog;
-#[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod http;
 #[cfg(feature = "runtime")]
-pub mod kafka;
-#[cfg(feature = "runtime")]
 pub mod replay;
 #[cfg(feature = "runtime")]
 pub mod store;
+#[cfg(feature = "runtime")]
+pub mod worker;
 
 pub use envelope::Envelope;
 pub use event::{Status, TrackingEvent};

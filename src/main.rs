@@ -108,6 +108,19 @@ enum Command {
         #[arg(default_value = "-")]
         file: String,
     },
+    /// Probe a running worker's /healthz (exit 0 healthy, 1 not): the container
+    /// health check, with nothing but the binary.
+    Health {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address of the worker's HTTP endpoint (default: http.listen from the
+        /// config; an unspecified address such as 0.0.0.0 is probed on loopback).
+        #[arg(long, env = "WAYMARK_HTTP_LISTEN")]
+        http_listen: Option<String>,
+        /// Probe /readyz instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+    },
     /// Inspect the state store.
     State {
         #[command(subcommand)]
@@ -150,7 +163,7 @@ enum StateCommand {
         #[arg(long, default_value = "-")]
         input: String,
     },
-    /// Delete all state of one input partition (dedupe keys, shipments, progress).
+    /// Delete all state of one partition (dedupe keys, shipments, progress).
     Drop {
         #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
         state_dir: PathBuf,
@@ -159,10 +172,12 @@ enum StateCommand {
     },
 }
 
-/// One input partition, by topic and number.
+/// One partition that owns state, by topic and number: a home partition of the
+/// repartition topic (`<group_id>-repartition`, the default routing), or an input
+/// partition with `routing.mode = "input"`.
 #[derive(clap::Args)]
 struct PartitionArgs {
-    /// Input topic of the partition (with --partition).
+    /// Topic of the partition (with --partition), e.g. waymark-repartition.
     #[arg(long, requires = "partition")]
     topic: Option<String>,
     /// Partition number (with --topic).
@@ -189,6 +204,15 @@ impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
         Failure { code: 1, error }
     }
+}
+
+/// A state directory of another layout: the configuration (or the directory) must change.
+fn layout_failure(error: waymark::store::LayoutError) -> Failure {
+    let code = match error {
+        waymark::store::LayoutError::Store(_) => 1,
+        _ => 2,
+    };
+    Failure { code, error: error.into() }
 }
 
 impl From<ConfigError> for Failure {
@@ -237,6 +261,10 @@ fn main() -> ExitCode {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| normalize(&c, &carrier, &tenant, &file))
         }
         Command::State { command } => state_cmd(command),
+        Command::Health { config, http_listen, ready } => {
+            let overrides = Overrides { http_listen, ..Overrides::default() };
+            load_config(config.config.as_deref(), overrides).and_then(|c| health(&c, ready))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -282,6 +310,7 @@ fn run(config: Config) -> Result<(), Failure> {
         RocksStore::open(&config.state_dir, &config.store, system_clock())
             .with_context(|| format!("state directory {}", config.state_dir.display()))?,
     );
+    store.check_layout(&config.placement.layout(), true).map_err(layout_failure)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(http::serve(listener, handle, health.clone(), async {
@@ -296,12 +325,12 @@ fn run(config: Config) -> Result<(), Failure> {
                 let pipeline = config.pipeline();
                 let telemetry = Telemetry::new(config.tenant_label);
                 let clock = || Utc::now();
-                let result = waymark::kafka::run_worker(waymark::kafka::WorkerDeps {
+                let result = waymark::worker::run_worker(waymark::worker::WorkerDeps {
                     config: &config,
                     pipeline: &pipeline,
                     store,
                     telemetry: &telemetry,
-                    health: &health,
+                    health: health.clone(),
                     shutdown: &shutdown,
                     clock: &clock,
                 });
@@ -343,8 +372,34 @@ fn run(config: Config) -> Result<(), Failure> {
             tracing::info!("stopped cleanly");
             Ok(())
         }
-        Ok(Err(e)) => Err(anyhow::Error::new(e).context("worker stopped").into()),
+        Ok(Err(e)) => Err(Failure { code: e.exit_code(), error: anyhow::Error::new(e).context("worker stopped") }),
         Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
+    }
+}
+
+/// GET /healthz (or /readyz) from the worker and report.
+fn health(config: &Config, ready: bool) -> Result<(), Failure> {
+    use std::io::Read;
+    let mut addr = config.http_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let timeout = Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot reach the worker at {addr} (is `waymark run` up, with http.listen = {addr}?)"))?;
+    stream.set_read_timeout(Some(timeout)).context("socket")?;
+    stream.set_write_timeout(Some(timeout)).context("socket")?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").context("sending the probe")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).context("reading the worker's answer")?;
+    let status = response.split_whitespace().nth(1).unwrap_or("?");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+    if status == "200" {
+        println!("{path}: ok");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{path} answered {status}: {body}").into())
     }
 }
 
@@ -358,9 +413,13 @@ fn replay_cmd(
 ) -> Result<(), Failure> {
     let pipeline = config.pipeline();
     let rocks = match state_dir {
-        Some(dir) => Some(
-            RocksStore::open(dir, &config.store, system_clock()).with_context(|| format!("state directory {}", dir.display()))?,
-        ),
+        Some(dir) => {
+            let store =
+                RocksStore::open(dir, &config.store, system_clock()).with_context(|| format!("state directory {}", dir.display()))?;
+            // The archive meets the worker's state in the same homes, or not at all.
+            store.check_layout(&config.placement.layout(), !dry_run).map_err(layout_failure)?;
+            Some(store)
+        }
         None => None,
     };
     let memory = MemoryStore::default();
@@ -458,6 +517,8 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
         StateCommand::Stats { state_dir } => {
             let store = open_existing(&state_dir)?;
             let mut out = std::io::stdout().lock();
+            let layout = store.layout().map_err(anyhow::Error::new)?;
+            let _ = writeln!(out, "layout: {}", layout.as_deref().unwrap_or("(none: empty, or written by a Waymark older than shipment homes)"));
             let _ = writeln!(out, "{:<10} {:>14} {:>14}", "keyspace", "keys (est.)", "sst bytes");
             for keyspace in Keyspace::ALL {
                 let keys = store.estimated_keys(keyspace).map_err(anyhow::Error::new)?;

@@ -7,6 +7,8 @@
 //! staged state (see `kafka` and `replay`): state never claims an event whose
 //! output was not acknowledged.
 
+use std::sync::{Arc, Mutex};
+
 use chrono::{DateTime, Utc};
 
 use crate::carriers::CarrierRegistry;
@@ -16,7 +18,30 @@ use crate::error::{RecordError, StoreError};
 use crate::event::{Status, TrackingEvent};
 use crate::order::{shipment_key, Applied, ShipmentState};
 use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::routing::{self, KeyingCheck, Placement, RoutedRecord};
 use crate::state::{Keyspace, Scope, StateStore, Staged};
+
+/// Longest identifier (tracking number, shipment ref, status code) a record may
+/// carry: longer ones are dead-lettered as not tracking data.
+pub const MAX_IDENTITY_BYTES: usize = 256;
+
+/// Longest free text (description, status detail, location parts, event id) an
+/// event keeps: longer text is cut at a character boundary and marked with `…`,
+/// so one event, and so one upsert, always fits in a Kafka record.
+pub const MAX_TEXT_BYTES: usize = 2048;
+
+/// `text`, cut to at most [`MAX_TEXT_BYTES`] (deterministic: the same input
+/// always gives the same text, so hashes and milestone ids stay stable).
+fn bounded_text(text: String) -> String {
+    if text.len() <= MAX_TEXT_BYTES {
+        return text;
+    }
+    let mut end = MAX_TEXT_BYTES - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// Everything the core needs to decide, fixed at start-up.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +49,17 @@ pub struct Pipeline {
     pub rules: EnvelopeRules,
     pub carriers: CarrierRegistry,
     pub dedupe: DedupeConfig,
+    /// Where shipment state lives (see [`crate::routing`]).
+    pub placement: Placement,
+    /// The worker's two stages: a raw record is normalized and its events routed
+    /// to their home partition of the repartition topic (its result carries the
+    /// routed records, no events); a record *of* that topic is deduped, ordered
+    /// and emitted. Off (replay), a raw record is applied at once in its home's
+    /// scope: the same scopes, without the hop.
+    pub hop: bool,
+    /// With [`Placement::Input`]: notes which input partition each shipment
+    /// arrives on, so a producer that does not key by shipment is visible.
+    pub keying_check: Option<Arc<Mutex<KeyingCheck>>>,
 }
 
 /// What happened to one canonical event.
@@ -45,6 +81,14 @@ pub struct RecordResult {
     /// One upsert per new milestone, in hierarchy-consistent order.
     pub upserts: Vec<MilestoneUpsert>,
     pub dead_letter: Option<DeadLetter>,
+    /// Stage one of the worker: the record's events, on their way home.
+    pub routed: Vec<RoutedRecord>,
+    /// The record came from the repartition topic (stage two): its raw record
+    /// was counted when it was routed.
+    pub from_repartition: bool,
+    /// Events of shipments last seen on another input partition
+    /// ([`Placement::Input`] only): the input is not keyed by shipment.
+    pub keying_conflicts: u32,
 }
 
 impl RecordResult {
@@ -59,12 +103,8 @@ impl RecordResult {
     }
 
     /// A record resolved to its carrier and tenant, before its events are applied.
-    fn resolved(context: &RecordContext) -> RecordResult {
-        RecordResult {
-            carrier: Some(context.carrier.clone()),
-            tenant_id: Some(context.tenant_id.clone()),
-            ..RecordResult::default()
-        }
+    fn resolved(carrier: &str, tenant_id: &str) -> RecordResult {
+        RecordResult { carrier: Some(carrier.to_string()), tenant_id: Some(tenant_id.to_string()), ..RecordResult::default() }
     }
 }
 
@@ -74,6 +114,14 @@ pub struct Rejected {
     pub error: RecordError,
     pub carrier: Option<String>,
     pub tenant_id: Option<String>,
+}
+
+/// A record read and normalized, before any state is touched.
+enum Prepared {
+    /// Nothing to apply: a dead letter, or events routed to their home.
+    Done(RecordResult),
+    /// Events to apply, each with the scope of its home, in the order they apply.
+    Apply(RecordResult, Vec<(Scope, TrackingEvent)>),
 }
 
 impl Pipeline {
@@ -94,26 +142,93 @@ impl Pipeline {
             tenant_id: Some(context.tenant_id.clone()),
         })?;
         let source = envelope.source();
-        let events = carrier_events
-            .into_iter()
-            .map(|e| TrackingEvent {
+        let mut events = Vec::with_capacity(carrier_events.len());
+        for e in carrier_events {
+            for (field, value) in [("tracking_number", Some(&e.tracking_number)), ("shipment_ref", e.shipment_ref.as_ref()), ("carrier_status_code", Some(&e.carrier_status_code))] {
+                if value.is_some_and(|v| v.len() > MAX_IDENTITY_BYTES) {
+                    return Err(Rejected {
+                        error: RecordError::Unsupported(format!("`{field}` is {} bytes long; identifiers of more than {MAX_IDENTITY_BYTES} bytes are not tracking data", value.map_or(0, String::len))),
+                        carrier: Some(context.carrier.clone()),
+                        tenant_id: Some(context.tenant_id.clone()),
+                    });
+                }
+            }
+            events.push(TrackingEvent {
                 tenant_id: context.tenant_id.clone(),
                 carrier: context.carrier.clone(),
                 tracking_number: e.tracking_number,
                 shipment_ref: e.shipment_ref,
                 status: e.status,
                 carrier_status_code: e.carrier_status_code,
-                carrier_status_detail: e.carrier_status_detail,
-                description: e.description,
+                carrier_status_detail: e.carrier_status_detail.map(bounded_text),
+                description: e.description.map(bounded_text),
                 occurred_at: e.occurred_at,
                 time_assumed_utc: e.time_assumed_utc,
-                location: e.location,
-                source_event_id: e.source_event_id,
+                location: crate::event::Location {
+                    city: e.location.city.map(bounded_text),
+                    region: e.location.region.map(bounded_text),
+                    postal_code: e.location.postal_code.map(bounded_text),
+                    country: e.location.country.map(bounded_text),
+                },
+                source_event_id: e.source_event_id.map(bounded_text),
                 received_at: context.received_at,
                 source: source.clone(),
-            })
-            .collect();
+            });
+        }
         Ok((context, events))
+    }
+
+    /// Does this record's partition own state (dedupe keys, shipments, stored
+    /// progress)? Raw partitions do not when their events hop to a home.
+    pub fn is_stateful(&self, topic: &str) -> bool {
+        !self.hop || self.placement.is_repartition_topic(topic)
+    }
+
+    /// Read one record: a repartition record's events (stage two), or a raw
+    /// record normalized and then routed (stage one) or scoped by its home.
+    fn prepare(&self, envelope: &Envelope, now: DateTime<Utc>) -> Prepared {
+        if self.placement.is_repartition_topic(&envelope.topic) {
+            return match routing::decode(&envelope.payload) {
+                Err(error) => Prepared::Done(RecordResult::rejected(envelope, Rejected { error, carrier: None, tenant_id: None }, now)),
+                Ok(events) => {
+                    let mut result = match events.first() {
+                        Some(first) => RecordResult::resolved(&first.carrier, &first.tenant_id),
+                        None => RecordResult::default(),
+                    };
+                    result.from_repartition = true;
+                    let scope = Scope::of(&envelope.topic, envelope.partition);
+                    Prepared::Apply(result, events.into_iter().map(|event| (scope, event)).collect())
+                }
+            };
+        }
+        let (context, mut events) = match self.canonical_events(envelope, now) {
+            Ok(ok) => ok,
+            Err(rejected) => return Prepared::Done(RecordResult::rejected(envelope, rejected, now)),
+        };
+        // A history applies oldest first, ties by rank, whatever order the carrier listed it in.
+        events.sort_by_key(|e| (e.occurred_at, e.status.rank()));
+        let mut result = RecordResult::resolved(&context.carrier, &context.tenant_id);
+        match &self.placement {
+            Placement::Home { topic, partitions } if self.hop => {
+                match routing::route(topic, *partitions, events) {
+                    Ok(routed) => result.routed = routed,
+                    Err(error) => {
+                        let rejected = Rejected { error, carrier: result.carrier.clone(), tenant_id: result.tenant_id.clone() };
+                        return Prepared::Done(RecordResult::rejected(envelope, rejected, now));
+                    }
+                }
+                Prepared::Done(result)
+            }
+            placement => {
+                if let Some(check) = &self.keying_check {
+                    let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
+                    result.keying_conflicts =
+                        events.iter().filter(|e| check.conflicts(&envelope.topic, envelope.partition, e)).count() as u32;
+                }
+                let scoped = events.into_iter().map(|event| (placement.scope_of(envelope, &event), event)).collect();
+                Prepared::Apply(result, scoped)
+            }
+        }
     }
 
     /// Process one record against `state` at instant `now`.
@@ -123,15 +238,11 @@ impl Pipeline {
         now: DateTime<Utc>,
         state: &mut Staged<'_, S>,
     ) -> Result<RecordResult, StoreError> {
-        let (context, mut events) = match self.canonical_events(envelope, now) {
-            Ok(ok) => ok,
-            Err(rejected) => return Ok(RecordResult::rejected(envelope, rejected, now)),
+        let (mut result, events) = match self.prepare(envelope, now) {
+            Prepared::Done(result) => return Ok(result),
+            Prepared::Apply(result, events) => (result, events),
         };
-        // A history applies oldest first, ties by rank, whatever order the carrier listed it in.
-        events.sort_by_key(|e| (e.occurred_at, e.status.rank()));
-        let scope = Scope::of(&envelope.topic, envelope.partition);
-        let mut result = RecordResult::resolved(&context);
-        for event in events {
+        for (scope, event) in events {
             let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
             result.events.push(outcome);
             result.upserts.extend(upsert);
@@ -157,12 +268,11 @@ impl Pipeline {
         let mut results = Vec::with_capacity(envelopes.len());
         let mut pending: Vec<(usize, Scope, TrackingEvent)> = Vec::new();
         for (index, envelope) in envelopes.iter().enumerate() {
-            match self.canonical_events(envelope, now) {
-                Err(rejected) => results.push(RecordResult::rejected(envelope, rejected, now)),
-                Ok((context, events)) => {
-                    let scope = Scope::of(&envelope.topic, envelope.partition);
-                    pending.extend(events.into_iter().map(|event| (index, scope, event)));
-                    results.push(RecordResult::resolved(&context));
+            match self.prepare(envelope, now) {
+                Prepared::Done(result) => results.push(result),
+                Prepared::Apply(result, events) => {
+                    pending.extend(events.into_iter().map(|(scope, event)| (index, scope, event)));
+                    results.push(result);
                 }
             }
         }
@@ -176,7 +286,7 @@ impl Pipeline {
         Ok((results, upserts))
     }
 
-    /// Dedupe, order and emit one canonical event of the input partition `scope`.
+    /// Dedupe, order and emit one canonical event in the state of its home `scope`.
     fn apply_event<S: StateStore + ?Sized>(
         &self,
         scope: Scope,
@@ -333,6 +443,23 @@ mod tests {
         assert_eq!(dl.error_kind, "invalid_json");
         assert_eq!(dl.envelope.payload.as_deref(), Some("{not json"));
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn oversized_text_is_bounded_and_oversized_identifiers_are_dead_letters() {
+        let pipeline = Pipeline::default();
+        let long = "é".repeat(5000);
+        let body = serde_json::json!({"object": "Event", "id": "evt_x", "description": "tracker.updated",
+            "result": {"object": "Tracker", "tracking_code": "EZ1", "tracking_details": [
+                {"status": "in_transit", "carrier_code": "AR", "datetime": "2024-07-31T19:27:00Z", "message": long}]}})
+        .to_string();
+        let (_, events) = pipeline.canonical_events(&envelope(0, &body), now()).unwrap();
+        let description = events[0].description.as_deref().unwrap();
+        assert!(description.len() <= MAX_TEXT_BYTES && description.ends_with('…'), "{}", description.len());
+        let body = tracker(&[("in_transit", "AR", "2024-07-31T19:27:00Z")]).replace("EZ1", &"9".repeat(300));
+        let rejected = pipeline.canonical_events(&envelope(1, &body), now()).unwrap_err();
+        assert_eq!(rejected.error.kind(), "unsupported");
+        assert!(rejected.error.to_string().contains("tracking_number"), "{}", rejected.error);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use thiserror::Error;
 
 use crate::error::Fate;
 use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::routing::RoutedRecord;
 
 #[derive(Debug, Error)]
 pub enum SinkError {
@@ -31,8 +32,9 @@ impl SinkError {
 
 /// Destination of upserts and dead letters.
 pub trait Sink {
-    /// Deliver a batch; `Ok` means every record is acknowledged.
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError>;
+    /// Deliver a batch; `Ok` means every record is acknowledged. `routed` are
+    /// the worker's repartition records (stage one); other sinks get none.
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError>;
 
     /// Hand the batch's state changes to storage beyond this process (the Kafka
     /// worker's changelog), after `send` succeeded and before the local store
@@ -51,7 +53,11 @@ pub struct NdjsonSink<W: Write, D: Write> {
 }
 
 impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+        if !routed.is_empty() {
+            // Replay applies events in their home's scope directly; only the worker hops.
+            return Err(SinkError::Io(std::io::Error::other("an NDJSON sink cannot take repartition records (a bug)")));
+        }
         for upsert in upserts {
             serde_json::to_writer(&mut self.upserts, upsert).map_err(std::io::Error::other)?;
             self.upserts.write_all(b"\n")?;
@@ -73,10 +79,12 @@ impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
 pub struct MemorySink {
     pub upserts: Vec<MilestoneUpsert>,
     pub dead_letters: Vec<DeadLetter>,
+    pub routed: Vec<RoutedRecord>,
 }
 
 impl Sink for MemorySink {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter]) -> Result<(), SinkError> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+        self.routed.extend_from_slice(routed);
         self.upserts.extend_from_slice(upserts);
         self.dead_letters.extend_from_slice(dead_letters);
         Ok(())

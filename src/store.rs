@@ -58,6 +58,26 @@ fn io(e: rocksdb::Error) -> StoreError {
     StoreError::Io(e.into_string())
 }
 
+/// Where the store records the layout its state was written in (offsets
+/// keyspace; shorter than any progress or position key, so it collides with none).
+pub const LAYOUT_KEY: &[u8] = b"\0waymark-layout";
+
+/// Version of the state layout. v2: dedupe and shipment state scoped by the
+/// shipment's home partition (earlier state was scoped by input partition and
+/// carried no marker).
+pub const LAYOUT_VERSION: &str = "v2";
+
+/// Why a state directory cannot be used with this configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("state directory {dir} holds state of an older Waymark (scoped by input partition, before shipment homes); this version cannot read it. Move the directory away and start with an empty one (and, with changelogs on, a new kafka.group_id or deleted changelog topics): the dedupe memory starts afresh, outputs stay idempotent by milestone_id")]
+    Legacy { dir: PathBuf },
+    #[error("state directory {dir} was written with `{stored}` but this configuration says `{wanted}`: routing.mode and routing.partitions are fixed for the life of a group (every shipment's home depends on them). Set them back, or deploy a new group (a new kafka.group_id and an empty state directory)")]
+    Changed { dir: PathBuf, stored: String, wanted: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 use crate::telemetry::{STORE_EXPIRED as EXPIRED_METRIC, STORE_LOOKUP_SECONDS as LOOKUP_METRIC};
 
 impl RocksStore {
@@ -88,6 +108,41 @@ impl RocksStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The layout this store's state was written in (`None`: no marker).
+    pub fn layout(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.get(Keyspace::Offsets, LAYOUT_KEY)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Refuse state written in another layout; with `mark`, mark an empty store
+    /// with `layout` (a placement's [`crate::routing::Placement::layout`]).
+    pub fn check_layout(&self, layout: &str, mark: bool) -> Result<(), LayoutError> {
+        let wanted = format!("{LAYOUT_VERSION} {layout}");
+        match self.layout()? {
+            Some(stored) if stored == wanted => Ok(()),
+            Some(stored) => Err(LayoutError::Changed { dir: self.path.clone(), stored, wanted }),
+            None if !self.is_empty()? => Err(LayoutError::Legacy { dir: self.path.clone() }),
+            None if !mark => Ok(()),
+            None => {
+                let mut batch = StateBatch::default();
+                batch.put(Keyspace::Offsets, LAYOUT_KEY.to_vec(), wanted.into_bytes());
+                Ok(self.write(batch)?)
+            }
+        }
+    }
+
+    /// No entry in any keyspace.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        for keyspace in Keyspace::ALL {
+            let mut iter = self.db.raw_iterator_cf(self.cf(keyspace)?);
+            iter.seek_to_first();
+            iter.status().map_err(io)?;
+            if iter.valid() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn cf(&self, keyspace: Keyspace) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -414,6 +469,26 @@ mod tests {
         assert!(store.get(Keyspace::Hashes, &key(p0, b"a")).unwrap().is_none());
         assert!(store.get(Keyspace::Hashes, &key(p0, b"b")).unwrap().is_some());
         assert!(restored.import(&mut &b"{\"keyspace\":\"nope\",\"key\":\"00\",\"value\":\"00\"}\n"[..]).is_err());
+    }
+
+    #[test]
+    fn layouts_are_marked_checked_and_legacy_state_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RocksStore::open(dir.path(), &StoreOptions::default(), system_clock()).unwrap();
+            store.check_layout("home topic=g-repartition partitions=16", true).unwrap();
+            store.check_layout("home topic=g-repartition partitions=16", false).unwrap();
+            let err = store.check_layout("home topic=g-repartition partitions=32", true).unwrap_err().to_string();
+            assert!(err.contains("partitions=16") && err.contains("partitions=32") && err.contains("new kafka.group_id"), "{err}");
+        }
+        let legacy = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(legacy.path(), &StoreOptions::default(), system_clock()).unwrap();
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Hashes, vec![1; 40], vec![0; 8]);
+        store.write(batch).unwrap();
+        let err = store.check_layout("home topic=g-repartition partitions=16", true).unwrap_err();
+        assert!(matches!(err, LayoutError::Legacy { .. }), "{err}");
+        assert!(err.to_string().contains("older Waymark"), "{err}");
     }
 
     #[test]

@@ -33,10 +33,30 @@ impl Rng {
     }
 }
 
+/// The webhook format of the generated stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthCarrier {
+    /// EasyPost `tracker.updated` Events wrapping a Tracker.
+    EasyPost,
+    /// DHL Unified API responses (`shipments[].events[]`, newest first), which can
+    /// carry several shipments in one body (see [`merge_dhl_pairs`]).
+    Dhl,
+}
+
+impl SynthCarrier {
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthCarrier::EasyPost => "easypost",
+            SynthCarrier::Dhl => "dhl",
+        }
+    }
+}
+
 /// Shape of the generated stream.
 #[derive(Debug, Clone)]
 pub struct TrafficSpec {
     pub seed: u64,
+    pub carrier: SynthCarrier,
     pub shipments: usize,
     pub tenant: String,
     pub topic: String,
@@ -53,6 +73,7 @@ impl Default for TrafficSpec {
     fn default() -> Self {
         TrafficSpec {
             seed: 1,
+            carrier: SynthCarrier::EasyPost,
             shipments: 100,
             tenant: "acme".into(),
             topic: "tracking.raw.easypost".into(),
@@ -102,7 +123,70 @@ fn history(rng: &mut Rng, start: DateTime<Utc>) -> Vec<Value> {
     scans
 }
 
-fn webhook(event_id: &str, tracking: &str, details: &[Value]) -> String {
+fn webhook(carrier: SynthCarrier, event_id: &str, tracking: &str, details: &[Value]) -> String {
+    match carrier {
+        SynthCarrier::EasyPost => easypost_webhook(event_id, tracking, details),
+        SynthCarrier::Dhl => json!({"shipments": [dhl_shipment(tracking, details)]}).to_string(),
+    }
+}
+
+/// The same scans as DHL reports them (status codes per DHL's five values; the
+/// EasyPost carrier code kept as the event's `status` text).
+fn dhl_shipment(tracking: &str, details: &[Value]) -> Value {
+    let events: Vec<Value> = details
+        .iter()
+        .rev()
+        .map(|d| {
+            let code = match d["status"].as_str().unwrap_or_default() {
+                "pre_transit" => "pre-transit",
+                "in_transit" | "out_for_delivery" => "transit",
+                "delivered" => "delivered",
+                "failure" => "failure",
+                _ => "unknown",
+            };
+            let place = &d["tracking_location"];
+            json!({"timestamp": d["datetime"], "statusCode": code, "status": d["carrier_code"], "description": d["message"],
+                   "location": {"address": {"addressLocality": place["city"], "postalCode": place["zip"], "countryCode": place["country"]}}})
+        })
+        .collect();
+    json!({"id": tracking, "service": "express", "events": events})
+}
+
+/// Merge neighbouring DHL bodies of different shipments into one body carrying
+/// both (`shipments` of two), as a poller batching tracking numbers does. Offsets
+/// are renumbered; everything else of the first record is kept.
+pub fn merge_dhl_pairs(envelopes: &[Envelope]) -> Vec<Envelope> {
+    let mut out: Vec<Envelope> = Vec::with_capacity(envelopes.len());
+    let mut pending: Option<(Envelope, Value)> = None;
+    let parse = |e: &Envelope| serde_json::from_slice::<Value>(&e.payload).ok().filter(|v| v["shipments"].is_array());
+    for envelope in envelopes {
+        let Some(body) = parse(envelope) else {
+            out.extend(pending.take().map(|(e, _)| e));
+            out.push(envelope.clone());
+            continue;
+        };
+        match pending.take() {
+            Some((first, mut first_body)) if first_body["shipments"][0]["id"] != body["shipments"][0]["id"] => {
+                if let (Some(list), Some(more)) = (first_body["shipments"].as_array_mut(), body["shipments"].as_array()) {
+                    list.extend(more.iter().cloned());
+                }
+                out.push(Envelope { payload: first_body.to_string().into_bytes(), ..first });
+            }
+            Some((first, _)) => {
+                out.push(first);
+                pending = Some((envelope.clone(), body));
+            }
+            None => pending = Some((envelope.clone(), body)),
+        }
+    }
+    out.extend(pending.map(|(e, _)| e));
+    for (offset, envelope) in out.iter_mut().enumerate() {
+        envelope.offset = offset as i64;
+    }
+    out
+}
+
+fn easypost_webhook(event_id: &str, tracking: &str, details: &[Value]) -> String {
     json!({"object": "Event", "id": event_id, "description": "tracker.updated", "mode": "production",
            "result": {"object": "Tracker", "tracking_code": tracking, "carrier": "FedEx",
                       "tracking_details": details}})
@@ -131,7 +215,7 @@ pub fn generate(spec: &TrafficSpec) -> Traffic {
         distinct += scans.len();
         let mut bodies = Vec::new();
         for upto in 1..=scans.len() {
-            let body = webhook(&format!("evt_{n}_{upto}"), &tracking, &scans[..upto]);
+            let body = webhook(spec.carrier, &format!("evt_{n}_{upto}"), &tracking, &scans[..upto]);
             bodies.push(body.clone());
             while rng.chance(spec.redelivery) {
                 bodies.push(body.clone());
@@ -145,7 +229,7 @@ pub fn generate(spec: &TrafficSpec) -> Traffic {
         if rng.chance(spec.replay) {
             let mut replayed = scans.clone();
             replayed.reverse();
-            bodies.push(webhook(&format!("evt_{n}_replay"), &tracking, &replayed));
+            bodies.push(webhook(spec.carrier, &format!("evt_{n}_replay"), &tracking, &replayed));
         }
         queues.push(bodies);
     }
@@ -168,7 +252,7 @@ pub fn generate(spec: &TrafficSpec) -> Traffic {
             timestamp_ms: None,
             headers: vec![
                 ("tenant-id".into(), Some(spec.tenant.as_bytes().to_vec())),
-                ("carrier".into(), Some(b"easypost".to_vec())),
+                ("carrier".into(), Some(spec.carrier.name().as_bytes().to_vec())),
             ],
             key: None,
             payload: body.into_bytes(),
@@ -190,5 +274,22 @@ mod tests {
         assert!(a.envelopes.len() > a.distinct_events / 3);
         let c = generate(&TrafficSpec { seed: 2, ..spec });
         assert_ne!(a.envelopes, c.envelopes);
+    }
+
+    #[test]
+    fn dhl_traffic_normalizes_to_the_same_scans_and_pairs_merge() {
+        use crate::pipeline::Pipeline;
+        let spec = TrafficSpec { shipments: 6, carrier: SynthCarrier::Dhl, ..TrafficSpec::default() };
+        let traffic = generate(&spec);
+        let pipeline = Pipeline::default();
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let events = |envelopes: &[Envelope]| -> usize {
+            envelopes.iter().map(|e| pipeline.canonical_events(e, now).expect("valid DHL body").1.len()).sum()
+        };
+        let merged = merge_dhl_pairs(&traffic.envelopes);
+        assert!(merged.len() < traffic.envelopes.len() * 3 / 4, "{} of {}", merged.len(), traffic.envelopes.len());
+        assert_eq!(events(&merged), events(&traffic.envelopes), "merging moves events, never loses them");
+        let two = merged.iter().filter(|e| String::from_utf8_lossy(&e.payload).matches("\"service\"").count() == 2).count();
+        assert!(two > 0);
     }
 }

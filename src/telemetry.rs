@@ -29,6 +29,9 @@ pub const PROCESS_SECONDS: &str = "waymark_process_seconds";
 pub const CONSUMER_LAG: &str = "waymark_consumer_lag";
 pub const RECORDS: &str = "waymark_records_total";
 pub const REORDER_HELD: &str = "waymark_reorder_held_records";
+pub const LAST_PROGRESS: &str = "waymark_last_progress_timestamp_seconds";
+pub const KEYING_CONFLICTS: &str = "waymark_shipment_partition_conflicts_total";
+pub const ROUTED: &str = "waymark_repartition_records_total";
 
 /// Turns pipeline outcomes into metrics.
 #[derive(Debug, Default)]
@@ -54,7 +57,17 @@ impl Telemetry {
             self.events(&carrier, result.tenant_id.as_deref(), "invalid", 1);
             return;
         }
-        counter!(RECORDS, "carrier" => carrier.clone(), "outcome" => "processed").increment(1);
+        if !result.from_repartition {
+            // A raw record counts once, when it is read: not again at its events' home.
+            counter!(RECORDS, "carrier" => carrier.clone(), "outcome" => "processed").increment(1);
+        }
+        if !result.routed.is_empty() {
+            counter!(ROUTED, "carrier" => carrier.clone()).increment(result.routed.len() as u64);
+        }
+        if result.keying_conflicts > 0 {
+            counter!(KEYING_CONFLICTS, "carrier" => carrier.clone()).increment(u64::from(result.keying_conflicts));
+            self.warn_keying(&carrier);
+        }
         let mut duplicates = 0u64;
         for event in &result.events {
             self.events(&carrier, result.tenant_id.as_deref(), event.verdict.label(), 1);
@@ -83,6 +96,18 @@ impl Telemetry {
             entry.0 += result.events.len() as u64;
             entry.1 += duplicates;
             gauge!(DEDUPE_HIT_RATIO, "carrier" => carrier).set(entry.1 as f64 / entry.0 as f64);
+        }
+    }
+
+    /// One warning per 10,000 conflicts: the counter carries the rate.
+    fn warn_keying(&self, carrier: &str) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEEN: AtomicU64 = AtomicU64::new(0);
+        if SEEN.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+            tracing::warn!(
+                %carrier,
+                "a shipment arrived on two input partitions while routing.mode = \"input\": the input is not keyed by shipment, so milestones can repeat and statuses move back; set routing.mode = \"home\" (see {KEYING_CONFLICTS})"
+            );
         }
     }
 

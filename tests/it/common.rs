@@ -225,6 +225,9 @@ dead_letter_topic = "{dlq}"
 [kafka.consumer_properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "2000"
+[routing]
+partitions = 4
 [state]
 dir = "{state}"
 sync_writes = true
@@ -307,6 +310,48 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
+}
+
+/// The stream as a producer without keys sends it: records spread round-robin
+/// over `partitions`, whatever shipment they carry.
+pub fn scatter(envelopes: &[Envelope], partitions: i32) -> Vec<Envelope> {
+    envelopes
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Envelope { partition: (i as i32).rem_euclid(partitions), key: None, ..e.clone() })
+        .collect()
+}
+
+/// No shipment's `shipment_status` moves back in output order (per shipment key,
+/// first emission of each milestone). Returns the number of shipments checked.
+pub fn assert_no_status_moves_back(reads: &[Read]) -> usize {
+    let mut ordered: Vec<&Read> = reads.iter().collect();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    let mut first_seen = std::collections::HashSet::new();
+    let mut latest: BTreeMap<String, u8> = BTreeMap::new();
+    for read in ordered {
+        if !first_seen.insert(read.value["milestone_id"].as_str().unwrap().to_string()) {
+            continue;
+        }
+        let status = waymark::Status::parse(read.value["shipment_status"].as_str().unwrap()).expect("known status");
+        let shipment = read.key.clone().expect("output records are keyed by shipment");
+        let previous = latest.insert(shipment.clone(), status.rank()).unwrap_or(0);
+        assert!(status.rank() >= previous, "shipment {shipment} moved back to {status:?} at {read:?}");
+    }
+    latest.len()
+}
+
+/// Per shipment key, the `shipment_status` of its last milestone in output order
+/// (first emissions: an at-least-once repeat restates an earlier status).
+pub fn final_statuses(reads: &[Read]) -> BTreeMap<String, String> {
+    let mut ordered: Vec<&Read> = reads.iter().collect();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    let mut first_seen = std::collections::HashSet::new();
+    ordered
+        .into_iter()
+        .filter(|r| first_seen.insert(r.value["milestone_id"].as_str().unwrap_or_default().to_string()))
+        .map(|r| (r.key.clone().unwrap_or_default(), r.value["shipment_status"].as_str().unwrap_or_default().to_string()))
+        .collect()
 }
 
 /// The sample archive shipped in replay/.

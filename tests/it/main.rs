@@ -7,6 +7,7 @@ mod declared;
 mod faults;
 mod fixtures;
 mod group;
+mod keying;
 mod properties;
 mod replay;
 mod schemas;

@@ -131,9 +131,62 @@ fn state_moves_between_machines_with_export_and_import() {
     let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
     assert!(ok, "{stderr}");
     assert_eq!(second, "", "imported state must dedupe the same archive");
-    // Dropping the partition's state makes the archive new again.
-    run(&["state", "drop", "--state-dir", b.to_str().unwrap(), "--topic", "tracking.raw.easypost", "--partition", "0"]);
+    assert!(stats.contains("layout: v2 home topic=waymark-repartition partitions=16"), "{stats}");
+    // Dropping the state of every home partition makes the archive new again
+    // (state lives in the shipments' homes, not in the archive's partition).
+    for home in 0..16 {
+        let home = home.to_string();
+        run(&["state", "drop", "--state-dir", b.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", &home]);
+    }
     let (ok, third, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
     assert!(ok, "{stderr}");
     assert_eq!(third, first);
+}
+
+#[test]
+fn an_archive_meets_state_in_its_shipments_homes_whatever_its_partition_fields_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (ok, first, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(first, expected());
+    // The same records as another producer partitioned them (and on another topic
+    // of the same carrier): every one of them is already known.
+    let moved: String = std::fs::read_to_string(repo().join("replay/sample.ndjson"))
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["partition"] = serde_json::json!(3 + i % 5);
+            record["topic"] = serde_json::json!("tracking.raw.easypost-v2");
+            if let Some(headers) = record["headers"].as_array_mut() {
+                headers.extend([serde_json::json!("carrier"), serde_json::json!("easypost")]);
+            }
+            record.to_string() + "\n"
+        })
+        .collect();
+    let (ok, second, stderr) = replay(&["--input", "-", "--state-dir", state.to_str().unwrap()], Some(moved.as_bytes()));
+    assert!(ok, "{stderr}");
+    assert_eq!(second, "", "records on other partitions must meet the state in their shipments' homes");
+    assert!(stderr.contains("milestones emitted:     0"), "{stderr}");
+}
+
+#[test]
+fn a_state_directory_of_another_partition_count_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (ok, _, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    let config = dir.path().join("waymark.toml");
+    std::fs::write(&config, "[routing]\npartitions = 8\n").unwrap();
+    let out = Command::new(waymark_bin())
+        .args(["replay", "--config", config.to_str().unwrap(), "--input", "replay/sample.ndjson", "--state-dir", state.to_str().unwrap()])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("partitions=16") && stderr.contains("partitions=8") && stderr.contains("new kafka.group_id"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing may be emitted against state of another layout");
 }

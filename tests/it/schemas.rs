@@ -63,6 +63,14 @@ fn upserts_dead_letters_events_and_envelopes_validate() {
             }
         }
     }
+    // The worker's first stage: the same records routed to their homes.
+    let hop = waymark::Pipeline { hop: true, ..waymark::Pipeline::default() };
+    let routed = batch::process(&hop, &MemoryStore::default(), &envelopes, now(), false, None).unwrap().routed;
+    assert!(!routed.is_empty());
+    let routed_schema = validator("repartition-record.schema.json");
+    for record in &routed {
+        assert_valid(&routed_schema, &serde_json::from_slice(&record.payload).unwrap());
+    }
     let envelope_schema = validator("envelope.schema.json");
     for line in std::fs::read_to_string(repo().join("replay/sample.ndjson")).unwrap().lines() {
         assert_valid(&envelope_schema, &serde_json::from_str(line).unwrap());

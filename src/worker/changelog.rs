@@ -1,12 +1,13 @@
 //! State hand-over between instances: every state change the worker commits is
 //! also written to a compacted **changelog topic**, and the local RocksDB is a
-//! cache of it (DESIGN section 9, design (b), layered on design (a)).
+//! cache of it (Kafka Streams' model, layered on transactional outputs).
 //!
-//! - One changelog topic per input topic, `<group_id>-<input_topic>-changelog`,
-//!   with as many partitions: the changes derived from input partition `p` go to
-//!   changelog partition `p`, keyed by keyspace byte + state key (so compaction
-//!   keeps the latest value of each key). Input progress is not logged: the group's
-//!   committed offsets are authoritative when a partition moves.
+//! - One changelog topic per stateful topic (the repartition topic, or each input
+//!   topic with `routing.mode = "input"`), named by [`topic_for`], with as many
+//!   partitions: the changes of home partition `p` go to changelog partition `p`,
+//!   keyed by keyspace byte + state key (so compaction keeps the latest value of
+//!   each key). Progress is not logged: the group's committed offsets are
+//!   authoritative when a partition moves.
 //! - `exactly-once`: the changelog records are part of the batch's transaction, so
 //!   they commit atomically with the outputs and the input offsets.
 //!   `at-least-once`: they are produced after the outputs are acknowledged and
@@ -21,19 +22,18 @@
 //!   batch the store also records the changelog offsets of its own writes, so a
 //!   partition that comes back reads only what others wrote meanwhile.
 //! - Retention: `cleanup.policy=compact,delete` with `retention.ms` = the longest
-//!   dedupe TTL plus a day; every entry expires by then anyway (DESIGN section 4).
+//!   dedupe TTL plus a day; every entry expires by then anyway.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use thiserror::Error;
 
+use super::topics::{Admin, TopicError};
 use crate::error::StoreError;
 use crate::pipeline::{progress_key, stored_offset};
 use crate::state::{Keyspace, Scope, StateBatch, StateStore};
@@ -45,7 +45,7 @@ use crate::state::{Keyspace, Scope, StateBatch, StateStore};
 pub enum ChangelogError {
     #[error("changelog topic `{1}`: {0} (check that the brokers are reachable; the worker needs rights to describe and create topics, or create the topic yourself: cleanup.policy=compact,delete, as many partitions as its input)")]
     Setup(String, String),
-    #[error("input topic `{0}` does not exist or has no partitions: create it before starting the worker")]
+    #[error("topic `{0}` does not exist or has no partitions: create it before starting the worker")]
     MissingInput(String),
     #[error("restoring {topic} [{partition}] from its changelog: {reason}")]
     Restore { topic: String, partition: i32, reason: String },
@@ -53,9 +53,14 @@ pub enum ChangelogError {
     Store(#[from] StoreError),
 }
 
-/// Name of the changelog topic of one input topic.
-pub fn topic_for(group_id: &str, input_topic: &str) -> String {
-    format!("{group_id}-{input_topic}-changelog")
+/// Name of the changelog topic of one stateful topic: `<topic>-changelog` for the
+/// group's own internal topics (`waymark-repartition-changelog`),
+/// `<group_id>-<topic>-changelog` for an input topic.
+pub fn topic_for(group_id: &str, topic: &str) -> String {
+    match topic.strip_prefix(group_id).and_then(|rest| rest.strip_prefix('-')) {
+        Some(_) => format!("{topic}-changelog"),
+        None => format!("{group_id}-{topic}-changelog"),
+    }
 }
 
 /// Changelog record key: the keyspace's index, then the state key.
@@ -166,61 +171,35 @@ pub fn stored_position<S: StateStore + ?Sized>(store: &S, input_topic: &str, par
     stored_offset(store, &position_key(input_topic, partition))
 }
 
-/// Make sure every input topic has its changelog topic with at least as many
-/// partitions (created compacted if missing; grown if the input grew).
-pub fn ensure_topics(
-    client: &ClientConfig,
-    group_id: &str,
-    input_topics: &[String],
-    replication: i32,
-    retention: Duration,
-    timeout: Duration,
-) -> Result<(), ChangelogError> {
-    // An admin client is a producer to librdkafka, which may ask brokers with
-    // auto.create.topics.enable to create a missing topic when it fetches its
-    // metadata: that topic would have broker defaults (not compacted).
-    let mut client = client.clone();
-    client.set("allow.auto.create.topics", "false");
-    let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| ChangelogError::Setup(e.to_string(), "?".into()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ChangelogError::Setup(e.to_string(), "?".into()))?;
-    let options = AdminOptions::new().operation_timeout(Some(timeout));
+/// Make sure every stateful topic has its changelog topic with at least as many
+/// partitions (created compacted if missing; grown if its topic grew).
+pub fn ensure_topics(admin: &Admin, group_id: &str, stateful_topics: &[String], replication: i32, retention: Duration) -> Result<(), ChangelogError> {
     let retention_ms = retention.as_millis().to_string();
-    for input in input_topics {
+    for input in stateful_topics {
         let changelog = topic_for(group_id, input);
-        let setup = |e: &dyn std::fmt::Display| ChangelogError::Setup(e.to_string(), changelog.clone());
-        let partitions_of = |topic: &str| -> Result<usize, ChangelogError> {
-            let metadata = admin.inner().fetch_metadata(Some(topic), timeout).map_err(|e| setup(&e))?;
-            Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
-        };
-        let wanted = partitions_of(input)?;
+        let setup = |e: TopicError| ChangelogError::Setup(e.to_string(), changelog.clone());
+        let wanted = admin.partitions_of(input).map_err(setup)?;
         if wanted == 0 {
             return Err(ChangelogError::MissingInput(input.clone()));
         }
-        let have = partitions_of(&changelog)?;
+        let have = admin.partitions_of(&changelog).map_err(setup)?;
         if have == 0 {
-            let topic = NewTopic::new(&changelog, wanted as i32, TopicReplication::Fixed(replication))
-                .set("cleanup.policy", "compact,delete")
-                .set("retention.ms", &retention_ms);
-            let results = runtime.block_on(admin.create_topics([&topic], &options)).map_err(|e| setup(&e))?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => return Err(setup(&code)),
-                }
-            }
+            admin
+                .create(&changelog, wanted, replication, &[("cleanup.policy", "compact,delete"), ("retention.ms", &retention_ms)])
+                .map_err(setup)?;
             tracing::info!(topic = %changelog, partitions = wanted, "created the changelog topic");
         } else {
-            warn_unless_compacted(&admin, &runtime, &options, &changelog);
+            match admin.config_value(&changelog, "cleanup.policy") {
+                Some(policy) if policy.contains("compact") => {}
+                Some(policy) => tracing::warn!(
+                    topic = %changelog, %policy,
+                    "the changelog topic is not compacted: old state may be deleted before it expires; set cleanup.policy=compact,delete on it"
+                ),
+                None => tracing::debug!(topic = %changelog, "could not read the changelog topic's cleanup.policy"),
+            }
         }
         if have > 0 && have < wanted {
-            let grow = NewPartitions::new(&changelog, wanted);
-            let results = runtime.block_on(admin.create_partitions([&grow], &options)).map_err(|e| setup(&e))?;
-            for result in results {
-                result.map_err(|(_, code)| setup(&code))?;
-            }
+            admin.grow(&changelog, wanted).map_err(setup)?;
             tracing::info!(topic = %changelog, from = have, to = wanted, "grew the changelog topic with its input");
         }
     }
@@ -240,30 +219,6 @@ impl rdkafka::ClientContext for QuietEof {
 }
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
-
-/// A changelog topic made by someone else may lack compaction (then retention
-/// would delete live state): say so, with the fix. Best effort, never fatal.
-fn warn_unless_compacted(
-    admin: &AdminClient<DefaultClientContext>,
-    runtime: &tokio::runtime::Runtime,
-    options: &AdminOptions,
-    topic: &str,
-) {
-    let described = runtime.block_on(admin.describe_configs([&rdkafka::admin::ResourceSpecifier::Topic(topic)], options));
-    let policy = described
-        .ok()
-        .and_then(|mut results| results.pop())
-        .and_then(|result| result.ok())
-        .and_then(|resource| resource.get("cleanup.policy").and_then(|entry| entry.value.clone()));
-    match policy {
-        Some(policy) if policy.contains("compact") => {}
-        Some(policy) => tracing::warn!(
-            %topic, %policy,
-            "the changelog topic is not compacted: old state may be deleted before it expires; set cleanup.policy=compact,delete on it"
-        ),
-        None => tracing::debug!(%topic, "could not read the changelog topic's cleanup.policy"),
-    }
-}
 
 /// Replays changelog partitions into the local store.
 #[derive(Clone)]
@@ -353,6 +308,7 @@ impl Restorer {
             .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None });
         flush(&mut batch, at_end.or(next))?;
         metrics::counter!("waymark_changelog_restored_total").increment(applied);
+        metrics::histogram!("waymark_changelog_restore_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(topic = %input_topic, partition, applied, seconds = started.elapsed().as_secs_f64(), "state restored from the changelog");
         Ok(applied)
     }

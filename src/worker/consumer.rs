@@ -1,0 +1,274 @@
+//! The consumer side: rebalance callbacks (restore or seek on assignment, commit
+//! on revocation), polling a batch, and committing offsets to the group.
+//!
+//! One consumer reads both record kinds: raw carrier topics and, with
+//! `routing.mode = "home"`, the repartition topic. Only partitions that own state
+//! (the repartition topic's, or the inputs' with `routing.mode = "input"`) are
+//! restored from a changelog or seeked to stored progress; raw partitions whose
+//! events hop to their home keep no state and start at the group's committed offset.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::changelog::{ChangelogError, Restorer};
+use super::partitions::{lock, SharedPartitions};
+use crate::config::Config;
+use crate::envelope::Envelope;
+use crate::http::Health;
+use crate::pipeline::stored_progress;
+use crate::store::RocksStore;
+use crate::telemetry::CONSUMER_LAG;
+
+/// Consumer callbacks: restore or seek on assignment, commit on revocation.
+pub struct WorkerContext {
+    /// Lag, broker reachability and assignment, for /healthz and /readyz.
+    pub(super) health: Arc<Health>,
+    pub(super) store: Arc<RocksStore>,
+    pub(super) partitions: SharedPartitions,
+    /// Topics whose partitions keep no state (raw inputs whose events hop home).
+    pub(super) stateless_topics: HashSet<String>,
+    /// Offsets are committed only inside transactions (never on revocation).
+    pub(super) transactional: bool,
+    /// State hand-over: restore each assigned stateful partition from its changelog first.
+    pub(super) restorer: Option<Restorer>,
+}
+
+impl ClientContext for WorkerContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry the lag of
+    /// each assigned partition: publishing it here costs the poll loop nothing.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut total_lag = 0i64;
+        for (topic, stats) in statistics.topics {
+            for (partition, p) in stats.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 && lock(&self.partitions).owns(&topic, partition) {
+                    total_lag += p.consumer_lag;
+                    metrics::gauge!(CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+        self.health.lag.store(total_lag, Ordering::SeqCst);
+        let broker_up = statistics.brokers.values().any(|b| b.state == "UP" && b.nodeid >= 0);
+        self.health.broker_up.store(broker_up, Ordering::SeqCst);
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl);
+                self.health.assigned.store(lock(&self.partitions).owned_count(), Ordering::SeqCst);
+                let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl);
+                self.health.assigned.store(lock(&self.partitions).owned_count(), Ordering::SeqCst);
+                for elem in tpl.elements() {
+                    // A partition that moved away has no lag here any more.
+                    metrics::gauge!(CONSUMER_LAG, "topic" => elem.topic().to_string(), "partition" => elem.partition().to_string()).set(0.0);
+                }
+                let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+}
+
+impl WorkerContext {
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        for elem in tpl.clone().elements() {
+            let (topic, partition) = (elem.topic().to_string(), elem.partition());
+            if self.stateless_topics.contains(&topic) {
+                lock(&self.partitions).assign(&topic, partition, None, None);
+                tracing::debug!(%topic, partition, "assigned; raw partition, starting at the group's committed offset");
+                continue;
+            }
+            if let Some(restorer) = &self.restorer {
+                match self.restore_then_start(consumer, restorer, &topic, partition) {
+                    Ok(Some(start)) => {
+                        let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(start));
+                        lock(&self.partitions).assign(&topic, partition, Some(start), None);
+                    }
+                    Ok(None) => {
+                        lock(&self.partitions).assign(&topic, partition, None, None);
+                        tracing::info!(%topic, partition, "assigned; no progress anywhere, starting at auto.offset.reset");
+                    }
+                    Err(e) => {
+                        tracing::error!(%topic, partition, error = %e, "cannot restore the partition's state; stopping");
+                        let mut partitions = lock(&self.partitions);
+                        partitions.assign(&topic, partition, None, None);
+                        partitions.fail(e);
+                    }
+                }
+                continue;
+            }
+            match stored_progress(&*self.store, &topic, partition) {
+                Ok(Some(next)) if self.transactional => {
+                    // The store may lag the group (killed between commit and state write).
+                    let committed = committed_offset(consumer, &topic, partition, Duration::from_secs(10)).ok().flatten();
+                    let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
+                    let catch_up_to = committed.filter(|committed| *committed > next);
+                    lock(&self.partitions).assign(&topic, partition, Some(next), catch_up_to);
+                    match catch_up_to {
+                        Some(committed) => {
+                            tracing::info!(%topic, partition, next, committed, "assigned; catching up state silently to the committed offset")
+                        }
+                        None => tracing::info!(%topic, partition, next, "assigned; resuming from stored progress"),
+                    }
+                }
+                Ok(Some(next)) => {
+                    let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
+                    lock(&self.partitions).assign(&topic, partition, Some(next), None);
+                    tracing::info!(%topic, partition, next, "assigned; resuming from stored progress");
+                }
+                Ok(None) => {
+                    lock(&self.partitions).assign(&topic, partition, None, None);
+                    tracing::info!(%topic, partition, "assigned; no stored progress, using the group's committed offset");
+                }
+                Err(e) => {
+                    lock(&self.partitions).assign(&topic, partition, None, None);
+                    tracing::error!(%topic, partition, error = %e, "cannot read stored progress; using the group's committed offset");
+                }
+            }
+        }
+    }
+
+    /// Everything processed is already in the store (batches complete between
+    /// polls); hand the group the same offsets before the partitions go.
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let mut commit = TopicPartitionList::new();
+        {
+            let mut partitions = lock(&self.partitions);
+            for elem in tpl.elements() {
+                if let Some(next) = partitions.revoke(elem.topic(), elem.partition()) {
+                    let _ = commit.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(next));
+                }
+            }
+        }
+        if commit.count() > 0 && !consumer.assignment_lost() && !self.transactional {
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %e, "committing offsets on revocation failed; the next owner may re-process (identical upserts)");
+            }
+        }
+    }
+
+    /// Changelog mode: the group's committed offset first (for a read_committed
+    /// consumer it waits until no transactional commit is pending, so the
+    /// changelog's end below is at least as new as that offset), then the
+    /// changelog replayed into the store, then the offset to start at: the later
+    /// of the committed offset and this store's own progress (ahead only when this
+    /// instance processed further before losing the partition: that state is in
+    /// the changelog too).
+    fn restore_then_start(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        restorer: &Restorer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, ChangelogError> {
+        let restore_failed = |reason: String| ChangelogError::Restore { topic: topic.to_string(), partition, reason };
+        let committed = committed_offset(consumer, topic, partition, restorer.timeout)
+            .map_err(|e| restore_failed(format!("cannot read the group's committed offset: {e}")))?;
+        let applied = restorer.restore(&*self.store, topic, partition)?;
+        let stored = stored_progress(&*self.store, topic, partition)?;
+        let start = committed.into_iter().chain(stored).max();
+        tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
+        Ok(start)
+    }
+}
+
+/// The group's committed offset of one partition (`Ok(None)`: the group has none).
+pub(super) fn committed_offset(
+    consumer: &BaseConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Option<i64>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    Ok(match committed.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(n)) => Some(n),
+        _ => None,
+    })
+}
+
+/// Poll until a batch is full, the wait is over, or shutdown is requested.
+pub(super) fn poll_batch(
+    consumer: &BaseConsumer<WorkerContext>,
+    config: &Config,
+    shutdown: &AtomicBool,
+    partitions: &SharedPartitions,
+) -> Vec<Envelope> {
+    let deadline = Instant::now() + config.batch_wait;
+    let mut envelopes = Vec::new();
+    while envelopes.len() < config.batch_size && !shutdown.load(Ordering::SeqCst) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let wait = if envelopes.is_empty() { Duration::from_millis(200) } else { remaining };
+        match consumer.poll(wait) {
+            None => {
+                if !envelopes.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                // Transport errors are transient: librdkafka reconnects by itself.
+                tracing::warn!(error = %e, "consumer error; waiting for the broker");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Some(Ok(message)) => {
+                let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
+                if lock(partitions).next(&topic, partition).is_some_and(|next| offset < next) {
+                    metrics::counter!("waymark_records_skipped_total").increment(1);
+                    continue;
+                }
+                let headers = message
+                    .headers()
+                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                    .unwrap_or_default();
+                envelopes.push(Envelope {
+                    topic,
+                    partition,
+                    offset,
+                    timestamp_ms: message.timestamp().to_millis(),
+                    headers,
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+            }
+        }
+    }
+    envelopes
+}
+
+/// Tell the group how far every owned partition is processed.
+pub(super) fn commit_progress(consumer: &BaseConsumer<WorkerContext>, partitions: &SharedPartitions, mode: CommitMode) {
+    let list = lock(partitions).commit_list();
+    if list.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in list {
+        let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(error = %e, "offset commit failed; the store's progress stays authoritative");
+    }
+}

@@ -1,0 +1,129 @@
+//! What the consumer's rebalance callbacks and the worker loop share: the
+//! partitions this instance owns and how far each is processed, behind ONE lock
+//! ([`SharedPartitions`]). Callbacks run inside the consumer's poll on the worker
+//! thread, so the lock is never contended; it exists because librdkafka hands
+//! the context to the callbacks by shared reference. Pure: no Kafka types.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::changelog::ChangelogError;
+use crate::envelope::Envelope;
+
+/// (topic, partition).
+pub type TopicPartition = (String, i32);
+
+/// The partitions of this instance.
+#[derive(Debug, Default)]
+pub struct Partitions {
+    /// Owned right now: records of a partition revoked while a batch was being
+    /// polled are dropped, never emitted (the new owner reads them from the
+    /// committed offset).
+    owned: HashSet<TopicPartition>,
+    /// Next offset to process per owned partition, as last completed (stored
+    /// progress on assignment, then each processed batch): records below it are
+    /// skipped, and it is what the group is told on commit and revocation.
+    next: HashMap<TopicPartition, i64>,
+    /// `exactly-once` only: per partition, the group's committed offset when the
+    /// store was behind it (killed between commit and state write); records below
+    /// it are re-processed silently (state only: their outputs are committed).
+    catch_up_to: HashMap<TopicPartition, i64>,
+    /// A restore that failed inside the rebalance callback; the loop stops on it.
+    fatal: Option<ChangelogError>,
+}
+
+/// The one lock around [`Partitions`].
+pub type SharedPartitions = Arc<Mutex<Partitions>>;
+
+/// Lock, ignoring poison: a panic elsewhere leaves the maps consistent (every
+/// verb below is a single map operation per partition).
+pub fn lock(shared: &SharedPartitions) -> MutexGuard<'_, Partitions> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Partitions {
+    /// A partition was assigned, starting at `start` (if known) and silently
+    /// catching up below `catch_up_to` (if set).
+    pub fn assign(&mut self, topic: &str, partition: i32, start: Option<i64>, catch_up_to: Option<i64>) {
+        let tp = (topic.to_string(), partition);
+        self.owned.insert(tp.clone());
+        if let Some(start) = start {
+            self.next.insert(tp.clone(), start);
+        }
+        if let Some(bound) = catch_up_to {
+            self.catch_up_to.insert(tp, bound);
+        }
+    }
+
+    /// A partition was revoked: forget it; returns its next offset to hand the group.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
+        let tp = (topic.to_string(), partition);
+        self.owned.remove(&tp);
+        self.catch_up_to.remove(&tp);
+        self.next.remove(&tp)
+    }
+
+    pub fn owned_count(&self) -> usize {
+        self.owned.len()
+    }
+
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.owned.contains(&(topic.to_string(), partition))
+    }
+
+    /// Next offset to process, if known.
+    pub fn next(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.next.get(&(topic.to_string(), partition)).copied()
+    }
+
+    /// Was this record's output committed before a crash (state-only catch-up)?
+    pub fn is_catch_up(&self, envelope: &Envelope) -> bool {
+        self.catch_up_to.get(&(envelope.topic.clone(), envelope.partition)).is_some_and(|bound| envelope.offset < *bound)
+    }
+
+    /// These records are done.
+    pub fn advance(&mut self, envelopes: &[Envelope]) {
+        for envelope in envelopes {
+            self.next.insert((envelope.topic.clone(), envelope.partition), envelope.offset + 1);
+        }
+    }
+
+    /// Every partition's next offset, to commit to the group.
+    pub fn commit_list(&self) -> Vec<(TopicPartition, i64)> {
+        self.next.iter().map(|(tp, next)| (tp.clone(), *next)).collect()
+    }
+
+    pub fn fail(&mut self, error: ChangelogError) {
+        self.fatal.get_or_insert(error);
+    }
+
+    pub fn take_fatal(&mut self) -> Option<ChangelogError> {
+        self.fatal.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(partition: i32, offset: i64) -> Envelope {
+        Envelope { topic: "t".into(), partition, offset, timestamp_ms: None, headers: vec![], key: None, payload: vec![] }
+    }
+
+    #[test]
+    fn assignment_progress_and_revocation() {
+        let mut p = Partitions::default();
+        p.assign("t", 0, Some(5), Some(9));
+        p.assign("t", 1, None, None);
+        assert!(p.owns("t", 0) && p.owns("t", 1) && !p.owns("t", 2));
+        assert!(p.is_catch_up(&envelope(0, 8)) && !p.is_catch_up(&envelope(0, 9)) && !p.is_catch_up(&envelope(1, 0)));
+        p.advance(&[envelope(1, 3), envelope(1, 4)]);
+        assert_eq!(p.next("t", 1), Some(5));
+        let mut commits = p.commit_list();
+        commits.sort();
+        assert_eq!(commits, vec![(("t".to_string(), 0), 5), (("t".to_string(), 1), 5)]);
+        assert_eq!(p.revoke("t", 0), Some(5));
+        assert!(!p.owns("t", 0) && !p.is_catch_up(&envelope(0, 8)));
+        assert_eq!(p.commit_list().len(), 1);
+    }
+}

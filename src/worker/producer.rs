@@ -1,0 +1,347 @@
+//! The producer side: upserts, dead letters, repartition records and changelog
+//! records out, and every acknowledgement awaited before a batch counts as sent.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use super::changelog::{self, ChangelogRecord};
+use super::client::producer_config;
+use crate::config::Config;
+use crate::error::Fate;
+use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::routing::RoutedRecord;
+use crate::sink::{Sink, SinkError};
+use crate::state::StateBatch;
+
+/// One batch's records for the output, dead-letter and repartition topics.
+#[derive(Clone, Copy)]
+pub struct Outputs<'a> {
+    pub upserts: &'a [MilestoneUpsert],
+    pub dead_letters: &'a [DeadLetter],
+    pub routed: &'a [RoutedRecord],
+}
+
+impl Outputs<'_> {
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.dead_letters.len() + self.routed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Delivery results of the producer, counted per batch. The producer's own
+/// thread reports each delivery and wakes whoever waits for a batch
+/// ([`KafkaSink::await_acks`]): a batch counts as sent the moment its last
+/// acknowledgement arrives, with no polling interval to sit out.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    state: Mutex<DeliveryCounts>,
+    delivered: Condvar,
+}
+
+#[derive(Default, Debug, Clone)]
+pub(super) struct DeliveryCounts {
+    pub(super) acked: usize,
+    failed: usize,
+    last_error: Option<String>,
+    /// Fate of the worst delivery error of the batch.
+    fate: Option<Fate>,
+    /// Highest acknowledged offset per (topic, partition).
+    pub(super) offsets: HashMap<(String, i32), i64>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(message) => {
+                counts.acked += 1;
+                let highest = counts.offsets.entry((message.topic().to_string(), message.partition())).or_insert(-1);
+                *highest = (*highest).max(message.offset());
+            }
+            Err((e, _)) => {
+                counts.failed += 1;
+                counts.last_error = Some(e.to_string());
+                let fate = produce_fate(e);
+                if counts.fate != Some(Fate::Stop) {
+                    counts.fate = Some(fate);
+                }
+            }
+        }
+        drop(counts);
+        self.delivered.notify_all();
+    }
+}
+
+/// What a produce error means for the batch. Retrying cannot fix a record the
+/// broker or client will never take (too large, invalid), a topic that does not
+/// exist or may not be written, or a configuration the client rejects: those stop
+/// the worker with the reason instead of re-sending forever. Everything else
+/// (timeouts, leader changes, a broker away) is retried.
+pub fn produce_fate(error: &KafkaError) -> Fate {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code() {
+        Some(
+            Code::MessageSizeTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidMessage
+            | Code::InvalidRecord
+            | Code::InvalidTopic
+            | Code::UnknownTopic
+            | Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::TransactionalIdAuthorizationFailed
+            | Code::GroupAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::InvalidArgument
+            | Code::InvalidRequiredAcks
+            | Code::PolicyViolation,
+        ) => Fate::Stop,
+        _ => Fate::Retry,
+    }
+}
+
+/// Sends upserts and dead letters to Kafka and waits for every acknowledgement.
+pub struct KafkaSink {
+    pub(super) producer: ThreadedProducer<DeliveryTracker>,
+    output_topic: String,
+    dead_letter_topic: String,
+    /// How long one attempt waits for acknowledgements.
+    flush_timeout: Duration,
+    /// Group id naming the changelog topics, when state changes are logged.
+    changelog_group: Option<String>,
+}
+
+impl KafkaSink {
+    pub fn new(config: &Config) -> Result<KafkaSink, KafkaError> {
+        Ok(Self::with_producer(config, producer_config(config).create_with_context(DeliveryTracker::default())?))
+    }
+
+    pub(super) fn with_producer(config: &Config, producer: ThreadedProducer<DeliveryTracker>) -> KafkaSink {
+        KafkaSink {
+            producer,
+            output_topic: config.kafka.output_topic.clone(),
+            dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+            flush_timeout: Duration::from_secs(60),
+            changelog_group: config.changelog.as_ref().map(|_| config.kafka.group_id.clone()),
+        }
+    }
+
+    /// The changelog records of a batch's state (none when changelogs are off).
+    pub(super) fn changelog_records(&self, state: &StateBatch) -> Result<Vec<ChangelogRecord>, SinkError> {
+        match &self.changelog_group {
+            Some(group) => Ok(changelog::records(state, group)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub(super) fn enqueue_changelog(&self, records: &[ChangelogRecord]) -> Result<(), SinkError> {
+        for record in records {
+            let base = BaseRecord::to(&record.topic).key(&record.key[..]).payload(&record.value[..]).partition(record.partition);
+            self.enqueue_record(base)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn reset_counts(&self) {
+        *self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()) = DeliveryCounts::default();
+    }
+
+    pub(super) fn counts(&self) -> DeliveryCounts {
+        self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Wait until `total` records queued since the last reset are reported
+    /// (acknowledged or failed), woken by each delivery report.
+    fn await_acks(&self, total: usize) -> Result<DeliveryCounts, SinkError> {
+        let tracker = self.producer.context();
+        let deadline = Instant::now() + self.flush_timeout;
+        let mut counts = tracker.state.lock().unwrap_or_else(|p| p.into_inner());
+        while counts.acked + counts.failed < total {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            counts = tracker.delivered.wait_timeout(counts, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let counts = counts.clone();
+        if counts.acked == total && counts.failed == 0 {
+            return Ok(counts);
+        }
+        Err(SinkError::Kafka {
+            failed: total - counts.acked.min(total),
+            total,
+            reason: counts.last_error.clone().unwrap_or_else(|| format!("not acknowledged within {:?}", self.flush_timeout)),
+            fate: counts.fate.unwrap_or(Fate::Retry),
+        })
+    }
+
+    /// Queue every record of a batch (keys and headers as documented).
+    pub(super) fn enqueue_all(&self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        for routed in outputs.routed {
+            let base = BaseRecord::to(&routed.topic).key(routed.key.as_str()).payload(&routed.payload[..]).partition(routed.partition);
+            self.enqueue_record(base)?;
+        }
+        for upsert in outputs.upserts {
+            let payload = serde_json::to_vec(upsert).map_err(std::io::Error::other)?;
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "milestone-id", value: Some(upsert.milestone_id.as_str()) })
+                .insert(Header { key: "tenant-id", value: Some(upsert.tenant_id.as_str()) });
+            self.enqueue(&self.output_topic, &upsert.key(), &payload, headers)?;
+        }
+        for dead in outputs.dead_letters {
+            let payload = serde_json::to_vec(dead).map_err(std::io::Error::other)?;
+            let headers = OwnedHeaders::new().insert(Header { key: "error-kind", value: Some(dead.error_kind.as_str()) });
+            self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers)?;
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
+        self.enqueue_record(BaseRecord::to(topic).key(key).payload(payload).headers(headers))
+    }
+
+    fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>) -> Result<(), SinkError> {
+        let mut record = record;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: the local queue is bounded; wait for deliveries.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    let fate = produce_fate(&e);
+                    return Err(SinkError::Kafka { failed: 1, total: 1, reason: e.to_string(), fate });
+                }
+            }
+        }
+    }
+}
+
+impl Sink for KafkaSink {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+        let outputs = Outputs { upserts, dead_letters, routed };
+        let total = outputs.len();
+        if total == 0 {
+            return Ok(());
+        }
+        self.reset_counts();
+        self.enqueue_all(outputs)?;
+        self.await_acks(total).map(|_| ())
+    }
+
+    /// At-least-once: the changelog gets the state only after the outputs are
+    /// acknowledged, so a new owner never restores a claim on an unsent upsert.
+    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        let records = self.changelog_records(state)?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.reset_counts();
+        self.enqueue_changelog(&records)?;
+        let counts = self.await_acks(records.len())?;
+        changelog::stage_positions(state, &records, &counts.offsets);
+        Ok(())
+    }
+}
+
+/// Re-sends a batch until Kafka acknowledges all of it. Gives up only when a
+/// shutdown has waited longer than its deadline: then nothing of the batch is
+/// claimed and it is re-processed on restart.
+pub struct RetryingSink<'a> {
+    pub inner: &'a mut KafkaSink,
+    pub shutdown: &'a AtomicBool,
+    pub deadline: Duration,
+}
+
+impl RetryingSink<'_> {
+    fn retrying(&mut self, what: &str, mut attempt: impl FnMut(&mut KafkaSink) -> Result<(), SinkError>) -> Result<(), SinkError> {
+        let mut retry = Retry::new(self.shutdown, self.deadline, Duration::from_millis(500));
+        loop {
+            match attempt(self.inner) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.fate() == Fate::Retry => {
+                    if retry.gave_up() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, attempt = retry.attempt + 1, "{what} not acknowledged; re-sending (identical records)");
+                    metrics::counter!("waymark_output_retries_total").increment(1);
+                    // No consumer poll here: a poll could hand out (and so skip) a record.
+                    retry.back_off();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Sink for RetryingSink<'_> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+        self.retrying("output", |sink| sink.send(upserts, dead_letters, routed))
+    }
+
+    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        self.retrying("changelog", |sink| sink.send_state(state))
+    }
+}
+
+/// Retry policy of a batch's output: retry forever with linear back-off (capped at
+/// ten steps), except once a shutdown has waited longer than its deadline.
+pub struct Retry<'a> {
+    shutdown: &'a AtomicBool,
+    deadline: Duration,
+    step: Duration,
+    pub attempt: u32,
+    shutdown_seen: Option<Instant>,
+}
+
+impl<'a> Retry<'a> {
+    pub fn new(shutdown: &'a AtomicBool, deadline: Duration, step: Duration) -> Self {
+        Retry { shutdown, deadline, step, attempt: 0, shutdown_seen: None }
+    }
+
+    /// True when a shutdown is under way and has waited past its deadline.
+    pub fn gave_up(&mut self) -> bool {
+        if !self.shutdown.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shutdown_seen.get_or_insert_with(Instant::now).elapsed() >= self.deadline
+    }
+
+    pub fn back_off(&mut self) {
+        self.attempt += 1;
+        std::thread::sleep(self.step.saturating_mul(self.attempt.min(10)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn errors_that_retrying_cannot_fix_stop_the_worker() {
+        for code in [Code::MessageSizeTooLarge, Code::TopicAuthorizationFailed, Code::UnknownTopic, Code::InvalidRecord] {
+            assert_eq!(produce_fate(&KafkaError::MessageProduction(code)), Fate::Stop, "{code:?}");
+        }
+        for code in [Code::RequestTimedOut, Code::NotLeaderForPartition, Code::BrokerTransportFailure, Code::MessageTimedOut] {
+            assert_eq!(produce_fate(&KafkaError::MessageProduction(code)), Fate::Retry, "{code:?}");
+        }
+    }
+}

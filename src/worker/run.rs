@@ -1,0 +1,326 @@
+//! The consume-process-produce loop: one thread, one consumer, one batch at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::changelog::{self, Restorer};
+use super::client::{base_config, consumer_config};
+use super::consumer::{commit_progress, poll_batch, WorkerContext};
+use super::partitions::{lock, SharedPartitions};
+use super::producer::{KafkaSink, Outputs, Retry, RetryingSink};
+use super::reorder::ReorderBuffer;
+use super::topics::{ensure_repartition_topic, Admin, RepartitionError};
+use super::transaction::TransactionalSink;
+use super::WorkerError;
+use crate::batch::{self, Failpoint};
+use crate::config::{Config, DeliveryMode};
+use crate::envelope::Envelope;
+use crate::error::StoreError;
+use crate::http::Health;
+use crate::pipeline::Pipeline;
+use crate::routing::{KeyingCheck, Placement};
+use crate::state::{Keyspace, StateStore};
+use crate::store::RocksStore;
+use crate::telemetry::{Telemetry, LAST_PROGRESS, REORDER_HELD, STORE_KEYS};
+
+/// Everything the worker loop needs, passed in (shutdown and clock included).
+pub struct WorkerDeps<'a> {
+    pub config: &'a Config,
+    pub pipeline: &'a Pipeline,
+    pub store: Arc<RocksStore>,
+    pub telemetry: &'a Telemetry,
+    pub health: Arc<Health>,
+    pub shutdown: &'a AtomicBool,
+    pub clock: &'a (dyn Fn() -> DateTime<Utc> + Sync),
+}
+
+/// How many shipments the keying check of `routing.mode = "input"` remembers.
+const KEYING_CHECK_CAPACITY: usize = 1_000_000;
+
+/// The consume-process-produce loop. Returns `Ok` after a clean shutdown.
+pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
+    let config = deps.config;
+    let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce { .. });
+    let mut pipeline = deps.pipeline.clone();
+    pipeline.placement = config.placement.clone();
+    // Topics whose partitions own state, and the ones that only route.
+    let (stateful, stateless): (Vec<String>, Vec<String>) = match &config.placement {
+        Placement::Home { topic, .. } => {
+            pipeline.hop = true;
+            (vec![topic.clone()], config.kafka.input_topics.clone())
+        }
+        Placement::Input => {
+            pipeline.keying_check = Some(Arc::new(Mutex::new(KeyingCheck::new(KEYING_CHECK_CAPACITY))));
+            (config.kafka.input_topics.clone(), Vec::new())
+        }
+    };
+    let restorer = match prepare_topics(config, &stateful, deps.shutdown)? {
+        Some(restorer) => restorer,
+        None => return Ok(()),
+    };
+    let partitions = SharedPartitions::default();
+    deps.health.stall_after_ms.store(config.stall_timeout.as_millis().min(i64::MAX as u128) as i64, Ordering::SeqCst);
+    mark_progress(&deps);
+    let context = WorkerContext {
+        health: deps.health.clone(),
+        store: deps.store.clone(),
+        partitions: partitions.clone(),
+        stateless_topics: stateless.iter().cloned().collect::<HashSet<_>>(),
+        transactional,
+        restorer,
+    };
+    let consumer: BaseConsumer<WorkerContext> =
+        consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
+    let topics: Vec<&str> = stateless.iter().chain(&stateful).map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(WorkerError::Setup)?;
+    let mut output = match &config.delivery {
+        DeliveryMode::AtLeastOnce => Output::AtLeastOnce(KafkaSink::new(config).map_err(WorkerError::Setup)?),
+        DeliveryMode::ExactlyOnce { transactional_id } => {
+            Output::ExactlyOnce(TransactionalSink::new(config, transactional_id).map_err(WorkerError::Setup)?)
+        }
+    };
+    deps.health.ready.store(true, Ordering::SeqCst);
+    tracing::info!(topics = ?topics, group = %config.kafka.group_id, placement = %config.placement.layout(), "worker started");
+
+    let mut last_gauges = Instant::now();
+    let mut window = ReorderBuffer::default();
+    // With the reorder window on, every unit is processed in hierarchy order.
+    let process: Process = if config.reorder.is_some() { batch::process_window } else { batch::process };
+    loop {
+        // After a shutdown request: no more polling, but a held window is still
+        // processed and committed (in-flight work).
+        let stopping = deps.shutdown.load(Ordering::SeqCst);
+        let mut envelopes = if stopping { Vec::new() } else { poll_batch(&consumer, config, deps.shutdown, &partitions) };
+        if let Some(e) = lock(&partitions).take_fatal() {
+            deps.health.failed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        {
+            let owned = lock(&partitions);
+            envelopes.retain(|e| owned.owns(&e.topic, e.partition));
+            // Held records of a partition revoked meanwhile are dropped, never
+            // emitted: nothing of them was committed, the new owner reads them.
+            window.retain(|e| owned.owns(&e.topic, e.partition));
+        }
+        let unit = match config.reorder {
+            None => envelopes,
+            Some(limits) => {
+                // Only records that are deduped wait in the window: raw records
+                // whose events hop home are routed at once.
+                let (mut unit, held): (Vec<Envelope>, Vec<Envelope>) =
+                    envelopes.into_iter().partition(|e| !pipeline.is_stateful(&e.topic));
+                let now = Instant::now();
+                window.extend(held, now);
+                if window.due(limits, now) || stopping {
+                    unit.extend(window.take());
+                }
+                metrics::gauge!(REORDER_HELD).set(window.len() as f64);
+                unit
+            }
+        };
+        let unit_was_empty = unit.is_empty();
+        if !unit_was_empty {
+            match &mut output {
+                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &unit, &partitions, &pipeline, process)?,
+                Output::ExactlyOnce(sink) => {
+                    process_transactionally(&deps, &consumer, sink, unit, &partitions, &pipeline, process)?
+                }
+            }
+        }
+        if last_gauges.elapsed() > Duration::from_secs(5) {
+            update_gauges(&deps.store);
+            last_gauges = Instant::now();
+            if !transactional && unit_was_empty {
+                // Idle: hand the group our offsets again. A per-batch commit that
+                // failed during a rebalance is otherwise never retried once traffic
+                // stops, and the group's lag would stay above zero for good.
+                commit_progress(&consumer, &partitions, CommitMode::Sync);
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    tracing::info!("shutting down: in-flight batch done, committing offsets");
+    deps.health.ready.store(false, Ordering::SeqCst);
+    if !transactional {
+        commit_progress(&consumer, &partitions, CommitMode::Sync);
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// Create what is missing of the internal topics (the repartition topic, the
+/// changelogs of the stateful topics) and return the changelog restorer
+/// (`Some(None)`: changelogs off). The broker may not be up yet: wait for it (not
+/// ready meanwhile) rather than exit into a crash loop; `None` when a shutdown
+/// came first. A repartition topic whose partition count differs from
+/// `routing.partitions` is refused at once: waiting cannot fix it.
+fn prepare_topics(config: &Config, stateful: &[String], shutdown: &AtomicBool) -> Result<Option<Option<Restorer>>, WorkerError> {
+    let mut retry = Retry::new(shutdown, Duration::ZERO, Duration::from_secs(1));
+    loop {
+        let attempt = || -> Result<(), WorkerError> {
+            let admin = Admin::new(&base_config(config), Duration::from_secs(10))
+                .map_err(|e| WorkerError::Changelog(changelog::ChangelogError::Setup(e.to_string(), "(admin client)".into())))?;
+            if let Placement::Home { topic, partitions } = &config.placement {
+                ensure_repartition_topic(&admin, topic, *partitions, config.repartition.replication, config.repartition.retention)?;
+            }
+            if let Some(settings) = &config.changelog {
+                changelog::ensure_topics(&admin, &config.kafka.group_id, stateful, settings.replication, settings.retention)?;
+            }
+            Ok(())
+        };
+        match attempt() {
+            Ok(()) => break,
+            Err(e @ WorkerError::Repartition(RepartitionError::PartitionsChanged { .. })) => return Err(e),
+            Err(_) if shutdown.load(Ordering::SeqCst) => {
+                tracing::info!("stopped before the internal topics were ready; nothing was processed");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, brokers = %config.kafka.brokers, attempt = retry.attempt + 1, "internal topics not ready; retrying");
+                retry.back_off();
+            }
+        }
+    }
+    Ok(Some(
+        config
+            .changelog
+            .as_ref()
+            .map(|settings| Restorer::new(base_config(config), &config.kafka.group_id, settings.restore_timeout)),
+    ))
+}
+
+/// A batch completed (or the worker started): liveness sees progress.
+fn mark_progress(deps: &WorkerDeps<'_>) {
+    let now = (deps.clock)().timestamp_millis();
+    deps.health.last_progress_ms.store(now, Ordering::SeqCst);
+    metrics::gauge!(LAST_PROGRESS).set(now as f64 / 1000.0);
+}
+
+fn update_gauges(store: &RocksStore) {
+    for keyspace in [Keyspace::Keys, Keyspace::Hashes, Keyspace::Shipments] {
+        if let Ok(n) = store.estimated_keys(keyspace) {
+            metrics::gauge!(STORE_KEYS, "keyspace" => keyspace.name()).set(n as f64);
+        }
+    }
+}
+
+/// Crash-test hook: `WAYMARK_FAILPOINT=<point>:<n>` makes the process abort (like
+/// `kill -9`: no destructors, no flush) the n-th time it reaches `<point>`, one of
+/// `before_output`, `after_output` (outputs acknowledged or transaction committed,
+/// state not written), `after_changelog` (at-least-once with changelogs: state
+/// logged, not written locally) and `after_state` (state written, offsets not committed in
+/// at-least-once mode). Unset, it costs one relaxed atomic load per batch.
+fn failpoint(point: &str) {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var("WAYMARK_FAILPOINT").ok()?;
+        let (name, nth) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+        Some((name.to_string(), nth.parse().unwrap_or(1)))
+    });
+    if let Some((name, nth)) = armed {
+        if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+            eprintln!("waymark: failpoint {point} reached, aborting (WAYMARK_FAILPOINT)");
+            std::process::abort();
+        }
+    }
+}
+
+/// How a unit of records is processed: `batch::process` (arrival order) or
+/// `batch::process_window` (the reorder window's hierarchy order).
+type Process = fn(&Pipeline, &RocksStore, &[Envelope], DateTime<Utc>, bool, Option<&Telemetry>) -> Result<batch::BatchOutput, StoreError>;
+
+/// The output side of the worker, by delivery mode.
+enum Output {
+    AtLeastOnce(KafkaSink),
+    ExactlyOnce(TransactionalSink),
+}
+
+/// One batch in `exactly-once` mode: silent catch-up first, then one transaction
+/// for outputs and offsets, then state.
+fn process_transactionally(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    sink: &mut TransactionalSink,
+    envelopes: Vec<Envelope>,
+    partitions: &SharedPartitions,
+    pipeline: &Pipeline,
+    process: Process,
+) -> Result<(), WorkerError> {
+    let now = (deps.clock)();
+    let (silent, live): (Vec<Envelope>, Vec<Envelope>) = {
+        let partitions = lock(partitions);
+        envelopes.into_iter().partition(|e| partitions.is_catch_up(e))
+    };
+    if !silent.is_empty() {
+        // Their outputs were committed before the crash; rebuild only the state.
+        let output = process(pipeline, &*deps.store, &silent, now, true, None)?;
+        deps.store.write(output.state)?;
+        metrics::counter!("waymark_records_caught_up_total").increment(silent.len() as u64);
+        lock(partitions).advance(&silent);
+    }
+    if live.is_empty() {
+        return Ok(());
+    }
+    let output = process(pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
+    let mut offsets = TopicPartitionList::new();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    for e in &live {
+        next.insert((e.topic.clone(), e.partition), e.offset + 1);
+    }
+    for ((topic, partition), offset) in &next {
+        let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    failpoint("before_output");
+    let mut state = output.state;
+    let outputs = Outputs { upserts: &output.upserts, dead_letters: &output.dead_letters, routed: &output.routed };
+    sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
+    failpoint("after_output");
+    // Only now may state claim the batch.
+    deps.store.write(state)?;
+    failpoint("after_state");
+    lock(partitions).advance(&live);
+    mark_progress(deps);
+    Ok(())
+}
+
+fn process_and_commit(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    sink: &mut KafkaSink,
+    envelopes: &[Envelope],
+    partitions: &SharedPartitions,
+    pipeline: &Pipeline,
+    process: Process,
+) -> Result<(), WorkerError> {
+    let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
+    let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
+    match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
+        failpoint(match point {
+            Failpoint::BeforeOutput => "before_output",
+            Failpoint::AfterOutput => "after_output",
+            Failpoint::AfterChangelog => "after_changelog",
+            Failpoint::AfterState => "after_state",
+        });
+        false
+    }) {
+        Ok(_) => {}
+        Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
+        Err(batch::DeliverError::Store(e)) => return Err(e.into()),
+        Err(batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in production ({point:?})"),
+    }
+    lock(partitions).advance(envelopes);
+    mark_progress(deps);
+    commit_progress(consumer, partitions, CommitMode::Async);
+    Ok(())
+}
