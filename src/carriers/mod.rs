@@ -136,4 +136,34 @@ mod tests {
         assert_eq!(registry.normalize("easypost", b"{\"a\":\"\xff\"}", now()).unwrap_err().kind(), "invalid_utf8");
         assert_eq!(registry.normalize("easypost", b"{\"a\":", now()).unwrap_err().kind(), "invalid_json");
     }
+
+    /// Every built-in carrier's `fixtures/<carrier>/bad_*.json` gives the dead-letter
+    /// kind of its `.expected.ndjson` (`error: <kind>`). `tests/it/fixtures.rs` checks
+    /// all fixtures through the whole pipeline; this runs the bad ones in the core
+    /// build too, so a panic on a bad body is caught without the runtime feature.
+    #[test]
+    fn bad_fixtures_give_their_dead_letter_kind() {
+        let registry = CarrierRegistry::builtin();
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let mut checked = 0;
+        for carrier in registry.names() {
+            let mut bodies: Vec<_> = std::fs::read_dir(fixtures.join(carrier))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy();
+                    name.starts_with("bad_") && name.ends_with(".json")
+                })
+                .collect();
+            bodies.sort();
+            for body in bodies {
+                let expected = std::fs::read_to_string(body.with_extension("expected.ndjson")).unwrap();
+                let kind = registry.normalize(carrier, &std::fs::read(&body).unwrap(), now).unwrap_err().kind();
+                assert_eq!(format!("error: {kind}\n"), expected, "{}", body.display());
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} bad fixtures found");
+    }
 }
