@@ -1,7 +1,23 @@
 //! Error taxonomy. Every error knows its fate: a bad record is dead-lettered, a
 //! transient fault is retried, anything that makes progress unsafe stops the worker.
 
+use std::borrow::Cow;
+
 use thiserror::Error;
+
+/// Input values quoted in a reason (and panic messages) are cut to this many
+/// characters: reasons travel in dead letters and logs, and a 1 MiB timestamp
+/// string must not make a 1 MiB reason.
+pub const MAX_QUOTED_CHARS: usize = 200;
+
+/// `text` cut to [`MAX_QUOTED_CHARS`] characters, saying how long it was.
+pub fn clip(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => Cow::Borrowed(text),
+        // `at` comes from char_indices, so it is a char boundary.
+        Some((at, _)) => Cow::Owned(format!("{}… ({} bytes in all)", &text[..at], text.len())),
+    }
+}
 
 /// What the runner does with a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +58,9 @@ pub enum RecordError {
     InvalidEnvelope(String),
     #[error("not a tracking event: {0}")]
     Unsupported(String),
+    /// A carrier normalizer panicked: a bug in Waymark, contained to this record.
+    #[error("carrier `{carrier}` panicked on this record (a bug in Waymark: report it with this dead letter): {message}")]
+    Internal { carrier: String, message: String },
 }
 
 impl RecordError {
@@ -60,10 +79,12 @@ impl RecordError {
             RecordError::AbsurdTimestamp { .. } => "absurd_timestamp",
             RecordError::InvalidEnvelope(_) => "invalid_envelope",
             RecordError::Unsupported(_) => "unsupported",
+            RecordError::Internal { .. } => "internal_error",
         }
     }
 
-    /// A record error is always the record's fault.
+    /// A record error is always dead-lettered: even an internal error is specific
+    /// to this record's body, and retrying it would fail the same way.
     pub fn fate(&self) -> Fate {
         Fate::DeadLetter
     }
@@ -83,5 +104,19 @@ impl StoreError {
     /// consuming rather than emit without remembering.
     pub fn fate(&self) -> Fate {
         Fate::Stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_keeps_short_text_and_cuts_long_text_at_a_character() {
+        assert_eq!(clip("-1€"), "-1€");
+        let exact = "€".repeat(MAX_QUOTED_CHARS);
+        assert_eq!(clip(&exact), exact.as_str());
+        let long = "€".repeat(MAX_QUOTED_CHARS + 1);
+        assert_eq!(clip(&long), format!("{}… ({} bytes in all)", exact, long.len()));
     }
 }

@@ -163,3 +163,100 @@ impl DeadLetter {
         format!("{}:{}:{}", self.envelope.topic, self.envelope.partition, self.envelope.offset)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use jsonschema::{Retrieve, Uri, Validator};
+    use serde_json::Value;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn envelope(payload: Vec<u8>) -> Envelope {
+        Envelope {
+            topic: "tracking.raw.usps".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: Some(1_767_225_600_000),
+            headers: vec![("tenant-id".into(), Some(b"acme".to_vec())), ("trace".into(), None)],
+            key: Some(b"9400111206213859014819".to_vec()),
+            payload,
+        }
+    }
+
+    /// Resolves the schemas' `https://waymark.dev/schemas/<file>` references to
+    /// `schemas/<file>`: tests never touch the network.
+    struct LocalSchemas;
+
+    fn schema_file(name: &str) -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(name);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    impl Retrieve for LocalSchemas {
+        fn retrieve(&self, uri: &Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(schema_file(uri.path().as_str().rsplit('/').next().unwrap_or_default()))
+        }
+    }
+
+    fn dead_letter_schema() -> Validator {
+        jsonschema::options().with_retriever(LocalSchemas).build(&schema_file("dead-letter.schema.json")).unwrap()
+    }
+
+    fn assert_valid(schema: &Validator, dead: &DeadLetter) {
+        let value = serde_json::to_value(dead).unwrap();
+        let errors: Vec<String> = schema.iter_errors(&value).map(|e| format!("{e} at {}", e.instance_path())).collect();
+        assert!(errors.is_empty(), "dead letter does not validate: {errors:?}");
+    }
+
+    /// One error of every kind. The match below stops compiling when a variant is
+    /// added, as a reminder to list it here (and so in the schema check).
+    fn one_of_each_kind() -> Vec<RecordError> {
+        let all = vec![
+            RecordError::TooLarge { size: 2, limit: 1 },
+            RecordError::InvalidUtf8 { at: 0 },
+            RecordError::InvalidJson("x".into()),
+            RecordError::WrongType { field: "f".into(), expected: "string" },
+            RecordError::MissingField("f".into()),
+            RecordError::UnknownCarrier("x".into()),
+            RecordError::MissingTenant,
+            RecordError::InvalidHeader { name: "h".into(), reason: "r".into() },
+            RecordError::InvalidTimestamp { field: "f".into(), value: "v".into(), reason: "r".into() },
+            RecordError::AbsurdTimestamp { field: "f".into(), value: "v".into(), min: "a".into(), max: "b".into() },
+            RecordError::InvalidEnvelope("x".into()),
+            RecordError::Unsupported("x".into()),
+            RecordError::Internal { carrier: "c".into(), message: "m".into() },
+        ];
+        for error in &all {
+            match error {
+                RecordError::TooLarge { .. }
+                | RecordError::InvalidUtf8 { .. }
+                | RecordError::InvalidJson(_)
+                | RecordError::WrongType { .. }
+                | RecordError::MissingField(_)
+                | RecordError::UnknownCarrier(_)
+                | RecordError::MissingTenant
+                | RecordError::InvalidHeader { .. }
+                | RecordError::InvalidTimestamp { .. }
+                | RecordError::AbsurdTimestamp { .. }
+                | RecordError::InvalidEnvelope(_)
+                | RecordError::Unsupported(_)
+                | RecordError::Internal { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_error_kind_makes_a_valid_dead_letter() {
+        let schema = dead_letter_schema();
+        for error in one_of_each_kind() {
+            let dead = DeadLetter::new(&envelope(b"{}".to_vec()), &error, Some("usps".into()), Some("acme".into()), now());
+            assert_eq!(dead.error_kind, error.kind());
+            assert_valid(&schema, &dead);
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod ups;
 pub mod usps;
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -97,7 +98,15 @@ impl CarrierRegistry {
         }
         let text = std::str::from_utf8(body).map_err(|e| RecordError::InvalidUtf8 { at: e.valid_up_to() })?;
         let value: Value = serde_json::from_str(text).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
-        let events = normalizer.normalize(&value)?;
+        // A panic in one carrier's code is a bug, but it must cost this record (as
+        // its dead letter), not the worker: a restarted worker would read the same
+        // record and panic again. No panic hook is installed, so the default hook
+        // still reports the panic once on stderr, and a fuzzer's hook still aborts.
+        // AssertUnwindSafe: carriers are pure (`&self` without interior mutability,
+        // `&value` is dropped right after), so a panic leaves nothing half-updated.
+        let events = std::panic::catch_unwind(AssertUnwindSafe(|| normalizer.normalize(&value))).map_err(|payload| {
+            RecordError::Internal { carrier: carrier.to_string(), message: panic_message(payload.as_ref()) }
+        })??;
         let (min, max) = plausible_range(now);
         for event in &events {
             if event.occurred_at < min || event.occurred_at > max {
@@ -111,6 +120,19 @@ impl CarrierRegistry {
         }
         Ok(events)
     }
+}
+
+/// The text a panic was raised with (`panic!`, `unwrap`, slicing), bounded because
+/// it can quote input values.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = if let Some(text) = payload.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.as_str()
+    } else {
+        "(the panic carried no message)"
+    };
+    crate::error::clip(text).into_owned()
 }
 
 /// Scans before 1990 predate every carrier API we read; scans more than a year
@@ -135,6 +157,35 @@ mod tests {
         assert_eq!(registry.normalize("easypost", &[b' '; 17], now()).unwrap_err().kind(), "too_large");
         assert_eq!(registry.normalize("easypost", b"{\"a\":\"\xff\"}", now()).unwrap_err().kind(), "invalid_utf8");
         assert_eq!(registry.normalize("easypost", b"{\"a\":", now()).unwrap_err().kind(), "invalid_json");
+    }
+
+    /// A carrier with a bug: panics on every body.
+    struct Panicky;
+
+    impl Carrier for Panicky {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+
+        fn normalize(&self, body: &Value) -> Result<Vec<CarrierEvent>, RecordError> {
+            let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
+            // A byte index inside a character, like the USPS offset bug.
+            let (_head, _tail) = text.split_at(2);
+            Ok(vec![])
+        }
+    }
+
+    #[test]
+    fn a_panicking_carrier_is_that_records_dead_letter() {
+        let mut registry = CarrierRegistry::builtin();
+        registry.register(Arc::new(Panicky));
+        let err = registry.normalize("panicky", "{\"text\":\"1€\"}".as_bytes(), now()).unwrap_err();
+        assert_eq!(err.kind(), "internal_error");
+        let reason = err.to_string();
+        assert!(reason.contains("carrier `panicky` panicked"), "{reason}");
+        assert!(reason.contains("byte index 2 is not a char boundary"), "{reason}");
+        // The registry keeps working for the next record.
+        assert_eq!(registry.normalize("usps", b"{}", now()).unwrap_err().kind(), "missing_field");
     }
 
     /// Every built-in carrier's `fixtures/<carrier>/bad_*.json` gives the dead-letter
