@@ -10,9 +10,23 @@ use thiserror::Error;
 /// string must not make a 1 MiB reason.
 pub const MAX_QUOTED_CHARS: usize = 200;
 
+/// The free-text reasons (`Unsupported`, `UnknownCarrier`, ...) are cut to this
+/// many characters: they are built from fixed text plus values already cut to
+/// [`MAX_QUOTED_CHARS`], and this bounds the ones that quote several values.
+pub const MAX_MESSAGE_CHARS: usize = 1_000;
+
 /// `text` cut to [`MAX_QUOTED_CHARS`] characters, saying how long it was.
 pub fn clip(text: &str) -> Cow<'_, str> {
-    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+    clip_to(text, MAX_QUOTED_CHARS)
+}
+
+/// `text` cut to [`MAX_MESSAGE_CHARS`] characters.
+fn clip_message(text: &str) -> Cow<'_, str> {
+    clip_to(text, MAX_MESSAGE_CHARS)
+}
+
+fn clip_to(text: &str, max_chars: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
         None => Cow::Borrowed(text),
         // `at` comes from char_indices, so it is a char boundary.
         Some((at, _)) => Cow::Owned(format!("{}… ({} bytes in all)", &text[..at], text.len())),
@@ -34,32 +48,35 @@ pub enum Fate {
 /// `error_kind` of the dead-letter record; the Display text is the human reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RecordError {
+    // Every String here may hold input (a header, a body field, a parser message
+    // quoting one): Display cuts each with `clip`/`clip_message`, so a reason stays
+    // short whatever the record held. The fields keep the whole value for code.
     #[error("body is {size} bytes, over the {limit}-byte limit (raise limits.max_body_bytes if this carrier really sends such bodies)")]
     TooLarge { size: usize, limit: usize },
     #[error("body is not valid UTF-8 at byte {at}")]
     InvalidUtf8 { at: usize },
-    #[error("body is not valid JSON: {0}")]
+    #[error("body is not valid JSON: {}", clip_message(.0))]
     InvalidJson(String),
-    #[error("field `{field}` has the wrong type: expected {expected}")]
+    #[error("field `{}` has the wrong type: expected {expected}", clip(.field))]
     WrongType { field: String, expected: &'static str },
-    #[error("required field `{0}` is missing or empty")]
+    #[error("required field `{}` is missing or empty", clip(.0))]
     MissingField(String),
-    #[error("no carrier for this record: {0}")]
+    #[error("no carrier for this record: {}", clip_message(.0))]
     UnknownCarrier(String),
     #[error("no tenant: header `tenant-id` is absent and tenancy.require_tenant is true")]
     MissingTenant,
-    #[error("header `{name}` is invalid: {reason}")]
+    #[error("header `{}` is invalid: {}", clip(.name), clip_message(.reason))]
     InvalidHeader { name: String, reason: String },
-    #[error("timestamp `{value}` in `{field}` is unreadable: {reason}")]
+    #[error("timestamp `{}` in `{}` is unreadable: {}", clip(.value), clip(.field), clip_message(.reason))]
     InvalidTimestamp { field: String, value: String, reason: String },
-    #[error("timestamp `{value}` in `{field}` is outside the plausible range {min}..{max}")]
+    #[error("timestamp `{}` in `{}` is outside the plausible range {}..{}", clip(.value), clip(.field), clip(.min), clip(.max))]
     AbsurdTimestamp { field: String, value: String, min: String, max: String },
-    #[error("archive line is not a kcat -J envelope: {0}")]
+    #[error("archive line is not a kcat -J envelope: {}", clip_message(.0))]
     InvalidEnvelope(String),
-    #[error("not a tracking event: {0}")]
+    #[error("not a tracking event: {}", clip_message(.0))]
     Unsupported(String),
     /// A carrier normalizer panicked: a bug in Waymark, contained to this record.
-    #[error("carrier `{carrier}` panicked on this record (a bug in Waymark: report it with this dead letter): {message}")]
+    #[error("carrier `{}` panicked on this record (a bug in Waymark: report it with this dead letter): {}", clip(.carrier), clip(.message))]
     Internal { carrier: String, message: String },
 }
 
@@ -118,5 +135,31 @@ mod tests {
         assert_eq!(clip(&exact), exact.as_str());
         let long = "€".repeat(MAX_QUOTED_CHARS + 1);
         assert_eq!(clip(&long), format!("{}… ({} bytes in all)", exact, long.len()));
+    }
+
+    /// Reasons quote input values; a huge value must not make a huge reason.
+    #[test]
+    fn reasons_are_bounded_whatever_the_values() {
+        let huge = "\"€".repeat(500_000);
+        let h = || huge.clone();
+        let errors = [
+            RecordError::InvalidJson(h()),
+            RecordError::WrongType { field: h(), expected: "string" },
+            RecordError::MissingField(h()),
+            RecordError::UnknownCarrier(h()),
+            RecordError::InvalidHeader { name: h(), reason: h() },
+            RecordError::InvalidTimestamp { field: h(), value: h(), reason: h() },
+            RecordError::AbsurdTimestamp { field: h(), value: h(), min: h(), max: h() },
+            RecordError::InvalidEnvelope(h()),
+            RecordError::Unsupported(h()),
+            RecordError::Internal { carrier: h(), message: h() },
+        ];
+        for error in errors {
+            let reason = error.to_string();
+            assert!(reason.chars().count() <= 2_000, "{}: {} chars", error.kind(), reason.chars().count());
+        }
+        // Short values are quoted whole.
+        let short = RecordError::InvalidTimestamp { field: "f".into(), value: "-1€".into(), reason: "r".into() };
+        assert_eq!(short.to_string(), "timestamp `-1€` in `f` is unreadable: r");
     }
 }

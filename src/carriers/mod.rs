@@ -91,7 +91,11 @@ impl CarrierRegistry {
     /// `now` (injected) bounds plausible timestamps.
     pub fn normalize(&self, carrier: &str, body: &[u8], now: DateTime<Utc>) -> Result<Vec<CarrierEvent>, RecordError> {
         let normalizer = self.get(carrier).ok_or_else(|| {
-            RecordError::UnknownCarrier(format!("`{carrier}` is not a known carrier (known: {})", self.names().join(", ")))
+            RecordError::UnknownCarrier(format!(
+                "`{}` is not a known carrier (known: {})",
+                crate::error::clip(carrier),
+                self.names().join(", ")
+            ))
         })?;
         if body.len() > self.max_body_bytes {
             return Err(RecordError::TooLarge { size: body.len(), limit: self.max_body_bytes });
@@ -157,6 +161,33 @@ mod tests {
         assert_eq!(registry.normalize("easypost", &[b' '; 17], now()).unwrap_err().kind(), "too_large");
         assert_eq!(registry.normalize("easypost", b"{\"a\":\"\xff\"}", now()).unwrap_err().kind(), "invalid_utf8");
         assert_eq!(registry.normalize("easypost", b"{\"a\":", now()).unwrap_err().kind(), "invalid_json");
+    }
+
+    /// Values quoted in reasons come from the record (a header, a body field) and
+    /// are cut; the rest of the reason is kept.
+    #[test]
+    fn reasons_quote_at_most_a_bounded_part_of_a_value() {
+        let registry = CarrierRegistry::builtin();
+        let name = "x".repeat(100_000);
+        let reason = registry.normalize(&name, b"{}", now()).unwrap_err().to_string();
+        assert!(reason.len() < 1_000 && reason.contains("(known: aftership, dhl"), "{}", crate::error::clip(&reason));
+        let body = serde_json::json!({"trackingNumber": "1", "trackingEvents": [
+            {"eventTimestamp": "2024-11-22T13:58:00", "GMTOffset": format!("-{}", "€".repeat(300_000))}
+        ]});
+        let reason = registry.normalize("usps", body.to_string().as_bytes(), now()).unwrap_err().to_string();
+        assert!(reason.len() < 1_000 && reason.contains("trackingEvents[0].GMTOffset"), "{}", crate::error::clip(&reason));
+        for (carrier, body) in [
+            ("ups", serde_json::json!({"response": {"errors": [{"code": "E", "message": name}]}})),
+            ("dhl", serde_json::json!({"status": 404, "detail": name})),
+            ("shippo", serde_json::json!({"event": name, "data": {}})),
+            ("easypost", serde_json::json!({"object": name})),
+            ("aftership", serde_json::json!({"event": name, "msg": {}})),
+            ("fedex", serde_json::json!({"errors": [{"code": name}]})),
+        ] {
+            let error = registry.normalize(carrier, body.to_string().as_bytes(), now()).unwrap_err();
+            assert_eq!(error.kind(), "unsupported", "{carrier}: {}", crate::error::clip(&error.to_string()));
+            assert!(error.to_string().len() < 1_000, "{carrier}: {} bytes", error.to_string().len());
+        }
     }
 
     /// A carrier with a bug: panics on every body.

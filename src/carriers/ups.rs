@@ -89,7 +89,7 @@ use serde_json::Value;
 use super::json::{country_code, join, opt, opt_array, opt_obj, opt_str, req_obj, req_str, root_obj};
 use super::time::{parse_offset, Instant};
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct Ups;
@@ -218,7 +218,7 @@ fn error_response(response: &Value) -> RecordError {
             errors
                 .iter()
                 .map(|e| {
-                    let text = |key: &str| e.get(key).and_then(Value::as_str).unwrap_or("").trim().to_string();
+                    let text = |key: &str| clip(e.get(key).and_then(Value::as_str).unwrap_or("").trim()).into_owned();
                     format!("{} {}", text("code"), text("message")).trim().to_string()
                 })
                 .collect()
