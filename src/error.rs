@@ -81,6 +81,24 @@ pub enum RecordError {
 }
 
 impl RecordError {
+    /// Every value [`RecordError::kind`] returns: the closed set of the `reason`
+    /// metric label and of the dead-letter schema's `error_kind` enum.
+    pub const KINDS: [&'static str; 13] = [
+        "too_large",
+        "invalid_utf8",
+        "invalid_json",
+        "wrong_type",
+        "missing_field",
+        "unknown_carrier",
+        "missing_tenant",
+        "invalid_header",
+        "invalid_timestamp",
+        "absurd_timestamp",
+        "invalid_envelope",
+        "unsupported",
+        "internal_error",
+    ];
+
     /// Bounded label for metrics and the dead-letter `error_kind`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -477,6 +477,18 @@ mod tests {
         assert_valid(&dead_letter_schema(), &dead);
     }
 
+    /// `RecordError::KINDS` (the metric label's closed set) lists exactly the kinds
+    /// errors have, and the schema's `error_kind` enum is that list.
+    #[test]
+    fn error_kinds_schema_and_label_set_agree() {
+        let kinds: Vec<&str> = one_of_each_kind().iter().map(RecordError::kind).collect();
+        assert_eq!(kinds, RecordError::KINDS);
+        let schema = schema_file("dead-letter.schema.json");
+        let listed: Vec<&str> =
+            schema["properties"]["error_kind"]["enum"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+        assert_eq!(listed, RecordError::KINDS);
+    }
+
     #[test]
     fn every_error_kind_makes_a_valid_dead_letter() {
         let schema = dead_letter_schema();
