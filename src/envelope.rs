@@ -204,7 +204,7 @@ fn parse_received_at(text: &str) -> Result<DateTime<Utc>, RecordError> {
     }
     DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|e| RecordError::InvalidHeader {
         name: "received-at".into(),
-        reason: format!("`{text}` is neither RFC 3339 nor epoch milliseconds: {e}"),
+        reason: format!("`{}` is neither RFC 3339 nor epoch milliseconds: {e}", crate::error::clip(text)),
     })
 }
 

@@ -323,7 +323,7 @@ fn run(config: Config) -> Result<(), Failure> {
             .name("waymark-worker".into())
             .spawn(move || {
                 let pipeline = config.pipeline();
-                let telemetry = Telemetry::new(config.tenant_label);
+                let telemetry = Telemetry::new(config.tenant_label).with_carriers(pipeline.carriers.names());
                 let clock = || Utc::now();
                 let result = waymark::worker::run_worker(waymark::worker::WorkerDeps {
                     config: &config,

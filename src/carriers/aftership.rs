@@ -38,7 +38,7 @@ use serde_json::Value;
 use super::json::{country_code, opt_array, opt_str, req_obj, req_str, root_obj};
 use super::time::parse_iso;
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct AfterShip;
@@ -104,7 +104,8 @@ impl Carrier for AfterShip {
         let event = req_str(root, "event", "")?;
         if !TRACKING_EVENTS.contains(&event.as_str()) {
             return Err(RecordError::Unsupported(format!(
-                "AfterShip event `{event}` is not a tracking event (expected one of {})",
+                "AfterShip event `{}` is not a tracking event (expected one of {})",
+                clip(&event),
                 TRACKING_EVENTS.join(", ")
             )));
         }

@@ -59,7 +59,7 @@ use serde_json::Value;
 use super::json::{country_code, join, opt, opt_array, opt_obj, opt_str, req_str, root_obj};
 use super::time::parse_iso;
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct Dhl;
@@ -163,7 +163,7 @@ fn location(entry: &Value, event_path: &str) -> Result<Location, RecordError> {
 fn problem(root: &Value) -> Option<RecordError> {
     let status = root.get("status").and_then(Value::as_u64)?;
     let text = ["detail", "title"].iter().find_map(|key| root.get(*key).and_then(Value::as_str)).unwrap_or("");
-    Some(RecordError::Unsupported(format!("DHL error response {status}, not tracking data: {}", text.trim())))
+    Some(RecordError::Unsupported(format!("DHL error response {status}, not tracking data: {}", clip(text.trim()))))
 }
 
 /// Optional boolean: absent, null or blank is `None`; `"true"`/`"false"` strings are

@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::json::{country_code, opt_array, opt_obj, opt_str, req_obj, req_str, root_obj};
 use super::time::parse_iso;
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct EasyPost;
@@ -63,14 +63,18 @@ impl Carrier for EasyPost {
                 let kind = opt_str(root, "description", "")?.unwrap_or_default();
                 if !kind.starts_with("tracker.") {
                     return Err(RecordError::Unsupported(format!(
-                        "EasyPost event `{kind}` is not a tracker event (subscribe this topic to tracker.* only)"
+                        "EasyPost event `{}` is not a tracker event (subscribe this topic to tracker.* only)",
+                        clip(&kind)
                     )));
                 }
                 (req_obj(root, "result", "")?, "result", opt_str(root, "id", "")?)
             }
             Some("Tracker") => (root, "", None),
             Some(other) => {
-                return Err(RecordError::Unsupported(format!("EasyPost object `{other}` is neither an Event nor a Tracker")))
+                return Err(RecordError::Unsupported(format!(
+                    "EasyPost object `{}` is neither an Event nor a Tracker",
+                    clip(other)
+                )))
             }
             None => return Err(RecordError::MissingField("object".into())),
         };

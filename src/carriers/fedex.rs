@@ -57,7 +57,7 @@ use serde_json::Value;
 use super::json::{country_code, join, opt, opt_array, opt_obj, opt_str, req_str, root_obj};
 use super::time::parse_iso;
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct FedEx;
@@ -223,7 +223,7 @@ fn read_track_result(
 /// the topic instead of a tracking response: name FedEx's codes in the dead letter.
 fn api_error(root: &Value) -> Option<RecordError> {
     let errors = opt(root, "errors")?.as_array().filter(|errors| !errors.is_empty())?;
-    let codes: Vec<&str> = errors.iter().filter_map(|e| e.get("code").and_then(Value::as_str)).collect();
+    let codes: Vec<_> = errors.iter().filter_map(|e| e.get("code").and_then(Value::as_str)).map(clip).collect();
     Some(RecordError::Unsupported(format!(
         "FedEx error response without `output` (errors: {})",
         if codes.is_empty() { "no code".to_string() } else { codes.join(", ") }

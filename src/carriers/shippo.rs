@@ -36,7 +36,7 @@ use serde_json::Value;
 use super::json::{country_code, opt_array, opt_obj, opt_str, req_obj, req_str, root_obj};
 use super::time::parse_iso;
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct Shippo;
@@ -90,7 +90,8 @@ impl Carrier for Shippo {
             Some("track_updated") => (req_obj(root, "data", "")?, "data"),
             Some(other) => {
                 return Err(RecordError::Unsupported(format!(
-                    "Shippo event `{other}` is not a tracking event (subscribe this topic to track_updated only)"
+                    "Shippo event `{}` is not a tracking event (subscribe this topic to track_updated only)",
+                    clip(other)
                 )))
             }
             // A bare Track (GET /tracks/<carrier>/<number>) has no envelope.

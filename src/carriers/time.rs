@@ -63,7 +63,9 @@ pub fn parse_offset(field: &str, text: &str) -> Result<FixedOffset, RecordError>
     };
     let (hours, minutes) = match rest.split_once(':') {
         Some(parts) => parts,
-        None if rest.len() == 4 => rest.split_at(2),
+        // `+0530`. Four bytes need not be four characters (`-1€`): a byte index
+        // inside a character is not a split point but an unreadable offset.
+        None if rest.len() == 4 => rest.split_at_checked(2).ok_or_else(invalid)?,
         None => (rest, "00"),
     };
     let number = |s: &str, len: std::ops::RangeInclusive<usize>| {
@@ -144,6 +146,23 @@ mod tests {
         }
     }
 
+    /// Four bytes after the sign that are not four characters: byte 2 falls inside
+    /// `€` (3 bytes), so splitting there by byte index would panic.
+    #[test]
+    fn multi_byte_offsets_are_errors_not_panics() {
+        for bad in ["-1€", "+a€", "+€1", "-€", "+1€:00", "+é:00", "-0５00", "−05:00", "+\u{0}€"] {
+            assert_eq!(parse_offset("o", bad).unwrap_err().kind(), "invalid_timestamp", "{bad}");
+        }
+        assert_eq!(
+            parse_local_with_offset("t", "2025-05-02T14:26:00", "o", "-1€").unwrap_err(),
+            RecordError::InvalidTimestamp {
+                field: "o".into(),
+                value: "-1€".into(),
+                reason: "expected a UTC offset such as -05:00, -7:00, +0530 or Z".into()
+            }
+        );
+    }
+
     #[test]
     fn local_time_with_separate_offset() {
         let at = |local: &str, offset: &str| {
@@ -163,5 +182,30 @@ mod tests {
             }
         );
         assert_eq!(parse_local_with_offset("t", "22/11/2024", "o", "-05:00").unwrap_err().kind(), "invalid_timestamp");
+    }
+
+    mod never_panic {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            // Arbitrary strings rarely look like offsets; the second strategy keeps
+            // them short and signed, where the byte-length rules apply.
+            #[test]
+            fn parse_offset_never_panics(any in any::<String>(), signed in "[+-]?\\PC{0,5}(:\\PC{0,3})?") {
+                let _ = parse_offset("o", &any);
+                let _ = parse_offset("o", &signed);
+            }
+
+            #[test]
+            fn parse_local_with_offset_never_panics(
+                // Mostly valid zone-less local times, so that the offset is read.
+                local in prop_oneof![any::<String>(), "20[0-9]{2}-0[1-9]-1[0-9]T[01][0-9]:[0-5][0-9](:[0-5][0-9])?"],
+                // Signed, short, with one- to three-byte characters (`-1€`).
+                offset in prop_oneof![any::<String>(), "[-+Zz]?\\PC{0,5}", "[-+][0-9a-zé€:]{1,4}"],
+            ) {
+                let _ = parse_local_with_offset("t", &local, "o", &offset);
+            }
+        }
     }
 }

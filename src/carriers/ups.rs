@@ -30,7 +30,8 @@
 //! - Time: the GMT pair wins when both halves are present (`gmtActivityDate` +
 //!   `gmtActivityTime`, Track API `gmtDate` + `gmtTime`): exact UTC. Otherwise the
 //!   Track API's local `date` + `time` with `gmtOffset` (`-05:00`, also `-5:00`,
-//!   `-0500`) is converted exactly. Otherwise the local pair (`localActivityDate` +
+//!   `-0500`; read by the shared [`super::time::parse_offset`]) is converted
+//!   exactly. Otherwise the local pair (`localActivityDate` +
 //!   `localActivityTime`, or `date` + `time`) is read as UTC and flagged
 //!   `time_assumed_utc`: UPS documents no zone for it. Dates are `YYYYMMDD`, times
 //!   `HHMMSS` with leading zeros sometimes dropped (the schema's own example `gmtTime`
@@ -82,13 +83,13 @@
 //! `SR`, "released by the customs agency" with description code 003 "Shipment Ready
 //! for UPS"; rule 1 reads that as `label_created`.
 
-use chrono::{FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use serde_json::Value;
 
 use super::json::{country_code, join, opt, opt_array, opt_obj, opt_str, req_obj, req_str, root_obj};
-use super::time::Instant;
+use super::time::{parse_offset, Instant};
 use super::Carrier;
-use crate::error::RecordError;
+use crate::error::{clip, RecordError};
 use crate::event::{CarrierEvent, Location, Status};
 
 pub struct Ups;
@@ -217,7 +218,7 @@ fn error_response(response: &Value) -> RecordError {
             errors
                 .iter()
                 .map(|e| {
-                    let text = |key: &str| e.get(key).and_then(Value::as_str).unwrap_or("").trim().to_string();
+                    let text = |key: &str| clip(e.get(key).and_then(Value::as_str).unwrap_or("").trim()).into_owned();
                     format!("{} {}", text("code"), text("message")).trim().to_string()
                 })
                 .collect()
@@ -420,39 +421,6 @@ fn date_time(date_field: &str, date: &str, time_field: &str, time: &str) -> Resu
         .flatten()
         .ok_or_else(|| bad(time_field, time, "expected a 24-hour time as HHMMSS"))?;
     Ok(day.and_time(clock))
-}
-
-/// A UTC offset as UPS writes `gmtOffset`: `-05:00`, and tolerated `-5:00`, `-0500`,
-/// `-05`, `Z`.
-fn parse_offset(field: &str, raw: &str) -> Result<FixedOffset, RecordError> {
-    let bad = || RecordError::InvalidTimestamp {
-        field: field.into(),
-        value: raw.into(),
-        reason: "expected a UTC offset such as -05:00".into(),
-    };
-    let text = raw.trim();
-    if text.eq_ignore_ascii_case("Z") {
-        return FixedOffset::east_opt(0).ok_or_else(bad);
-    }
-    let (sign, rest) = match text.as_bytes().first() {
-        Some(b'+') => (1, &text[1..]),
-        Some(b'-') => (-1, &text[1..]),
-        _ => return Err(bad()),
-    };
-    let (hours, minutes) = match rest.split_once(':') {
-        Some((h, m)) => (h, m),
-        // ASCII-only, so byte index 2 is a char boundary.
-        None if rest.len() == 4 && rest.is_ascii() => rest.split_at(2),
-        None => (rest, "00"),
-    };
-    let number = |s: &str, max_len: usize| -> Option<i32> {
-        (!s.is_empty() && s.len() <= max_len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
-    };
-    let (h, m) = (number(hours, 2).ok_or_else(bad)?, number(minutes, 2).ok_or_else(bad)?);
-    if h > 18 || m > 59 || minutes.len() != 2 {
-        return Err(bad());
-    }
-    FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
 }
 
 /// Required array field.
@@ -863,7 +831,7 @@ mod tests {
         assert_eq!(offset("+05:30"), Ok(5 * 3600 + 1800));
         assert_eq!(offset("+09"), Ok(9 * 3600));
         assert_eq!(offset("Z"), Ok(0));
-        for raw in ["EST", "05:00", "-5:0", "+25:00", "-", "", "-05:00:00", "−05:00"] {
+        for raw in ["EST", "05:00", "-5:0", "+25:00", "-", "", "-05:00:00", "−05:00", "-1€", "+a€"] {
             assert_eq!(offset(raw).unwrap_err().kind(), "invalid_timestamp", "{raw}");
         }
     }

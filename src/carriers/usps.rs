@@ -323,6 +323,19 @@ mod tests {
                 reason: "expected a UTC offset such as -05:00, -7:00, +0530 or Z".into()
             }
         );
+        // Multi-byte characters in the offset (reliability review, finding 2).
+        for offset in ["-1€", "+a€"] {
+            assert_eq!(
+                err(
+                    json!({"trackingNumber": "1", "trackingEvents": [{"eventTimestamp": "2024-11-22T13:58:00", "GMTOffset": offset}]})
+                ),
+                RecordError::InvalidTimestamp {
+                    field: "trackingEvents[0].GMTOffset".into(),
+                    value: offset.into(),
+                    reason: "expected a UTC offset such as -05:00, -7:00, +0530 or Z".into()
+                }
+            );
+        }
         assert_eq!(
             err(
                 json!({"trackingNumber": "1", "trackingEvents": [{"GMTTimestamp": "2024-11-22T18:58:40Z", "eventCity": ["X"]}]})
