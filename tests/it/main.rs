@@ -4,6 +4,7 @@
 
 mod common;
 mod declared;
+mod deploy;
 mod faults;
 mod fixtures;
 mod group;
