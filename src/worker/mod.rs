@@ -92,6 +92,8 @@ impl WorkerError {
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Repartition(RepartitionError::PartitionsChanged { .. }) => 2,
+            // Topics, ACLs or limits that are wrong: configuration, not a fault.
+            WorkerError::Sink(e) if e.fate() == crate::error::Fate::Stop && matches!(e, SinkError::Kafka { .. }) => 2,
             _ => 1,
         }
     }

@@ -76,6 +76,9 @@ impl ProducerContext for DeliveryTracker {
                 counts.failed += 1;
                 counts.last_error = Some(e.to_string());
                 let fate = produce_fate(e);
+                if fate == Fate::Stop {
+                    counts.last_error = Some(format!("{e} ({UNFIXABLE})"));
+                }
                 if counts.fate != Some(Fate::Stop) {
                     counts.fate = Some(fate);
                 }
@@ -85,6 +88,9 @@ impl ProducerContext for DeliveryTracker {
         self.delivered.notify_all();
     }
 }
+
+/// What a stopping produce error tells the operator.
+const UNFIXABLE: &str = "retrying cannot fix this: check that the topic exists with a valid name, that this principal may write it (ACLs), and that records fit message.max.bytes; then restart";
 
 /// What a produce error means for the batch. Retrying cannot fix a record the
 /// broker or client will never take (too large, invalid), a topic that does not
@@ -227,7 +233,8 @@ impl KafkaSink {
                 }
                 Err((e, _)) => {
                     let fate = produce_fate(&e);
-                    return Err(SinkError::Kafka { failed: 1, total: 1, reason: e.to_string(), fate });
+                    let reason = if fate == Fate::Stop { format!("{e} ({UNFIXABLE})") } else { e.to_string() };
+                    return Err(SinkError::Kafka { failed: 1, total: 1, reason, fate });
                 }
             }
         }

@@ -247,3 +247,30 @@ fn a_worker_started_before_its_broker_waits_for_it() {
     println!("checked: worker started 4 s before its broker; {distinct} distinct of {} expected, {repeats} repeats", expected.len());
     assert!(status.is_some_and(|s| s.success()));
 }
+
+/// A produce error that retrying can never fix (here: an output topic that does
+/// not exist, on a broker that does not create topics) stops the worker with exit
+/// 2 and what to fix, instead of re-sending the batch forever while healthy.
+#[test]
+fn an_output_topic_that_cannot_be_written_stops_the_worker_with_exit_2() {
+    let setup = WorkerSetup::new("unwritable", 1);
+    let missing = unique("it.unwritable.missing-output");
+    let text = std::fs::read_to_string(&setup.config_path).unwrap().replace(&setup.output, &missing);
+    std::fs::write(&setup.config_path, text).unwrap();
+    setup.configure("kafka.producer_properties", "\"message.timeout.ms\" = \"20000\"\n\"topic.metadata.propagation.max.ms\" = \"3000\"");
+    let spec = TrafficSpec { seed: 71, shipments: 5, topic: setup.input.clone(), ..TrafficSpec::default() };
+    produce(&setup.input, &generate(&spec).envelopes, 1);
+    let mut worker = std::process::Command::new(waymark_bin())
+        .args(["run", "--config"])
+        .arg(&setup.config_path)
+        .env("WAYMARK_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut worker, Duration::from_secs(120)).expect("the worker must stop, not retry forever");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(worker.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    println!("checked: unwritable output topic: {status:?}, last line: {}", stderr.lines().last().unwrap_or_default());
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("retrying cannot fix this"), "{stderr}");
+}
