@@ -20,8 +20,11 @@ dict="$PWD/fuzz/dict/carriers.dict"
 [[ $# -ge 1 ]] && targets=("$1")
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  echo "fuzz.sh: cargo fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2
-  exit 1
+  echo "fuzz.sh: cargo fuzz needs a nightly toolchain; installing it (once)" >&2
+  rustup toolchain install nightly --profile minimal >&2 || {
+    echo "fuzz.sh: could not install the nightly toolchain: run 'rustup toolchain install nightly', or skip fuzzing with WAYMARK_FUZZ_SECONDS=0" >&2
+    exit 1
+  }
 fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz.sh: installing cargo-fuzz (once)" >&2

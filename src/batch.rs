@@ -31,8 +31,18 @@ pub struct BatchOutput {
     pub summary: Summary,
 }
 
-/// Counts for the replay summary and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counts of one carrier or tenant in a [`Summary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub records: u64,
+    pub events: u64,
+    pub new_milestones: u64,
+    pub duplicates: u64,
+    pub invalid: u64,
+}
+
+/// Counts for the replay summary, its JSON report (`replay --report`) and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
     pub records: u64,
     pub events: u64,
@@ -45,31 +55,80 @@ pub struct Summary {
     pub out_of_order: u64,
     /// Dead letters by error kind.
     pub invalid_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Per carrier (records whose carrier could not be told: `unknown`).
+    pub by_carrier: std::collections::BTreeMap<String, Counts>,
+    /// Per tenant (records whose tenant could not be told: `unknown`).
+    pub by_tenant: std::collections::BTreeMap<String, Counts>,
+    /// New milestones per canonical status.
+    pub milestones_by_status: std::collections::BTreeMap<String, u64>,
+    /// The earliest and latest `occurred_at` of the events read.
+    #[serde(with = "optional_time")]
+    pub first_event_at: Option<DateTime<Utc>>,
+    #[serde(with = "optional_time")]
+    pub last_event_at: Option<DateTime<Utc>>,
+}
+
+mod optional_time {
+    use chrono::{DateTime, Utc};
+    pub fn serialize<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&crate::event::format_utc(t)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Counts {
+    fn merge(&mut self, other: &Counts) {
+        self.records += other.records;
+        self.events += other.events;
+        self.new_milestones += other.new_milestones;
+        self.duplicates += other.duplicates;
+        self.invalid += other.invalid;
+    }
 }
 
 impl Summary {
     pub fn add_result(&mut self, result: &RecordResult) {
         use crate::dedupe::Verdict;
-        self.records += 1;
+        let mut counts = Counts::default();
+        if !result.from_repartition {
+            self.records += 1;
+            counts.records = 1;
+        }
         if let Some(dead) = &result.dead_letter {
             self.invalid += 1;
+            counts.invalid = 1;
             *self.invalid_by_kind.entry(dead.error_kind.clone()).or_default() += 1;
         }
         for event in &result.events {
             self.events += 1;
+            counts.events += 1;
+            self.first_event_at = Some(self.first_event_at.map_or(event.occurred_at, |t| t.min(event.occurred_at)));
+            self.last_event_at = Some(self.last_event_at.map_or(event.occurred_at, |t| t.max(event.occurred_at)));
             match event.verdict {
                 Verdict::New => {
                     self.new_milestones += 1;
+                    counts.new_milestones += 1;
+                    *self.milestones_by_status.entry(event.status.as_str().to_string()).or_default() += 1;
                     self.regressions_prevented += event.applied.regression_prevented as u64;
                     self.out_of_order += event.applied.out_of_order as u64;
                 }
-                Verdict::DuplicateHash => self.duplicate_hash += 1,
+                Verdict::DuplicateHash => {
+                    self.duplicate_hash += 1;
+                    counts.duplicates += 1;
+                }
                 Verdict::DuplicateKey { collision } => {
                     self.duplicate_key += 1;
+                    counts.duplicates += 1;
                     self.key_collisions += collision as u64;
                 }
             }
         }
+        let carrier = result.carrier.clone().unwrap_or_else(|| "unknown".into());
+        let tenant = result.tenant_id.clone().unwrap_or_else(|| "unknown".into());
+        self.by_carrier.entry(carrier).or_default().merge(&counts);
+        self.by_tenant.entry(tenant).or_default().merge(&counts);
     }
 
     pub fn merge(&mut self, other: &Summary) {
@@ -85,6 +144,17 @@ impl Summary {
         for (kind, n) in &other.invalid_by_kind {
             *self.invalid_by_kind.entry(kind.clone()).or_default() += n;
         }
+        for (carrier, counts) in &other.by_carrier {
+            self.by_carrier.entry(carrier.clone()).or_default().merge(counts);
+        }
+        for (tenant, counts) in &other.by_tenant {
+            self.by_tenant.entry(tenant.clone()).or_default().merge(counts);
+        }
+        for (status, n) in &other.milestones_by_status {
+            *self.milestones_by_status.entry(status.clone()).or_default() += n;
+        }
+        self.first_event_at = [self.first_event_at, other.first_event_at].into_iter().flatten().min();
+        self.last_event_at = [self.last_event_at, other.last_event_at].into_iter().flatten().max();
     }
 }
 

@@ -214,6 +214,10 @@ pub struct WorkerSection {
     /// Longest wait to fill a batch.
     #[serde(default = "default_batch_wait")]
     pub batch_wait: String,
+    /// A batch also closes when its records' bodies reach this many bytes, so
+    /// what the worker holds is bounded in bytes, not only in records.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     /// Deadline for finishing in-flight work on SIGTERM.
     #[serde(default = "default_shutdown")]
     pub shutdown_timeout: String,
@@ -235,6 +239,9 @@ fn default_restore_timeout() -> String {
 fn default_batch() -> usize {
     500
 }
+fn default_batch_max_bytes() -> usize {
+    16 << 20
+}
 fn default_batch_wait() -> String {
     "100ms".into()
 }
@@ -246,6 +253,7 @@ impl Default for WorkerSection {
         WorkerSection {
             batch_size: default_batch(),
             batch_wait: default_batch_wait(),
+            batch_max_bytes: default_batch_max_bytes(),
             shutdown_timeout: default_shutdown(),
             restore_timeout: default_restore_timeout(),
             stall_timeout: default_stall_timeout(),
@@ -264,16 +272,26 @@ pub struct OrderSection {
     /// ...or until this many records are held, whichever comes first.
     #[serde(default = "default_reorder_max_records")]
     pub reorder_max_records: usize,
+    /// ...or until the held records' bodies reach this many bytes.
+    #[serde(default = "default_reorder_max_bytes")]
+    pub reorder_max_bytes: usize,
 }
 fn default_reorder_window() -> String {
     "0s".into()
+}
+fn default_reorder_max_bytes() -> usize {
+    64 << 20
 }
 fn default_reorder_max_records() -> usize {
     10_000
 }
 impl Default for OrderSection {
     fn default() -> Self {
-        OrderSection { reorder_window: default_reorder_window(), reorder_max_records: default_reorder_max_records() }
+        OrderSection {
+            reorder_window: default_reorder_window(),
+            reorder_max_records: default_reorder_max_records(),
+            reorder_max_bytes: default_reorder_max_bytes(),
+        }
     }
 }
 
@@ -335,6 +353,41 @@ impl Default for HttpSection {
     }
 }
 
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` (human-readable; colour only on a terminal) or `json` (one JSON
+    /// object per line, for log shippers). `WAYMARK_LOG_FORMAT` overrides it.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: default_log_format() }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Result<LogFormat, ConfigError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(ConfigError::Invalid(format!("log.format = \"{other}\": write \"text\" or \"json\""))),
+        }
+    }
+}
+
 /// `[telemetry]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,6 +424,8 @@ pub struct RawConfig {
     pub http: HttpSection,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    #[serde(default)]
+    pub log: LogSection,
     /// Mapping files of user-declared carriers (`declared_carriers = ["carriers/acme.toml"]`,
     /// a top-level key). Relative paths are relative to the config file's directory.
     #[serde(default)]
@@ -409,11 +464,13 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub batch_size: usize,
     pub batch_wait: Duration,
+    pub batch_max_bytes: usize,
     pub shutdown_timeout: Duration,
     /// Liveness fails after this long with lag and no progress (zero: never).
     pub stall_timeout: Duration,
     pub http_listen: SocketAddr,
     pub tenant_label: bool,
+    pub log_format: LogFormat,
     /// State hand-over through changelog topics (`None`: state stays local).
     pub changelog: Option<ChangelogSettings>,
     /// The bounded reorder window (`None`: off, each batch emits in arrival order).
@@ -434,11 +491,12 @@ pub struct RepartitionSettings {
 }
 
 /// Limits of the bounded reorder window: a window closes when its first record
-/// has been held `window` long or `max_records` are held.
+/// has been held `window` long, or `max_records` or `max_bytes` of bodies are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReorderWindow {
     pub window: Duration,
     pub max_records: usize,
+    pub max_bytes: usize,
 }
 
 /// How changelog topics are created and read (see `changelog`).
@@ -469,6 +527,9 @@ impl RawConfig {
     /// Apply `WAYMARK_KAFKA__*` variables (the named ones are handled by the CLI).
     pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
         for (name, value) in vars {
+            if name == "WAYMARK_LOG_FORMAT" {
+                self.log.format = value.clone();
+            }
             if let Some(rest) = name.strip_prefix(KAFKA_ENV_PREFIX) {
                 let property = rest.to_ascii_lowercase().replace('_', ".");
                 self.kafka.properties.insert(property, value);
@@ -548,6 +609,16 @@ impl RawConfig {
             }
         }
         let kafka = self.kafka;
+        check_reserved_properties(&kafka)?;
+        for (field, topics) in [
+            ("kafka.input_topics", kafka.input_topics.clone()),
+            ("kafka.output_topic", vec![kafka.output_topic.clone()]),
+            ("kafka.dead_letter_topic", vec![kafka.dead_letter_topic.clone()]),
+        ] {
+            for topic in topics {
+                check_topic_name(field, &topic)?;
+            }
+        }
         if kafka.input_topics.is_empty() {
             return Err(ConfigError::Invalid("kafka.input_topics is empty: name at least one raw carrier topic".into()));
         }
@@ -591,7 +662,11 @@ impl RawConfig {
             return Err(ConfigError::Invalid("order.reorder_max_records must be at least 1 when the reorder window is on".into()));
         }
         let reorder = (!reorder_window.is_zero())
-            .then_some(ReorderWindow { window: reorder_window, max_records: self.order.reorder_max_records });
+            .then_some(ReorderWindow {
+                window: reorder_window,
+                max_records: self.order.reorder_max_records,
+                max_bytes: self.order.reorder_max_bytes.max(1),
+            });
         let changelog = if self.state.changelog {
             Some(ChangelogSettings {
                 replication: self.state.changelog_replication,
@@ -646,16 +721,63 @@ impl RawConfig {
             dedupe: DedupeConfig { default: default_policy, per_carrier },
             max_body_bytes: self.limits.max_body_bytes,
             batch_size: self.worker.batch_size,
+            batch_max_bytes: self.worker.batch_max_bytes.max(1),
             batch_wait: duration("worker.batch_wait", &self.worker.batch_wait)?,
             shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
             stall_timeout: duration("worker.stall_timeout", &self.worker.stall_timeout)?,
             http_listen,
             tenant_label: self.telemetry.tenant_label,
+            log_format: LogFormat::parse(&self.log.format)?,
             changelog,
             reorder,
             declared_carriers,
         })
     }
+}
+
+/// librdkafka properties that carry Waymark's guarantees: a user value would
+/// silently break them (auto-commit loses records, read_uncommitted restores
+/// aborted state, a non-idempotent producer duplicates), so they are refused.
+const RESERVED_PROPERTIES: [(&str, &str); 9] = [
+    ("enable.auto.commit", "offsets are committed only after a batch's outputs are acknowledged"),
+    ("enable.auto.offset.store", "offsets are committed only after a batch's outputs are acknowledged"),
+    ("isolation.level", "the worker and the changelog restore read committed data only"),
+    ("group.id", "set kafka.group_id instead"),
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("enable.idempotence", "the producer must be idempotent for repeats to stay identical"),
+    ("acks", "every output is acknowledged by all in-sync replicas (acks=all)"),
+    ("request.required.acks", "every output is acknowledged by all in-sync replicas (acks=all)"),
+    ("transactional.id", "set kafka.transactional_id instead"),
+];
+
+fn check_reserved_properties(kafka: &KafkaSection) -> Result<(), ConfigError> {
+    for (section, properties) in [
+        ("kafka.properties", &kafka.properties),
+        ("kafka.consumer_properties", &kafka.consumer_properties),
+        ("kafka.producer_properties", &kafka.producer_properties),
+    ] {
+        for name in properties.keys() {
+            if let Some((_, why)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved.eq_ignore_ascii_case(name)) {
+                return Err(ConfigError::Invalid(format!("{section}: `{name}` is set by Waymark ({why}); remove it")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kafka's rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn check_topic_name(field: &str, topic: &str) -> Result<(), ConfigError> {
+    let legal = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if legal {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "{field}: `{topic}` is not a valid Kafka topic name (1 to 249 of letters, digits, `.`, `_`, `-`)"
+    )))
 }
 
 /// Load every mapping file; two files declaring one name is an error (the later one
@@ -767,6 +889,25 @@ mod tests {
         let mut raw = RawConfig::default();
         raw.kafka.output_topic = raw.kafka.input_topics[0].clone();
         assert!(raw.validate().is_err());
+    }
+
+    #[test]
+    fn properties_that_carry_guarantees_and_bad_topic_names_are_refused() {
+        for (section, name) in [("kafka.properties", "isolation.level"), ("kafka.consumer_properties", "enable.auto.commit"), ("kafka.producer_properties", "acks")] {
+            let (table, key) = section.split_once('.').unwrap();
+            let text = format!("[{table}.{key}]\n\"{name}\" = \"x\"\n");
+            let err = RawConfig::from_toml(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(section) && err.contains(name) && err.contains("remove it"), "{err}");
+        }
+        for bad in ["", "has space", "tracking.raw.ups!", ".."] {
+            let mut raw = RawConfig::default();
+            raw.kafka.output_topic = bad.into();
+            let err = raw.validate().unwrap_err().to_string();
+            assert!(err.contains("kafka.output_topic") && err.contains("not a valid Kafka topic name"), "{err}");
+        }
+        let mut raw = RawConfig::default();
+        raw.kafka.input_topics = vec![String::new()];
+        assert!(raw.validate().unwrap_err().to_string().contains("kafka.input_topics"));
     }
 
     #[test]

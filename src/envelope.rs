@@ -55,19 +55,29 @@ impl Envelope {
                 .ok_or_else(|| RecordError::InvalidEnvelope("a header name is null".into()))?;
             headers.push((name, pair[1].clone().map(String::into_bytes)));
         }
-        Ok(Envelope {
-            topic: raw.topic,
-            partition: raw.partition,
-            offset: raw.offset,
-            timestamp_ms: raw.ts,
-            headers,
-            key: raw.key.map(String::into_bytes),
-            payload: raw.payload.map(String::into_bytes).unwrap_or_default(),
-        })
+        let base64 = |field: &str, text: String| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| RecordError::InvalidEnvelope(format!("`{field}` is not base64: {e}")))
+        };
+        let key = match raw.key_base64 {
+            Some(encoded) => Some(base64("key_base64", encoded)?),
+            None => raw.key.map(String::into_bytes),
+        };
+        let payload = match raw.payload_base64 {
+            Some(encoded) => base64("payload_base64", encoded)?,
+            None => raw.payload.map(String::into_bytes).unwrap_or_default(),
+        };
+        Ok(Envelope { topic: raw.topic, partition: raw.partition, offset: raw.offset, timestamp_ms: raw.ts, headers, key, payload })
     }
 
-    /// Render in `kcat -C -J` form (used by tests and the load generator).
+    /// Render in `kcat -C -J` form (used by tests and the load generator). A key
+    /// or body that is not UTF-8 goes to `key_base64` / `payload_base64` (our
+    /// extension: kcat itself has no lossless form for it), so it survives.
     pub fn to_kcat_json(&self) -> String {
+        use base64::Engine;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let mut headers = Vec::with_capacity(self.headers.len() * 2);
         for (k, v) in &self.headers {
             headers.push(Some(k.clone()));
@@ -81,8 +91,10 @@ impl Envelope {
             ts: self.timestamp_ms,
             broker: None,
             headers,
-            key: self.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: Some(String::from_utf8_lossy(&self.payload).into_owned()),
+            key: self.key.as_ref().and_then(|k| std::str::from_utf8(k).ok().map(str::to_string)),
+            key_base64: self.key.as_ref().filter(|k| std::str::from_utf8(k).is_err()).map(|k| b64(k)),
+            payload: std::str::from_utf8(&self.payload).ok().map(str::to_string),
+            payload_base64: std::str::from_utf8(&self.payload).is_err().then(|| b64(&self.payload)),
         };
         serde_json::to_string(&record).unwrap_or_default()
     }
@@ -106,6 +118,12 @@ struct KcatRecord {
     key: Option<String>,
     #[serde(default)]
     payload: Option<String>,
+    /// Not kcat's: a key that is not UTF-8, base64 (written by Waymark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    /// Not kcat's: a body that is not UTF-8, base64 (written by Waymark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
 }
 
 /// How envelope metadata turns into tenant and carrier (config `[tenancy]` and `[topics]`).
@@ -237,6 +255,24 @@ mod tests {
         assert_eq!(env.payload, br#"{"a":1}"#);
         let again = Envelope::from_kcat_json(&env.to_kcat_json()).unwrap();
         assert_eq!(again, env);
+    }
+
+    #[test]
+    fn non_utf8_keys_and_bodies_survive_the_archive_line() {
+        let env = Envelope {
+            topic: "t".into(),
+            partition: 1,
+            offset: 7,
+            timestamp_ms: Some(5),
+            headers: vec![("tenant-id".into(), Some(b"acme".to_vec()))],
+            key: Some(vec![0xff, 0x00, 0x80]),
+            payload: vec![0x1f, 0x8b, 0x08, 0x00, 0xfe],
+        };
+        let line = env.to_kcat_json();
+        assert!(line.contains("payload_base64") && line.contains("key_base64"), "{line}");
+        assert_eq!(Envelope::from_kcat_json(&line).unwrap(), env);
+        let bad = r#"{"topic":"t","partition":0,"offset":1,"payload_base64":"%%%"}"#;
+        assert!(Envelope::from_kcat_json(bad).unwrap_err().to_string().contains("payload_base64"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct Health {
     pub last_progress_ms: AtomicI64,
     /// Liveness fails when there is lag and no batch completed for this long (ms; 0: never).
     pub stall_after_ms: AtomicI64,
+    /// Shutdown: every in-flight batch is committed; only closing the consumer
+    /// (leaving the group) remains, which a rebalance in progress can hold up.
+    pub drained: AtomicBool,
 }
 
 impl Health {
@@ -178,7 +181,7 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let telemetry = Telemetry::new(false);
-        let outcome = |verdict, applied| EventOutcome { verdict, status: Status::InTransit, applied };
+        let outcome = |verdict, applied| EventOutcome { verdict, status: Status::InTransit, occurred_at: chrono::DateTime::UNIX_EPOCH, applied };
         let result = RecordResult {
             carrier: Some("ups".into()),
             tenant_id: Some("acme".into()),

@@ -28,6 +28,8 @@ pub mod config;
 #[cfg(feature = "runtime")]
 pub mod http;
 #[cfg(feature = "runtime")]
+pub mod produce;
+#[cfg(feature = "runtime")]
 pub mod replay;
 #[cfg(feature = "runtime")]
 pub mod store;

@@ -13,7 +13,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 
 use waymark::batch::Summary;
-use waymark::config::{Config, ConfigError, Overrides, RawConfig};
+use waymark::config::{Config, ConfigError, LogFormat, Overrides, RawConfig};
 use waymark::envelope::Envelope;
 use waymark::replay;
 use waymark::sink::NdjsonSink;
@@ -22,8 +22,16 @@ use waymark::store::{system_clock, RocksStore};
 use waymark::http::{self, Health};
 use waymark::telemetry::Telemetry;
 
+/// `waymark --version`: the crate version, the commit and what the build can do.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("WAYMARK_GIT_COMMIT"),
+    "; features: runtime; librdkafka bundled with gzip, snappy, lz4, zstd, ssl; RocksDB bundled with lz4)"
+);
+
 #[derive(Parser)]
-#[command(name = "waymark", version, about = "Carrier-tracking ingestion: raw carrier webhooks in, deduplicated ensure-milestone upserts out")]
+#[command(name = "waymark", version = VERSION, about = "Carrier-tracking ingestion: raw carrier webhooks in, deduplicated ensure-milestone upserts out")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,6 +101,36 @@ enum Command {
         /// Dedupe against --state-dir but leave it untouched.
         #[arg(long)]
         dry_run: bool,
+        /// Also write the summary as JSON to this file (records, events, new
+        /// milestones, duplicates and invalid by reason, per carrier and tenant,
+        /// the events' time span, milestones per status).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Put a kcat -J archive (file, .gz, directory, or - for stdin) back on Kafka
+    /// with its keys, headers and timestamps: re-drive dumps, backfills and dead letters.
+    Produce {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Archive file (gzip recognised by content), directory of archives (name order), or - for stdin.
+        #[arg(long)]
+        input: String,
+        /// Topic for every record (default: each record's own topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "WAYMARK_BROKERS")]
+        brokers: Option<String>,
+        /// Keep each record's partition (default: the producer's partitioner, by key).
+        #[arg(long)]
+        keep_partitions: bool,
+        /// The archive is a dump of the dead-letter topic: produce the original
+        /// record of each dead letter (to its own topic unless --topic).
+        #[arg(long)]
+        dead_letters: bool,
+        /// Any librdkafka property, as name=value (repeatable).
+        #[arg(short = 'X', value_name = "NAME=VALUE")]
+        kafka_property: Vec<String>,
     },
     /// Normalize one webhook body and print its canonical events as NDJSON.
     Normalize {
@@ -108,6 +146,16 @@ enum Command {
         #[arg(default_value = "-")]
         file: String,
     },
+    /// Validate a configuration: the file, environment overrides, declared carrier
+    /// mappings and every librdkafka property (exit 2 naming what is wrong); with
+    /// --connect, also reach the brokers and check the topics.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Also connect: brokers reachable, input, output and dead-letter topics present.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Probe a running worker's /healthz (exit 0 healthy, 1 not): the container
     /// health check, with nothing but the binary.
     Health {
@@ -121,6 +169,12 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `waymark man > waymark.1`.
+    Man,
     /// Inspect the state store.
     State {
         #[command(subcommand)]
@@ -221,9 +275,21 @@ impl From<ConfigError> for Failure {
     }
 }
 
+/// Logs to stderr: `WAYMARK_LOG` filters (`info` by default); text with colour
+/// only on a terminal, or JSON lines. Set once, from the first config loaded.
+fn init_logging(format: LogFormat) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("WAYMARK_LOG").unwrap_or_else(|_| "info".into());
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+        match format {
+            LogFormat::Json => builder.json().with_current_span(false).init(),
+            LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        }
+    });
+}
+
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYMARK_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
@@ -253,14 +319,29 @@ fn main() -> ExitCode {
             };
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
-        Command::Replay { config, input, output, dlq, state_dir, dry_run } => {
+        Command::Replay { config, input, output, dlq, state_dir, dry_run, report } => {
             load_config(config.config.as_deref(), Overrides::default())
-                .and_then(|c| replay_cmd(&c, &input, &output, dlq.as_deref(), state_dir.as_deref(), dry_run))
+                .and_then(|c| replay_cmd(&c, &input, &output, dlq.as_deref(), state_dir.as_deref(), dry_run, report.as_deref()))
         }
         Command::Normalize { config, carrier, tenant, file } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| normalize(&c, &carrier, &tenant, &file))
         }
         Command::State { command } => state_cmd(command),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "waymark", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| anyhow::anyhow!("cannot write the man page: {e}").into()),
+        Command::Produce { config, input, topic, brokers, keep_partitions, dead_letters, kafka_property } => {
+            parse_properties(&kafka_property).and_then(|kafka_properties| {
+                let overrides = Overrides { brokers, kafka_properties, ..Overrides::default() };
+                let options = waymark::produce::ProduceOptions { topic, keep_partitions, dead_letters };
+                load_config(config.config.as_deref(), overrides).and_then(|c| produce_cmd(&c, &input, &options))
+            })
+        }
+        Command::Check { config, connect } => load_config(config.config.as_deref(), Overrides::default()).and_then(|c| check(&c, connect)),
         Command::Health { config, http_listen, ready } => {
             let overrides = Overrides { http_listen, ..Overrides::default() };
             load_config(config.config.as_deref(), overrides).and_then(|c| health(&c, ready))
@@ -269,6 +350,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
+            init_logging(LogFormat::Text);
             eprintln!("error: {:#}", failure.error);
             ExitCode::from(failure.code)
         }
@@ -293,7 +375,9 @@ fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config, Fail
     };
     raw.apply_env(std::env::vars());
     raw.apply(overrides);
-    Ok(raw.validate()?)
+    let config = raw.validate()?;
+    init_logging(config.log_format);
+    Ok(config)
 }
 
 fn run(config: Config) -> Result<(), Failure> {
@@ -360,6 +444,13 @@ fn run(config: Config) -> Result<(), Failure> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = stop_http.send(());
+    if !worker.is_finished() && health.drained.load(Ordering::SeqCst) {
+        // Everything in flight is committed; leaving the group is what hangs (a
+        // rebalance in progress). The group notices the member is gone after
+        // session.timeout.ms; nothing is lost, so this is a clean stop.
+        tracing::warn!("leaving the consumer group did not finish in time; all work is committed, exiting");
+        return Ok(());
+    }
     if !worker.is_finished() {
         return Err(anyhow::anyhow!(
             "the worker did not finish within worker.shutdown_timeout ({:?}); uncommitted work will be re-processed on restart",
@@ -375,6 +466,75 @@ fn run(config: Config) -> Result<(), Failure> {
         Ok(Err(e)) => Err(Failure { code: e.exit_code(), error: anyhow::Error::new(e).context("worker stopped") }),
         Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
     }
+}
+
+/// `waymark produce`.
+fn produce_cmd(config: &Config, input: &str, options: &waymark::produce::ProduceOptions) -> Result<(), Failure> {
+    let mut client = waymark::worker::producer_config(config);
+    client.set("linger.ms", "20");
+    let files = if input == "-" { vec![] } else { replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)? };
+    let started = std::time::Instant::now();
+    let mut report = |p: &waymark::produce::Produced| {
+        tracing::info!(records = p.records, bytes = p.bytes, seconds = started.elapsed().as_secs(), "producing");
+    };
+    let mut total = waymark::produce::Produced::default();
+    let mut readers: Vec<(String, Box<dyn std::io::BufRead>)> = Vec::new();
+    if input == "-" {
+        readers.push(("stdin".into(), replay::open_stdin().map_err(anyhow::Error::new)?));
+    }
+    for file in files {
+        readers.push((file.display().to_string(), replay::open_archive(&file).map_err(anyhow::Error::new)?));
+    }
+    for (name, mut reader) in readers {
+        let produced = waymark::produce::produce(&client, &mut *reader, options, &mut report).with_context(|| format!("archive {name}"))?;
+        total.records += produced.records;
+        total.bytes += produced.bytes;
+        total.skipped_truncated.extend(produced.skipped_truncated.into_iter().map(|s| format!("{name} {s}")));
+        for (topic, n) in produced.per_topic {
+            *total.per_topic.entry(topic).or_default() += n;
+        }
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "produced {} records ({} bytes of bodies), every one acknowledged:", total.records, total.bytes);
+    for (topic, n) in &total.per_topic {
+        let _ = writeln!(err, "  {topic}: {n}");
+    }
+    if !total.skipped_truncated.is_empty() {
+        let _ = writeln!(
+            err,
+            "skipped {} dead letters whose record was trimmed to fit ({}): fetch those originals from their topic, partition and offset",
+            total.skipped_truncated.len(),
+            total.skipped_truncated.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `waymark check`: everything that can be checked before `run`.
+fn check(config: &Config, connect: bool) -> Result<(), Failure> {
+    waymark::worker::client::validate(config).map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })?;
+    println!("configuration ok: {} input topic(s), delivery {:?}, routing {}", config.kafka.input_topics.len(), config.delivery, config.placement.layout());
+    if !connect {
+        return Ok(());
+    }
+    let admin = waymark::worker::topics::Admin::new(&waymark::worker::base_config(config), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot create an admin client: {e}"))?;
+    let mut missing = Vec::new();
+    let topics = config.kafka.input_topics.iter().chain([&config.kafka.output_topic, &config.kafka.dead_letter_topic]);
+    for topic in topics {
+        let partitions = admin
+            .partitions_of(topic)
+            .map_err(|e| anyhow::anyhow!("cannot reach the brokers at {} ({e}): check kafka.brokers and the security properties", config.kafka.brokers))?;
+        println!("topic {topic}: {}", if partitions == 0 { "MISSING".to_string() } else { format!("{partitions} partitions") });
+        if partitions == 0 {
+            missing.push(topic.clone());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(anyhow::anyhow!("missing topics: {} (create them; the worker creates only its internal topics)", missing.join(", ")).into());
+    }
+    println!("brokers at {} reachable; every topic present", config.kafka.brokers);
+    Ok(())
 }
 
 /// GET /healthz (or /readyz) from the worker and report.
@@ -410,6 +570,7 @@ fn replay_cmd(
     dlq: Option<&Path>,
     state_dir: Option<&Path>,
     dry_run: bool,
+    report: Option<&Path>,
 ) -> Result<(), Failure> {
     let pipeline = config.pipeline();
     let rocks = match state_dir {
@@ -458,7 +619,7 @@ fn replay_cmd(
         bar.tick();
     };
     if input == "-" {
-        let mut stdin = std::io::stdin().lock();
+        let mut stdin = replay::open_stdin().map_err(anyhow::Error::new)?;
         replay::replay_stream(&pipeline, store, &mut stdin, "stdin", &mut sink, &clock, &mut summary, &mut on_progress)
             .map_err(anyhow::Error::new)?;
     } else {
@@ -472,6 +633,11 @@ fn replay_cmd(
     }
     bar.finish_and_clear();
     drop(sink);
+    if let Some(path) = report {
+        let json = serde_json::json!({"kind": "replay_report", "dry_run": dry_run, "input": input, "summary": summary});
+        std::fs::write(path, serde_json::to_vec_pretty(&json).context("cannot encode the report")?)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "replay {}:\n{summary}", if dry_run { "(dry run, nothing written)" } else { "done" });
     if summary.invalid > 0 && dlq.is_none() && !dry_run {
@@ -513,9 +679,12 @@ fn normalize(config: &Config, carrier: &str, tenant: &str, file: &str) -> Result
 }
 
 fn state_cmd(command: StateCommand) -> Result<(), Failure> {
+    let format = std::env::var("WAYMARK_LOG_FORMAT").ok().and_then(|f| LogFormat::parse(&f).ok()).unwrap_or(LogFormat::Text);
+    init_logging(format);
     match command {
         StateCommand::Stats { state_dir } => {
-            let store = open_existing(&state_dir)?;
+            // Read-only: works beside a running worker.
+            let store = open_existing_read_only(&state_dir)?;
             let mut out = std::io::stdout().lock();
             let layout = store.layout().map_err(anyhow::Error::new)?;
             let _ = writeln!(out, "layout: {}", layout.as_deref().unwrap_or("(none: empty, or written by a Waymark older than shipment homes)"));
@@ -545,7 +714,7 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             Ok(())
         }
         StateCommand::Export { state_dir, partition, output } => {
-            let store = open_existing(&state_dir)?;
+            let store = open_existing_read_only(&state_dir)?;
             let mut out: Box<dyn Write> = if output == "-" {
                 Box::new(BufWriter::new(std::io::stdout().lock()))
             } else {
@@ -579,12 +748,23 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
     }
 }
 
+/// Open a state directory read-only (beside a running worker).
+fn open_existing_read_only(dir: &Path) -> Result<RocksStore, Failure> {
+    check_state_dir(dir)?;
+    Ok(RocksStore::open_read_only(dir).map_err(anyhow::Error::new)?)
+}
+
 fn open_existing(dir: &Path) -> Result<RocksStore, Failure> {
+    check_state_dir(dir)?;
+    Ok(RocksStore::open(dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?)
+}
+
+fn check_state_dir(dir: &Path) -> Result<(), Failure> {
     if !dir.join("CURRENT").exists() {
         return Err(Failure {
             code: 2,
             error: anyhow::anyhow!("{} holds no waymark state (pass --state-dir or set WAYMARK_STATE_DIR)", dir.display()),
         });
     }
-    Ok(RocksStore::open(dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?)
+    Ok(())
 }

@@ -154,6 +154,45 @@ pub struct DeadEnvelope {
     pub key_truncated: bool,
 }
 
+impl DeadEnvelope {
+    /// Anything of the original cut to fit?
+    pub fn is_truncated(&self) -> bool {
+        self.payload_truncated || self.headers_truncated || self.key_truncated
+    }
+
+    /// The original record, to produce again (`waymark produce --dead-letters`).
+    /// Only whole envelopes can be rebuilt; base64 parts are decoded.
+    pub fn to_envelope(&self) -> Result<Envelope, String> {
+        use base64::Engine;
+        if self.is_truncated() {
+            return Err("the dead letter holds only the start of the record: fetch the original from its topic, partition and offset".into());
+        }
+        let decode = |text: &str| base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| format!("bad base64: {e}"));
+        let text_or_b64 = |text: &str| match text.strip_prefix("base64:") {
+            Some(encoded) => decode(encoded),
+            None => Ok(text.as_bytes().to_vec()),
+        };
+        let payload = match (&self.payload, &self.payload_base64) {
+            (_, Some(encoded)) => decode(encoded)?,
+            (Some(text), None) => text.as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            headers.push((name.clone(), value.as_deref().map(text_or_b64).transpose()?));
+        }
+        Ok(Envelope {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            headers,
+            key: self.key.as_deref().map(text_or_b64).transpose()?,
+            payload,
+        })
+    }
+}
+
 impl DeadLetter {
     pub fn new(
         envelope: &Envelope,

@@ -67,6 +67,8 @@ pub struct Pipeline {
 pub struct EventOutcome {
     pub verdict: Verdict,
     pub status: Status,
+    /// When the event happened (reports: the time span an archive covers).
+    pub occurred_at: DateTime<Utc>,
     /// Ordering effects; default for duplicates (they touch nothing).
     pub applied: Applied,
 }
@@ -296,7 +298,7 @@ impl Pipeline {
     ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
         let policy = self.dedupe.policy(&event.carrier);
         let verdict = check_and_stage(state, scope, policy, &event, now)?;
-        let mut outcome = EventOutcome { verdict, status: event.status, applied: Applied::default() };
+        let mut outcome = EventOutcome { verdict, status: event.status, occurred_at: event.occurred_at, applied: Applied::default() };
         if verdict != Verdict::New {
             return Ok((outcome, None));
         }

@@ -55,15 +55,26 @@ pub fn archive_files(input: &Path) -> Result<Vec<PathBuf>, ReplayError> {
     Ok(files)
 }
 
-/// Open one archive, transparently gunzipping `.gz`.
+/// Open one archive, gunzipping it when its content is gzip (whatever its name).
 pub fn open_archive(path: &Path) -> Result<Box<dyn BufRead>, ReplayError> {
     let file = File::open(path).map_err(|source| ReplayError::Read { path: path.into(), source })?;
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
+    gunzip_if_gzip(Box::new(file)).map_err(|source| ReplayError::Read { path: path.into(), source })
+}
+
+/// Standard input as an archive (gzip recognised by its content, as for files).
+pub fn open_stdin() -> Result<Box<dyn BufRead>, ReplayError> {
+    gunzip_if_gzip(Box::new(std::io::stdin())).map_err(|source| ReplayError::Read { path: "-".into(), source })
+}
+
+/// gzip streams start with the bytes 1f 8b: look, then read through a decoder or not.
+fn gunzip_if_gzip(reader: Box<dyn Read>) -> std::io::Result<Box<dyn BufRead>> {
+    let mut buffered = BufReader::with_capacity(1 << 20, reader);
+    let gzip = buffered.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    if gzip {
+        Ok(Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(buffered))))
     } else {
-        Box::new(file)
-    };
-    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+        Ok(Box::new(buffered))
+    }
 }
 
 /// Replay one archive stream. `on_progress` is called after each batch with the
@@ -104,6 +115,10 @@ pub fn replay_stream<S: StateStore + ?Sized>(
                         };
                         summary.records += 1;
                         summary.invalid += 1;
+                        for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
+                            counts.records += 1;
+                            counts.invalid += 1;
+                        }
                         *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
                         malformed.push(DeadLetter::new(&envelope, &error, None, None, now()));
                     }

@@ -106,6 +106,23 @@ impl RocksStore {
         Ok(RocksStore { db, path: path.to_path_buf(), write_options })
     }
 
+    /// Open an existing store read-only, beside a worker that may have it open
+    /// for writing (`waymark state stats` and `export` on a running worker): it
+    /// sees the state as of the last flush plus the write-ahead log at open time.
+    pub fn open_read_only(path: &Path) -> Result<RocksStore, StoreError> {
+        let options = StoreOptions::default();
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let clock = system_clock();
+        let descriptors: Vec<ColumnFamilyDescriptor> = Keyspace::ALL
+            .into_iter()
+            .map(|keyspace| ColumnFamilyDescriptor::new(keyspace.name(), keyspace_options(keyspace, &options, &cache, clock.clone())))
+            .collect();
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors, false).map_err(|e| {
+            StoreError::Io(format!("cannot open state store at {} read-only: {}", path.display(), e.into_string()))
+        })?;
+        Ok(RocksStore { db, path: path.to_path_buf(), write_options: WriteOptions::default() })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -251,7 +251,7 @@ mod tests {
             }
             let ok = RecordResult {
                 carrier: Some("ups".into()),
-                events: vec![EventOutcome { verdict: Verdict::New, status: Status::InTransit, applied: Applied::default() }],
+                events: vec![EventOutcome { verdict: Verdict::New, status: Status::InTransit, occurred_at: chrono::DateTime::UNIX_EPOCH, applied: Applied::default() }],
                 ..RecordResult::default()
             };
             telemetry.record(&ok, Duration::from_micros(5));

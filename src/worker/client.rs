@@ -45,3 +45,43 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     }
     client
 }
+
+/// Check every librdkafka property of the worker's clients without connecting:
+/// librdkafka rejects unknown names and bad values when a client is created.
+/// The error names the property and librdkafka's reason, never the value (it may
+/// be a password).
+pub fn validate(config: &Config) -> Result<(), String> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    let describe = |side: &str, e: rdkafka::error::KafkaError| match e {
+        rdkafka::error::KafkaError::ClientConfig(_, reason, key, _value) => {
+            format!("librdkafka property `{key}` of the {side}: {reason} (fix or remove it in kafka.properties / kafka.{side}_properties)")
+        }
+        other => format!("the {side} cannot be created: {other}"),
+    };
+    consumer_config(config).create::<BaseConsumer>().map_err(|e| describe("consumer", e))?;
+    let mut producer = producer_config(config);
+    if let crate::config::DeliveryMode::ExactlyOnce { transactional_id } = &config.delivery {
+        producer.set("transactional.id", transactional_id);
+    }
+    producer.create::<BaseProducer>().map_err(|e| describe("producer", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+
+    #[test]
+    fn a_misspelled_secret_property_is_named_without_its_value() {
+        let config = RawConfig::from_toml("[kafka.properties]\n\"sasl.pasword\" = \"hunter2\"\n").unwrap().validate().unwrap();
+        let err = validate(&config).unwrap_err();
+        assert!(err.contains("sasl.pasword"), "{err}");
+        assert!(!err.contains("hunter2"), "the value must never be echoed: {err}");
+        let config = RawConfig::from_toml("[kafka.consumer_properties]\n\"fetch.wait.max.ms\" = \"soon\"\n").unwrap().validate().unwrap();
+        let err = validate(&config).unwrap_err();
+        assert!(err.contains("fetch.wait.max.ms") && err.contains("consumer"), "{err}");
+        assert!(validate(&RawConfig::default().validate().unwrap()).is_ok());
+    }
+}

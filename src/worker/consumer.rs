@@ -119,33 +119,36 @@ impl WorkerContext {
                 }
                 continue;
             }
-            match stored_progress(&*self.store, &topic, partition) {
-                Ok(Some(next)) if self.transactional => {
-                    // The store may lag the group (killed between commit and state write).
-                    let committed = committed_offset(consumer, &topic, partition, Duration::from_secs(10)).ok().flatten();
-                    let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
-                    let catch_up_to = committed.filter(|committed| *committed > next);
-                    lock(&self.partitions).assign(&topic, partition, Some(next), catch_up_to);
-                    match catch_up_to {
-                        Some(committed) => {
-                            tracing::info!(%topic, partition, next, committed, "assigned; catching up state silently to the committed offset")
-                        }
-                        None => tracing::info!(%topic, partition, next, "assigned; resuming from stored progress"),
-                    }
-                }
-                Ok(Some(next)) => {
-                    let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
-                    lock(&self.partitions).assign(&topic, partition, Some(next), None);
-                    tracing::info!(%topic, partition, next, "assigned; resuming from stored progress");
-                }
-                Ok(None) => {
-                    lock(&self.partitions).assign(&topic, partition, None, None);
-                    tracing::info!(%topic, partition, "assigned; no stored progress, using the group's committed offset");
-                }
+            // The group's committed offset is authoritative (an operator's reset
+            // with Kafka's own tools is followed); the store's progress serves
+            // only when the group has none, or, in exactly-once mode, when the
+            // store lags the group and must catch up silently.
+            let committed = match committed_offset(consumer, &topic, partition, Duration::from_secs(10)) {
+                Ok(committed) => committed,
                 Err(e) => {
-                    lock(&self.partitions).assign(&topic, partition, None, None);
-                    tracing::error!(%topic, partition, error = %e, "cannot read stored progress; using the group's committed offset");
+                    tracing::warn!(%topic, partition, error = %e, "cannot read the group's committed offset; using the store's progress");
+                    None
                 }
+            };
+            let stored = match stored_progress(&*self.store, &topic, partition) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::error!(%topic, partition, error = %e, "cannot read stored progress; using the group's committed offset");
+                    None
+                }
+            };
+            let (start, catch_up_to) = match (committed, stored) {
+                (Some(committed), Some(stored)) if self.transactional && stored < committed => (Some(stored), Some(committed)),
+                (Some(committed), _) => (Some(committed), None),
+                (None, stored) => (stored, None),
+            };
+            if let Some(start) = start {
+                let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(start));
+            }
+            lock(&self.partitions).assign(&topic, partition, start, catch_up_to);
+            match catch_up_to {
+                Some(committed) => tracing::info!(%topic, partition, ?start, committed, "assigned; catching up state silently to the committed offset"),
+                None => tracing::info!(%topic, partition, ?start, ?committed, ?stored, "assigned"),
             }
         }
     }
@@ -172,10 +175,10 @@ impl WorkerContext {
     /// Changelog mode: the group's committed offset first (for a read_committed
     /// consumer it waits until no transactional commit is pending, so the
     /// changelog's end below is at least as new as that offset), then the
-    /// changelog replayed into the store, then the offset to start at: the later
-    /// of the committed offset and this store's own progress (ahead only when this
-    /// instance processed further before losing the partition: that state is in
-    /// the changelog too).
+    /// changelog replayed into the store, then the offset to start at: the
+    /// group's committed offset (an operator's reset with Kafka's tools is
+    /// followed; records the state already holds come out as duplicates, never
+    /// as milestones), or the store's progress when the group has none.
     fn restore_then_start(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -188,7 +191,7 @@ impl WorkerContext {
             .map_err(|e| restore_failed(format!("cannot read the group's committed offset: {e}")))?;
         let applied = restorer.restore(&*self.store, topic, partition)?;
         let stored = stored_progress(&*self.store, topic, partition)?;
-        let start = committed.into_iter().chain(stored).max();
+        let start = committed.or(stored);
         tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
         Ok(start)
     }
@@ -219,7 +222,8 @@ pub(super) fn poll_batch(
 ) -> Vec<Envelope> {
     let deadline = Instant::now() + config.batch_wait;
     let mut envelopes = Vec::new();
-    while envelopes.len() < config.batch_size && !shutdown.load(Ordering::SeqCst) {
+    let mut bytes = 0usize;
+    while envelopes.len() < config.batch_size && bytes < config.batch_max_bytes && !shutdown.load(Ordering::SeqCst) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let wait = if envelopes.is_empty() { Duration::from_millis(200) } else { remaining };
         match consumer.poll(wait) {
@@ -243,6 +247,7 @@ pub(super) fn poll_batch(
                     .headers()
                     .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
                     .unwrap_or_default();
+                bytes += message.payload_len();
                 envelopes.push(Envelope {
                     topic,
                     partition,

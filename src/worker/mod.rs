@@ -85,13 +85,16 @@ pub enum WorkerError {
     Changelog(#[from] ChangelogError),
     #[error(transparent)]
     Repartition(#[from] RepartitionError),
+    /// The client configuration is wrong (a librdkafka property): fix it and restart.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl WorkerError {
     /// Exit code: 2 when the configuration must change, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            WorkerError::Repartition(RepartitionError::PartitionsChanged { .. }) => 2,
+            WorkerError::Repartition(RepartitionError::PartitionsChanged { .. }) | WorkerError::Config(_) => 2,
             // Topics, ACLs or limits that are wrong: configuration, not a fault.
             WorkerError::Sink(e) if e.fate() == crate::error::Fate::Stop && matches!(e, SinkError::Kafka { .. }) => 2,
             _ => 1,

@@ -59,6 +59,14 @@ pub(super) struct DeliveryCounts {
     pub(super) offsets: HashMap<(String, i32), i64>,
 }
 
+impl DeliveryTracker {
+    /// (acknowledged, failed, last error) since creation or the last reset.
+    pub fn outcome(&self) -> (usize, usize, Option<String>) {
+        let counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (counts.acked, counts.failed, counts.last_error.clone())
+    }
+}
+
 impl ClientContext for DeliveryTracker {}
 
 impl ProducerContext for DeliveryTracker {

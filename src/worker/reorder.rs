@@ -10,10 +10,13 @@ use crate::envelope::Envelope;
 /// Records held by the bounded reorder window. Nothing of them is committed
 /// (outputs, state, offsets) until the window closes and they are processed as one
 /// unit in status-hierarchy order, so offsets never pass a held record and a crash
-/// simply re-reads them. Memory is bounded by `order.reorder_max_records`.
+/// simply re-reads them. Memory is bounded by `order.reorder_max_records` and
+/// `order.reorder_max_bytes` (bodies held).
 #[derive(Default)]
 pub struct ReorderBuffer {
     held: Vec<Envelope>,
+    /// Bytes of the held records' bodies.
+    bytes: usize,
     /// When the oldest held record arrived.
     since: Option<Instant>,
     /// Highest held offset per partition: a partition revoked and assigned back
@@ -28,6 +31,7 @@ impl ReorderBuffer {
             if envelope.offset > *highest {
                 *highest = envelope.offset;
                 self.since.get_or_insert(now);
+                self.bytes += envelope.payload.len();
                 self.held.push(envelope);
             }
         }
@@ -39,6 +43,7 @@ impl ReorderBuffer {
         if self.held.len() == before {
             return;
         }
+        self.bytes = self.held.iter().map(|e| e.payload.len()).sum();
         // Only after a revocation: forget the dropped partitions' positions.
         self.highest.clear();
         for envelope in &self.held {
@@ -51,7 +56,7 @@ impl ReorderBuffer {
     }
 
     pub fn due(&self, limits: ReorderWindow, now: Instant) -> bool {
-        self.held.len() >= limits.max_records || self.since.is_some_and(|since| now.saturating_duration_since(since) >= limits.window)
+        self.held.len() >= limits.max_records || self.bytes >= limits.max_bytes || self.since.is_some_and(|since| now.saturating_duration_since(since) >= limits.window)
     }
 
     pub fn len(&self) -> usize {
@@ -64,6 +69,7 @@ impl ReorderBuffer {
 
     pub fn take(&mut self) -> Vec<Envelope> {
         self.since = None;
+        self.bytes = 0;
         self.highest.clear();
         std::mem::take(&mut self.held)
     }
@@ -78,7 +84,7 @@ mod tests {
         Envelope { topic: "t".into(), partition, offset, timestamp_ms: None, headers: vec![], key: None, payload: vec![] }
     }
 
-    const LIMITS: ReorderWindow = ReorderWindow { window: Duration::from_secs(2), max_records: 3 };
+    const LIMITS: ReorderWindow = ReorderWindow { window: Duration::from_secs(2), max_records: 3, max_bytes: 1000 };
 
     #[test]
     fn due_by_age_from_the_oldest_held_record() {
@@ -91,6 +97,20 @@ mod tests {
         assert!(buffer.due(LIMITS, t0 + Duration::from_secs(2)));
         assert_eq!(buffer.take().len(), 2);
         assert!(buffer.is_empty() && !buffer.due(LIMITS, t0 + Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn due_by_bytes() {
+        let t0 = Instant::now();
+        let mut buffer = ReorderBuffer::default();
+        let big = |offset| Envelope { payload: vec![b'x'; 600], ..envelope(0, offset) };
+        buffer.extend(vec![big(0)], t0);
+        assert!(!buffer.due(LIMITS, t0));
+        buffer.extend(vec![big(1)], t0);
+        assert!(buffer.due(LIMITS, t0), "1,200 bytes held, 1,000 allowed");
+        buffer.take();
+        buffer.extend(vec![big(2)], t0);
+        assert!(!buffer.due(LIMITS, t0), "take resets the byte count");
     }
 
     #[test]

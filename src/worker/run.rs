@@ -60,6 +60,9 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
             (config.kafka.input_topics.clone(), Vec::new())
         }
     };
+    // Bad properties are a configuration error, found before any connection
+    // attempt (not retried as if the broker were away).
+    super::client::validate(config).map_err(WorkerError::Config)?;
     let restorer = match prepare_topics(config, &stateful, deps.shutdown)? {
         Some(restorer) => restorer,
         None => return Ok(()),
@@ -152,6 +155,7 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     if !transactional {
         commit_progress(&consumer, &partitions, CommitMode::Sync);
     }
+    deps.health.drained.store(true, Ordering::SeqCst);
     consumer.unsubscribe();
     Ok(())
 }

@@ -65,12 +65,17 @@ pub fn produce(topic: &str, envelopes: &[Envelope], partitions: i32) {
 
 /// Produce to the broker at `brokers`.
 pub fn produce_on(brokers: &str, topic: &str, envelopes: &[Envelope], partitions: i32) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
+    produce_with(brokers, topic, envelopes, partitions, &[])
+}
+
+/// [`produce_on`] with extra producer properties (e.g. `compression.type`).
+pub fn produce_with(brokers: &str, topic: &str, envelopes: &[Envelope], partitions: i32, properties: &[(&str, &str)]) {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("linger.ms", "5");
+    for (name, value) in properties {
+        client.set(*name, *value);
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = client.create().expect("producer");
     for envelope in envelopes {
         let mut headers = OwnedHeaders::new();
         for (k, v) in &envelope.headers {

@@ -287,7 +287,10 @@ fn yaml() -> &'static BTreeMap<String, Vec<Value>> {
             .map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned())
             .collect();
         assert!(files.len() >= 9, "expected the compose, Prometheus, Grafana and Kubernetes YAML files, found {files:?}");
-        let output = match Command::new("python3").arg("-c").arg(PARSE_YAML).args(&files).current_dir(&root).output() {
+        // Debian's interpreter first: python3-yaml installs its module there, while
+        // a python3 earlier on PATH (pyenv, a venv) may not have it.
+        let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        let output = match Command::new(python).arg("-c").arg(PARSE_YAML).args(&files).current_dir(&root).output() {
             Ok(output) => output,
             Err(e) => panic!("cannot run python3 ({e}): the deploy tests parse YAML with python3 and PyYAML: apt-get install python3-yaml"),
         };

@@ -9,6 +9,7 @@ mod faults;
 mod fixtures;
 mod group;
 mod keying;
+mod produce;
 mod properties;
 mod replay;
 mod schemas;

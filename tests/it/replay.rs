@@ -190,3 +190,30 @@ fn a_state_directory_of_another_partition_count_is_refused_with_what_to_do() {
     assert!(stderr.contains("partitions=16") && stderr.contains("partitions=8") && stderr.contains("new kafka.group_id"), "{stderr}");
     assert!(out.stdout.is_empty(), "nothing may be emitted against state of another layout");
 }
+
+#[test]
+fn the_summary_is_also_a_json_report_for_real_and_dry_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    for dry in [true, false] {
+        let report = dir.path().join(format!("report-{dry}.json"));
+        let state = dir.path().join(format!("state-{dry}"));
+        let mut args = vec!["--input", "replay/sample.ndjson", "--report", report.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+        if dry {
+            args.push("--dry-run");
+        }
+        let (ok, _, stderr) = replay(&args, None);
+        assert!(ok, "{stderr}");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let summary = &json["summary"];
+        assert_eq!(json["dry_run"], dry);
+        assert_eq!(summary["records"], 12);
+        assert_eq!(summary["events"], 49);
+        assert_eq!(summary["new_milestones"], 17);
+        assert_eq!(summary["invalid_by_kind"]["invalid_json"], 1);
+        assert_eq!(summary["by_tenant"]["acme"]["new_milestones"].as_u64().unwrap() + summary["by_tenant"]["globex"]["new_milestones"].as_u64().unwrap(), 17);
+        assert_eq!(summary["by_carrier"]["easypost"]["events"], 49);
+        let per_status: u64 = summary["milestones_by_status"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(per_status, 17);
+        assert!(summary["first_event_at"].as_str().unwrap() < summary["last_event_at"].as_str().unwrap());
+    }
+}

@@ -9,9 +9,9 @@
 //! offsets; a seeded RNG kills the process at any failpoint between those side
 //! effects. Repartition records reach the log as soon as they are acknowledged,
 //! whether or not the process survives the batch. After every crash the worker
-//! resumes as it does on the real broker: a stateful (repartition) partition from
-//! its stored progress, else the group's committed offset; a raw partition from
-//! the group's committed offset.
+//! resumes as it does on the real broker: at the group's committed offset, or,
+//! for a stateful (repartition) partition the group has no offset for, at its
+//! stored progress.
 //!
 //! Checked for every seed: every distinct milestone is in the output, nothing a
 //! correct pipeline would not emit is there, every repeat is identical, and no
@@ -89,8 +89,8 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
     let (mut crashes, mut routed) = (0, 0);
     let crash_rate = 0.05 + (rng.below(30) as f64) / 100.0;
     'process: for _restart in 0..10_000 {
-        // (Re)start: stateful partitions resume from stored progress, else the
-        // group's offset; raw partitions from the group's offset.
+        // (Re)start: the group's offset; a stateful partition without one
+        // resumes from its stored progress.
         let mut position: HashMap<Partition, i64> = HashMap::new();
         let partitions: Vec<Partition> =
             (0..raw_partitions).map(|p| (TOPIC, p)).chain((0..homes as i32).map(|p| (REPARTITION, p))).collect();
@@ -100,7 +100,7 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             } else {
                 None
             };
-            position.insert((topic, partition), stored.or(committed.get(&(topic, partition)).copied()).unwrap_or(0));
+            position.insert((topic, partition), committed.get(&(topic, partition)).copied().or(stored).unwrap_or(0));
         }
         loop {
             // Poll: up to a random number of records, partitions interleaved at random.
