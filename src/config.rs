@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::carriers::DEFAULT_MAX_BODY_BYTES;
@@ -62,7 +62,7 @@ pub enum DeliveryMode {
 }
 
 /// `[kafka]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSection {
     /// bootstrap.servers
@@ -103,7 +103,7 @@ impl Default for KafkaSection {
 }
 
 /// `[tenancy]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenancySection {
     #[serde(default)]
@@ -121,7 +121,7 @@ impl Default for TenancySection {
 }
 
 /// `[state]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSection {
     #[serde(default = "default_state_dir")]
@@ -170,7 +170,7 @@ impl Default for StateSection {
 }
 
 /// A dedupe policy as written in TOML (`ttl = "30d"`, `skew = "2s"`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySection {
     pub ttl: Option<String>,
@@ -178,7 +178,7 @@ pub struct PolicySection {
 }
 
 /// `[dedupe]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupeSection {
     pub ttl: Option<String>,
@@ -189,7 +189,7 @@ pub struct DedupeSection {
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     #[serde(default = "default_max_body")]
@@ -205,7 +205,7 @@ impl Default for LimitsSection {
 }
 
 /// `[worker]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSection {
     /// Records per batch: one output flush and one state write per batch.
@@ -262,7 +262,7 @@ impl Default for WorkerSection {
 }
 
 /// `[order]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderSection {
     /// Bounded reorder window: hold records up to this long ("0s": off) and emit
@@ -296,7 +296,7 @@ impl Default for OrderSection {
 }
 
 /// `[routing]`: where a shipment's state lives (see `routing`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingSection {
     /// `home` (default): every shipment's events are routed through the
@@ -338,7 +338,7 @@ impl Default for RoutingSection {
 }
 
 /// `[http]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     #[serde(default = "default_listen")]
@@ -354,7 +354,7 @@ impl Default for HttpSection {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// `text` (human-readable; colour only on a terminal) or `json` (one JSON
@@ -389,7 +389,7 @@ impl LogFormat {
 }
 
 /// `[telemetry]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySection {
     /// Label events with the tenant (only with a bounded number of tenants).
@@ -398,7 +398,7 @@ pub struct TelemetrySection {
 }
 
 /// The file as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
@@ -508,9 +508,20 @@ pub struct ChangelogSettings {
     pub restore_timeout: Duration,
 }
 
-/// Prefix of environment variables that set librdkafka properties:
-/// `WAYMARK_KAFKA__SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`.
-pub const KAFKA_ENV_PREFIX: &str = "WAYMARK_KAFKA__";
+/// The `[kafka]` settings (`WAYMARK_KAFKA__<name>` sets them; any other
+/// `WAYMARK_KAFKA__` name is a librdkafka property).
+const KAFKA_SETTINGS: [&str; 10] = [
+    "brokers",
+    "group_id",
+    "input_topics",
+    "output_topic",
+    "dead_letter_topic",
+    "delivery",
+    "transactional_id",
+    "properties",
+    "consumer_properties",
+    "producer_properties",
+];
 
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
@@ -524,17 +535,67 @@ impl RawConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Apply `WAYMARK_KAFKA__*` variables (the named ones are handled by the CLI).
-    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
+    /// Apply environment overrides, one rule for every setting:
+    /// `WAYMARK_<SECTION>__<KEY>=value` sets `key` of `[section]`
+    /// (`WAYMARK_WORKER__BATCH_SIZE=1000`, `WAYMARK_ROUTING__PARTITIONS=32`,
+    /// lists comma-separated). Under `KAFKA`, a name that is not a `[kafka]`
+    /// setting is a librdkafka property, dots written as `_`
+    /// (`WAYMARK_KAFKA__SECURITY_PROTOCOL=SASL_SSL`). `WAYMARK_LOG_FORMAT` is kept
+    /// as a short form of `WAYMARK_LOG__FORMAT`.
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        let base_dir = self.base_dir.take();
+        let mut table = toml::Table::try_from(&*self).map_err(|e| ConfigError::Invalid(format!("configuration cannot be re-read: {e}")))?;
+        let mut touched = Vec::new();
         for (name, value) in vars {
-            if name == "WAYMARK_LOG_FORMAT" {
-                self.log.format = value.clone();
+            let name = if name == "WAYMARK_LOG_FORMAT" { "WAYMARK_LOG__FORMAT".to_string() } else { name };
+            let Some((section, key)) = name.strip_prefix("WAYMARK_").and_then(|rest| rest.split_once("__")) else {
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            if section == "kafka" && !KAFKA_SETTINGS.contains(&key.as_str()) {
+                let property = key.replace('_', ".");
+                let properties = table
+                    .entry("kafka")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .and_then(|kafka| kafka.entry("properties").or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut());
+                if let Some(properties) = properties {
+                    properties.insert(property, toml::Value::String(value));
+                }
+                continue;
             }
-            if let Some(rest) = name.strip_prefix(KAFKA_ENV_PREFIX) {
-                let property = rest.to_ascii_lowercase().replace('_', ".");
-                self.kafka.properties.insert(property, value);
-            }
+            let Some(section_table) = table.get_mut(&section).and_then(toml::Value::as_table_mut) else {
+                return Err(ConfigError::Env { name, message: format!("there is no [{section}] section") });
+            };
+            let typed = match section_table.get(&key) {
+                Some(toml::Value::Integer(_)) => value
+                    .trim()
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|e| ConfigError::Env { name: name.clone(), message: format!("expected a whole number: {e}") })?,
+                Some(toml::Value::Boolean(_)) => value
+                    .trim()
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|_| ConfigError::Env { name: name.clone(), message: "expected true or false".into() })?,
+                Some(toml::Value::Array(_)) => toml::Value::Array(
+                    value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| toml::Value::String(v.into())).collect(),
+                ),
+                Some(toml::Value::Table(_)) => {
+                    return Err(ConfigError::Env { name, message: format!("[{section}.{key}] is a table: set its entries in the config file") })
+                }
+                _ => toml::Value::String(value),
+            };
+            section_table.insert(key, typed);
+            touched.push(name);
         }
+        let mut raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError::Env {
+            name: touched.join(", "),
+            message: e.message().to_string(),
+        })?;
+        raw.base_dir = base_dir;
+        *self = raw;
+        Ok(())
     }
 
     pub fn apply(&mut self, o: Overrides) {
@@ -860,7 +921,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        raw.apply_env(vec![("WAYMARK_KAFKA__SASL_MECHANISMS".to_string(), "SCRAM-SHA-512".to_string())].into_iter());
+        raw.apply_env(vec![("WAYMARK_KAFKA__SASL_MECHANISMS".to_string(), "SCRAM-SHA-512".to_string())].into_iter()).unwrap();
         raw.apply(Overrides { brokers: Some("flag:9092".into()), ..Overrides::default() });
         let config = raw.validate().unwrap();
         assert_eq!(config.kafka.brokers, "flag:9092");
@@ -869,6 +930,40 @@ mod tests {
         let ups = config.dedupe.policy("ups");
         assert_eq!((ups.ttl, ups.skew), (Duration::from_secs(14 * 86400), Duration::from_secs(3)));
         assert_eq!(config.envelope.topic_carriers["in.ups"], "ups");
+    }
+
+    #[test]
+    fn every_setting_follows_one_environment_rule() {
+        let mut raw = RawConfig::from_toml("[worker]\nbatch_size = 10\n[kafka.properties]\n\"client.id\" = \"x\"\n").unwrap();
+        let vars = [
+            ("WAYMARK_WORKER__BATCH_SIZE", "1000"),
+            ("WAYMARK_ROUTING__PARTITIONS", "32"),
+            ("WAYMARK_STATE__CHANGELOG", "false"),
+            ("WAYMARK_KAFKA__INPUT_TOPICS", "tracking.raw.ups, tracking.raw.dhl"),
+            ("WAYMARK_KAFKA__TRANSACTIONAL_ID", "w-7"),
+            ("WAYMARK_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("WAYMARK_DEDUPE__SKEW", "5s"),
+            ("WAYMARK_LOG_FORMAT", "json"),
+            ("UNRELATED", "x"),
+        ];
+        raw.apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        let config = raw.validate().unwrap();
+        assert_eq!(config.batch_size, 1000);
+        assert_eq!(config.placement, Placement::Home { topic: "waymark-repartition".into(), partitions: 32 });
+        assert!(config.changelog.is_none());
+        assert_eq!(config.kafka.input_topics, vec!["tracking.raw.ups", "tracking.raw.dhl"]);
+        assert_eq!(config.kafka.transactional_id.as_deref(), Some("w-7"));
+        assert_eq!(config.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(config.kafka.properties["client.id"], "x", "the file's properties stay");
+        assert_eq!(config.dedupe.default.skew, Duration::from_secs(5));
+        assert_eq!(config.log_format, LogFormat::Json);
+
+        let err = RawConfig::default().apply_env([("WAYMARK_WORKER__BATCH_SIZE".to_string(), "many".to_string())].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("WAYMARK_WORKER__BATCH_SIZE") && err.to_string().contains("whole number"), "{err}");
+        let err = RawConfig::default().apply_env([("WAYMARK_WORKER__BATCH_SIZ".to_string(), "1".to_string())].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("WAYMARK_WORKER__BATCH_SIZ") && err.to_string().contains("batch_siz"), "{err}");
+        let err = RawConfig::default().apply_env([("WAYMARK_NOPE__X".to_string(), "1".to_string())].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("no [nope] section"), "{err}");
     }
 
     #[test]

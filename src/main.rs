@@ -373,7 +373,7 @@ fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config, Fail
         Some(path) => RawConfig::from_file(path)?,
         None => RawConfig::default(),
     };
-    raw.apply_env(std::env::vars());
+    raw.apply_env(std::env::vars())?;
     raw.apply(overrides);
     let config = raw.validate()?;
     init_logging(config.log_format);

@@ -2,6 +2,7 @@
 //! Kafka use the real broker named by WAYMARK_TEST_BROKERS (scripts/test.sh starts
 //! one) and fail, never skip, when there is none.
 
+mod cli;
 mod common;
 mod declared;
 mod deploy;

@@ -1,0 +1,44 @@
+//! The binary's own surface: `--version`, completions, the man page, `check`.
+
+use std::process::Command;
+
+use crate::common::waymark_bin;
+
+fn waymark(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(waymark_bin()).args(args).envs(envs.iter().copied()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn version_names_the_commit_and_the_codecs() {
+    let (code, out, _) = waymark(&["--version"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with(&format!("waymark {}", env!("CARGO_PKG_VERSION"))), "{out}");
+    assert!(out.contains("commit ") && out.contains("zstd"), "{out}");
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_definitions() {
+    let (code, bash, _) = waymark(&["completions", "bash"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(bash.contains("waymark") && bash.contains("replay") && bash.contains("--state-dir"), "{bash}");
+    let (code, man, _) = waymark(&["man"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(man.starts_with(".ie") || man.contains(".TH waymark"), "{}", &man[..man.len().min(200)]);
+}
+
+#[test]
+fn check_names_a_bad_property_or_setting_with_exit_2_and_never_its_value() {
+    let (code, out, err) = waymark(&["check"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("configuration ok"), "{out}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_KAFKA__SASL_PASWORD", "hunter2-c0ffee")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("sasl.pasword") && !err.contains("hunter2-c0ffee"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_WORKER__BATCH_SIZE", "lots")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("WAYMARK_WORKER__BATCH_SIZE"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_KAFKA__ENABLE_AUTO_COMMIT", "true")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("enable.auto.commit") && err.contains("remove it"), "{err}");
+}
