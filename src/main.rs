@@ -608,24 +608,49 @@ fn replay_cmd(
     };
     let mut sink = NdjsonSink { upserts, dead_letters };
 
-    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
+    // Progress: a bar with bytes, rate and ETA on a terminal (the archives' size
+    // is known unless reading stdin); a log line every 5 s otherwise.
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let files = if input == "-" { Vec::new() } else { replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)? };
+    let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let on_terminal = std::io::stderr().is_terminal();
+    let bar = if on_terminal {
+        indicatif::ProgressBar::with_draw_target(Some(total_bytes).filter(|t| *t > 0), indicatif::ProgressDrawTarget::stderr())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let template = if total_bytes > 0 {
+        "{elapsed} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}"
+    } else {
+        "{spinner} {elapsed} {bytes} {bytes_per_sec} {msg}"
+    };
+    bar.set_style(indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
     let mut summary = Summary::default();
     let clock = || Utc::now();
+    let started = std::time::Instant::now();
+    let mut last_log = started;
     let mut on_progress = |s: &Summary| {
-        bar.set_message(format!("{} records, {} milestones, {} duplicates, {} invalid", s.records, s.new_milestones, s.duplicate_hash + s.duplicate_key, s.invalid));
-        bar.tick();
+        let bytes = read.load(std::sync::atomic::Ordering::Relaxed);
+        let counts = format!("{} records, {} milestones, {} duplicates, {} invalid", s.records, s.new_milestones, s.duplicate_hash + s.duplicate_key, s.invalid);
+        if on_terminal {
+            bar.set_position(bytes);
+            bar.set_message(counts);
+        } else if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = std::time::Instant::now();
+            let rate = s.records as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = (total_bytes > bytes && bytes > 0)
+                .then(|| format!(", ETA {:.0} s", started.elapsed().as_secs_f64() * (total_bytes - bytes) as f64 / bytes as f64))
+                .unwrap_or_default();
+            tracing::info!("replay progress: {counts}; {bytes} of {} bytes read, {rate:.0} records/s{eta}", if total_bytes > 0 { total_bytes.to_string() } else { "?".into() });
+        }
     };
     if input == "-" {
-        let mut stdin = replay::open_stdin().map_err(anyhow::Error::new)?;
+        let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
         replay::replay_stream(&pipeline, store, &mut stdin, "stdin", &mut sink, &clock, &mut summary, &mut on_progress)
             .map_err(anyhow::Error::new)?;
     } else {
-        let files = replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)?;
         for file in files {
-            let mut reader = replay::open_archive(&file).map_err(anyhow::Error::new)?;
+            let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
             let name = file.display().to_string();
             replay::replay_stream(&pipeline, store, &mut reader, &name, &mut sink, &clock, &mut summary, &mut on_progress)
                 .map_err(anyhow::Error::new)?;

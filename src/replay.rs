@@ -12,6 +12,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use thiserror::Error;
@@ -57,13 +59,40 @@ pub fn archive_files(input: &Path) -> Result<Vec<PathBuf>, ReplayError> {
 
 /// Open one archive, gunzipping it when its content is gzip (whatever its name).
 pub fn open_archive(path: &Path) -> Result<Box<dyn BufRead>, ReplayError> {
+    open_archive_counted(path, &Arc::default())
+}
+
+/// [`open_archive`], adding the bytes read from the file (compressed, as on
+/// disk: comparable with the file's size for progress and ETA) to `read`.
+pub fn open_archive_counted(path: &Path, read: &Arc<AtomicU64>) -> Result<Box<dyn BufRead>, ReplayError> {
     let file = File::open(path).map_err(|source| ReplayError::Read { path: path.into(), source })?;
-    gunzip_if_gzip(Box::new(file)).map_err(|source| ReplayError::Read { path: path.into(), source })
+    let counted = Counted { inner: file, read: read.clone() };
+    gunzip_if_gzip(Box::new(counted)).map_err(|source| ReplayError::Read { path: path.into(), source })
 }
 
 /// Standard input as an archive (gzip recognised by its content, as for files).
 pub fn open_stdin() -> Result<Box<dyn BufRead>, ReplayError> {
-    gunzip_if_gzip(Box::new(std::io::stdin())).map_err(|source| ReplayError::Read { path: "-".into(), source })
+    open_stdin_counted(&Arc::default())
+}
+
+/// [`open_stdin`], counting the bytes read into `read`.
+pub fn open_stdin_counted(read: &Arc<AtomicU64>) -> Result<Box<dyn BufRead>, ReplayError> {
+    let counted = Counted { inner: std::io::stdin(), read: read.clone() };
+    gunzip_if_gzip(Box::new(counted)).map_err(|source| ReplayError::Read { path: "-".into(), source })
+}
+
+/// A reader that adds what it reads to a shared counter.
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 /// gzip streams start with the bytes 1f 8b: look, then read through a decoder or not.
