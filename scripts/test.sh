@@ -2,7 +2,8 @@
 # The whole test suite against a real Kafka broker and real RocksDB:
 # starts the single-node KRaft broker (scripts/kafka.sh), runs every fuzz target
 # for a bounded time (scripts/fuzz.sh), runs every test, and stops the broker it
-# started. Extra arguments go to `cargo test`.
+# started. Extra arguments go to `cargo test`. Before the tests, a small run of
+# the end-to-end load harness (WAYMARK_E2E_SMOKE=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +24,15 @@ if [[ ${WAYMARK_FUZZ_SECONDS:-15} != 0 ]]; then
 fi
 
 echo "test.sh: broker at $WAYMARK_TEST_BROKERS" >&2
+
+# A small run of the end-to-end load harness (benches/), so it cannot rot: the
+# debug worker against the real broker, both delivery modes. Figures from it mean
+# nothing (debug build, tiny stream); the README's come from release builds.
+if [[ ${WAYMARK_E2E_SMOKE:-1} != 0 ]]; then
+  cargo build --locked --bin waymark
+  target=${CARGO_TARGET_DIR:-target}
+  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features e2e --bin e2e-load -- \
+    --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
+fi
+
 cargo test --locked "$@"
