@@ -1,6 +1,6 @@
 //! Shared pieces of the benchmarks: synthetic canonical events and preloading.
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{Duration, TimeZone, Utc};
 use waymark::event::{Location, SourceRef, Status, TrackingEvent};
 
 /// The n-th synthetic canonical event: distinct for every n, realistic field sizes.
@@ -36,6 +36,7 @@ pub use store_helpers::*;
 #[cfg(feature = "store")]
 mod store_helpers {
     use super::*;
+    use chrono::DateTime;
     use waymark::dedupe::{check_and_stage, DedupePolicy};
     use waymark::state::{Scope, StateStore, Staged};
     use waymark::store::RocksStore;
