@@ -86,6 +86,12 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<(Keyspace, Vec<u8>, Vec<u8>), 
     Ok((keyspace, state_key.to_vec(), value.to_vec()))
 }
 
+/// Can this value be a state entry of its keyspace (it carries an expiry where
+/// one belongs)? A tombstone (empty value) or a foreign value cannot.
+pub fn restorable(keyspace: Keyspace, value: &[u8]) -> bool {
+    keyspace.expiry(value).is_some()
+}
+
 /// Marks a changelog position key apart from a progress key: a topic name never
 /// starts with a NUL byte.
 const POSITION_MARK: &[u8] = b"\0changelog\0";
@@ -263,6 +269,7 @@ impl Restorer {
         let position = position_key(input_topic, partition);
         let mut batch = StateBatch::default();
         let mut applied = 0u64;
+        let mut skipped = 0u64;
         let mut next: Option<i64> = None;
         let flush = |batch: &mut StateBatch, next: Option<i64>| -> Result<(), StoreError> {
             if let Some(next) = next {
@@ -288,11 +295,22 @@ impl Restorer {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Some(Ok(message)) => {
-                    let value = message.payload().unwrap_or_default();
-                    let (keyspace, key, value) = decode(message.key().unwrap_or_default(), value)?;
-                    batch.put(keyspace, key, value);
-                    applied += 1;
                     next = Some(message.offset() + 1);
+                    let value = message.payload().unwrap_or_default();
+                    match decode(message.key().unwrap_or_default(), value) {
+                        Ok((keyspace, key, value)) if restorable(keyspace, &value) => {
+                            batch.put(keyspace, key, value);
+                            applied += 1;
+                        }
+                        // A record no Waymark of this version wrote (a tombstone an
+                        // operator produced, another version's entry, garbage): one
+                        // bad record must not make the partition unrestorable.
+                        Ok(_) | Err(_) => {
+                            skipped += 1;
+                            metrics::counter!("waymark_changelog_skipped_total").increment(1);
+                            tracing::warn!(topic = %changelog, partition, offset = message.offset(), "skipping a changelog record that is not a state entry of this Waymark");
+                        }
+                    }
                     if batch.puts.len() >= 10_000 {
                         flush(&mut batch, next)?;
                         tracing::info!(topic = %input_topic, partition, applied, "restoring state from the changelog");
@@ -309,7 +327,7 @@ impl Restorer {
         flush(&mut batch, at_end.or(next))?;
         metrics::counter!("waymark_changelog_restored_total").increment(applied);
         metrics::histogram!("waymark_changelog_restore_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(topic = %input_topic, partition, applied, seconds = started.elapsed().as_secs_f64(), "state restored from the changelog");
+        tracing::info!(topic = %input_topic, partition, applied, skipped, seconds = started.elapsed().as_secs_f64(), "state restored from the changelog");
         Ok(applied)
     }
 }
@@ -351,6 +369,14 @@ mod tests {
         batch.put(Keyspace::Offsets, position_key("in", 2), 1i64.to_be_bytes().to_vec());
         batch.put(Keyspace::Offsets, progress_key("in", 2), 1i64.to_be_bytes().to_vec());
         assert!(records(&batch, "g").unwrap().is_empty());
+    }
+
+    #[test]
+    fn tombstones_and_foreign_values_are_not_restorable() {
+        assert!(!restorable(Keyspace::Shipments, b""), "a tombstone");
+        assert!(!restorable(Keyspace::Hashes, &[0; 4]), "too short to carry an expiry");
+        assert!(restorable(Keyspace::Hashes, &[0; 8]));
+        assert!(restorable(Keyspace::Shipments, &[0; 18]));
     }
 
     #[test]

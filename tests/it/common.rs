@@ -58,7 +58,8 @@ pub fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) {
     }
 }
 
-/// Produce envelopes' bodies and headers to `topic` (partition kept modulo `partitions`).
+/// Produce envelopes' bodies, keys and headers to `topic` (partition kept modulo
+/// `partitions`; a negative one leaves it to the producer's partitioner).
 pub fn produce(topic: &str, envelopes: &[Envelope], partitions: i32) {
     produce_on(&brokers(), topic, envelopes, partitions)
 }
@@ -81,10 +82,11 @@ pub fn produce_with(brokers: &str, topic: &str, envelopes: &[Envelope], partitio
         for (k, v) in &envelope.headers {
             headers = headers.insert(Header { key: k, value: v.as_deref() });
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
-            .payload(&envelope.payload[..])
-            .headers(headers)
-            .partition(envelope.partition.rem_euclid(partitions));
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(&envelope.payload[..]).headers(headers);
+        // A negative partition leaves the choice to the producer's partitioner (by key).
+        if envelope.partition >= 0 {
+            record = record.partition(envelope.partition.rem_euclid(partitions));
+        }
         if let Some(key) = &envelope.key {
             record = record.key(&key[..]);
         }

@@ -6,8 +6,8 @@
 //!
 //! YAML is parsed by python3 with PyYAML (`apt-get install python3-yaml`) and
 //! handed back as JSON: without them these tests fail, they never skip. When
-//! `promtool` is on PATH (`apt-get install prometheus`), the rules, their unit
-//! tests, the Prometheus config and every dashboard query are also checked by it.
+//! `promtool` (scripts/install-deps.sh installs it) checks the rules, their unit
+//! tests, the Prometheus config and every dashboard query; without it they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -646,10 +646,9 @@ fn on_path(program: &str) -> Option<PathBuf> {
 }
 
 fn promtool(args: &[&str]) {
-    let Some(promtool) = on_path("promtool") else {
-        eprintln!("promtool is not on PATH: `promtool {}` not run (apt-get install prometheus)", args.join(" "));
-        return;
-    };
+    let promtool = on_path("promtool").unwrap_or_else(|| {
+        panic!("promtool is not on PATH, so `promtool {}` cannot run: run scripts/install-deps.sh (it installs promtool from Debian's prometheus package)", args.join(" "))
+    });
     let output = Command::new(&promtool).args(args).current_dir(repo()).output().expect("run promtool");
     assert!(
         output.status.success(),
@@ -669,10 +668,8 @@ fn promtool_checks_the_rules_their_tests_and_the_config() {
 
 #[test]
 fn promtool_parses_every_dashboard_query() {
-    let Some(promtool) = on_path("promtool") else {
-        eprintln!("promtool is not on PATH: dashboard queries not parsed (apt-get install prometheus)");
-        return;
-    };
+    let promtool = on_path("promtool")
+        .unwrap_or_else(|| panic!("promtool is not on PATH, so dashboard queries cannot be parsed: run scripts/install-deps.sh"));
     let rules: Vec<Value> = dashboard_queries_as_promql()
         .into_iter()
         .enumerate()

@@ -17,8 +17,6 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::message::{Header, OwnedHeaders};
 use waymark::synth::{generate, merge_dhl_pairs, Rng, SynthCarrier, TrafficSpec};
 use waymark::Envelope;
 
@@ -60,26 +58,12 @@ fn tracking_number(envelope: &Envelope) -> String {
 
 /// Produce with `key` and librdkafka's default partitioner (no explicit partition).
 fn produce_keyed(topic: &str, envelopes: &[Envelope], key: impl Fn(usize, &Envelope) -> String) {
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).set("enable.idempotence", "true").create().expect("producer");
-    for (i, envelope) in envelopes.iter().enumerate() {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &envelope.headers {
-            headers = headers.insert(Header { key: k, value: v.as_deref() });
-        }
-        let key = key(i, envelope);
-        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(key.as_str()).payload(&envelope.payload[..]).headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(60)).expect("all input acknowledged");
+    let keyed: Vec<Envelope> = envelopes
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Envelope { key: Some(key(i, e).into_bytes()), partition: -1, ..e.clone() })
+        .collect();
+    produce(topic, &keyed, PARTITIONS);
 }
 
 fn add_partitions(topic: &str, total: usize) {

@@ -88,6 +88,26 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert_eq!(after.len(), output.len(), "a restart re-emitted milestones");
     signal(&again, "TERM");
     assert!(wait_exit(&mut again, Duration::from_secs(30)).is_some_and(|s| s.success()));
+
+    // `replay --state-dir` against the stopped worker's state (same config, so
+    // the same homes): the archive of the same records is entirely known.
+    let archive: String = input.iter().map(|e| e.to_kcat_json() + "\n").collect();
+    let mut replay = std::process::Command::new(waymark_bin())
+        .args(["replay", "--input", "-", "--config"])
+        .arg(&setup.config_path)
+        .arg("--state-dir")
+        .arg(&setup.state_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut replay.stdin.take().unwrap(), archive.as_bytes()).unwrap();
+    let out = replay.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty(), "replay against the worker's state re-emitted: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("milestones emitted:     0"), "{stderr}");
 }
 
 /// Stream size and kill count of the SIGKILL tests: CI runs ~5,300 records and 6

@@ -49,6 +49,8 @@ struct Args {
     partitions: i32,
     latency_seconds: u64,
     modes: Vec<&'static str>,
+    /// `home` (the default: the repartition hop) or `input` (the opt-out).
+    routing: String,
 }
 
 fn args() -> Args {
@@ -61,6 +63,7 @@ fn args() -> Args {
         partitions: 4,
         latency_seconds: 20,
         modes: vec!["at-least-once", "exactly-once"],
+        routing: "home".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +76,7 @@ fn args() -> Args {
             "--partitions" => a.partitions = value().parse().expect("--partitions N"),
             "--latency-seconds" => a.latency_seconds = value().parse().expect("--latency-seconds N"),
             "--keyed" => a.keyed = true,
+            "--routing" => a.routing = value(),
             "--mode" => {
                 a.modes = match value().as_str() {
                     "at-least-once" => vec!["at-least-once"],
@@ -308,11 +312,12 @@ fn spawn_worker(args: &Args, mode: &str, input: &str, output: &str, dlq: &str) -
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\ndelivery = \"{mode}\"\ntransactional_id = \"{}\"\n[state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[routing]\npartitions = {}\n",
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\ndelivery = \"{mode}\"\ntransactional_id = \"{}\"\n[state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[routing]\nmode = \"{}\"\npartitions = {}\n",
             args.brokers,
             unique("bench-group"),
             unique("bench-txn"),
             dir.path().join("state").display(),
+            args.routing,
             args.partitions
         ),
     )
@@ -378,7 +383,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let args = args();
-    println!("e2e-load: brokers {}, worker {}, {} shipments, duplicates {}, {}", args.brokers, args.waymark, args.shipments, args.duplicates, if args.keyed { "keyed by tracking number" } else { "no keys" });
+    println!(
+        "e2e-load: brokers {}, worker {}, {} shipments, duplicates {}, {}, routing {}",
+        args.brokers,
+        args.waymark,
+        args.shipments,
+        args.duplicates,
+        if args.keyed { "keyed by tracking number" } else { "no keys" },
+        args.routing
+    );
     for mode in args.modes.clone() {
         let names: Vec<String> = ["in", "floor-out", "out", "dlq", "lat-in", "lat-out", "lat-dlq"].iter().map(|n| unique(&format!("bench.{mode}.{n}"))).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
