@@ -13,6 +13,7 @@ mod keying;
 mod produce;
 mod properties;
 mod replay;
+mod scenarios;
 mod schemas;
 mod simulation;
 mod worker;

@@ -1,0 +1,52 @@
+//! The scenario corpus (replay/scenarios/): realistic streams, each with its
+//! expected timeline. Every `<name>.ndjson` is replayed and its upserts compared
+//! with `<name>.expected.ndjson` byte for byte; `WAYMARK_BLESS=1` rewrites the
+//! expected files (review the diff). Independently of the blessed files, each
+//! timeline must have one upsert per milestone id and no shipment status moving
+//! backwards. Adding a scenario is adding its two files (scripts/gen-scenarios.py
+//! writes the shipped ones).
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+
+use crate::common::{repo, waymark_bin};
+
+#[test]
+fn every_scenario_replays_to_its_expected_timeline() {
+    let dir = repo().join("replay/scenarios");
+    let mut archives: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".ndjson") && !p.to_string_lossy().ends_with(".expected.ndjson"))
+        .collect();
+    archives.sort();
+    assert!(archives.len() >= 5, "the corpus has {} scenarios", archives.len());
+    let bless = std::env::var("WAYMARK_BLESS").as_deref() == Ok("1");
+    for archive in archives {
+        let name = archive.file_name().unwrap().to_string_lossy().trim_end_matches(".ndjson").to_string();
+        let out = Command::new(waymark_bin()).args(["replay", "--input"]).arg(&archive).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        let timeline = String::from_utf8(out.stdout).unwrap();
+        let upserts: Vec<serde_json::Value> = timeline.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let ids: BTreeSet<&str> = upserts.iter().map(|u| u["milestone_id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), upserts.len(), "{name}: a milestone was emitted twice");
+        let rank = |s: &str| waymark::Status::parse(s).unwrap().rank();
+        let mut reached: HashMap<String, u8> = HashMap::new();
+        for u in &upserts {
+            let shipment = format!("{}:{}:{}", u["tenant_id"], u["carrier"], u["tracking_number"]);
+            let r = rank(u["shipment_status"].as_str().unwrap());
+            let previous = reached.insert(shipment.clone(), r).unwrap_or(0);
+            assert!(r >= previous, "{name}: {shipment} moved back at {u}");
+        }
+        let expected_path = dir.join(format!("{name}.expected.ndjson"));
+        if bless {
+            std::fs::write(&expected_path, &timeline).unwrap();
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|e| panic!("{name}: no expected timeline ({e}); bless it with WAYMARK_BLESS=1 and review it"));
+        assert!(timeline == expected, "{name}: the timeline differs from {}", expected_path.display());
+        let summary = stderr.lines().filter(|l| l.contains("milestones emitted") || l.contains("duplicates")).collect::<Vec<_>>().join("; ");
+        println!("checked scenario {name}: {} milestones, {} shipments; {summary}", upserts.len(), reached.len());
+    }
+}
