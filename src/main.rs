@@ -574,9 +574,18 @@ fn replay_cmd(
 ) -> Result<(), Failure> {
     let pipeline = config.pipeline();
     let rocks = match state_dir {
+        Some(dir) if dry_run && !dir.join("CURRENT").exists() => {
+            eprintln!("note: {} holds no state yet; the dry run dedupes the archive within itself", dir.display());
+            None
+        }
         Some(dir) => {
-            let store =
-                RocksStore::open(dir, &config.store, system_clock()).with_context(|| format!("state directory {}", dir.display()))?;
+            // A dry run only reads: read-only, so it works beside a running worker.
+            let store = if dry_run {
+                RocksStore::open_read_only(dir)
+            } else {
+                RocksStore::open(dir, &config.store, system_clock())
+            }
+            .with_context(|| format!("state directory {}", dir.display()))?;
             // The archive meets the worker's state in the same homes, or not at all.
             store.check_layout(&config.placement.layout(), !dry_run).map_err(layout_failure)?;
             Some(store)

@@ -86,12 +86,27 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     std::thread::sleep(Duration::from_secs(5));
     let after = read_all(&setup.output, 1, usize::MAX, Duration::from_secs(2), Duration::ZERO);
     assert_eq!(after.len(), output.len(), "a restart re-emitted milestones");
+    // Beside the running worker: a dry run opens its state read-only.
+    let archive: String = input.iter().map(|e| e.to_kcat_json() + "\n").collect();
+    let archive_path = setup.state_dir.with_extension("archive.ndjson");
+    std::fs::write(&archive_path, &archive).unwrap();
+    let dry = std::process::Command::new(waymark_bin())
+        .args(["replay", "--dry-run", "--config"])
+        .arg(&setup.config_path)
+        .arg("--state-dir")
+        .arg(&setup.state_dir)
+        .arg("--input")
+        .arg(&archive_path)
+        .output()
+        .unwrap();
+    let dry_err = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "a dry run beside the running worker failed: {dry_err}");
+    assert!(dry_err.contains("milestones emitted:     0"), "{dry_err}");
     signal(&again, "TERM");
     assert!(wait_exit(&mut again, Duration::from_secs(30)).is_some_and(|s| s.success()));
 
     // `replay --state-dir` against the stopped worker's state (same config, so
     // the same homes): the archive of the same records is entirely known.
-    let archive: String = input.iter().map(|e| e.to_kcat_json() + "\n").collect();
     let mut replay = std::process::Command::new(waymark_bin())
         .args(["replay", "--input", "-", "--config"])
         .arg(&setup.config_path)
