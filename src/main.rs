@@ -106,6 +106,12 @@ enum Command {
         /// the events' time span, milestones per status).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Send the upserts to this Kafka topic (same keys, headers and milestone
+        /// ids as the worker) instead of NDJSON, at least once (a re-run with the
+        /// same --state-dir emits nothing again); dead letters go to
+        /// kafka.dead_letter_topic.
+        #[arg(long, conflicts_with = "output")]
+        to_topic: Option<String>,
     },
     /// Put a kcat -J archive (file, .gz, directory, or - for stdin) back on Kafka
     /// with its keys, headers and timestamps: re-drive dumps, backfills and dead letters.
@@ -319,9 +325,11 @@ fn main() -> ExitCode {
             };
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
-        Command::Replay { config, input, output, dlq, state_dir, dry_run, report } => {
-            load_config(config.config.as_deref(), Overrides::default())
-                .and_then(|c| replay_cmd(&c, &input, &output, dlq.as_deref(), state_dir.as_deref(), dry_run, report.as_deref()))
+        Command::Replay { config, input, output, dlq, state_dir, dry_run, report, to_topic } => {
+            load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
+                let target = ReplayTarget { output: &output, dlq: dlq.as_deref(), to_topic: to_topic.as_deref() };
+                replay_cmd(&c, &input, target, state_dir.as_deref(), dry_run, report.as_deref())
+            })
         }
         Command::Normalize { config, carrier, tenant, file } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| normalize(&c, &carrier, &tenant, &file))
@@ -563,11 +571,17 @@ fn health(config: &Config, ready: bool) -> Result<(), Failure> {
     }
 }
 
+/// Where replay's upserts and dead letters go.
+struct ReplayTarget<'a> {
+    output: &'a str,
+    dlq: Option<&'a Path>,
+    to_topic: Option<&'a str>,
+}
+
 fn replay_cmd(
     config: &Config,
     input: &str,
-    output: &str,
-    dlq: Option<&Path>,
+    target: ReplayTarget<'_>,
     state_dir: Option<&Path>,
     dry_run: bool,
     report: Option<&Path>,
@@ -600,7 +614,8 @@ fn replay_cmd(
     let overlay = Overlay::new(base);
     let store: &dyn StateStore = if dry_run { &overlay } else { base };
 
-    let upserts: Box<dyn Write> = if dry_run {
+    let ReplayTarget { output, dlq, to_topic } = target;
+    let upserts: Box<dyn Write> = if dry_run || to_topic.is_some() {
         Box::new(std::io::sink())
     } else if output == "-" {
         Box::new(BufWriter::new(std::io::stdout().lock()))
@@ -615,7 +630,22 @@ fn replay_cmd(
         ))),
         _ => None,
     };
-    let mut sink = NdjsonSink { upserts, dead_letters };
+    let mut ndjson = NdjsonSink { upserts, dead_letters };
+    let mut kafka = match to_topic {
+        Some(topic) if !dry_run => {
+            // The worker's own sink: same keys, headers and records. Replay keeps
+            // its state in --state-dir, not in the changelog.
+            let mut kafka_config = config.clone();
+            kafka_config.kafka.output_topic = topic.to_string();
+            kafka_config.changelog = None;
+            Some(waymark::worker::producer::KafkaSink::new(&kafka_config).map_err(|e| anyhow::anyhow!("Kafka producer: {e}"))?)
+        }
+        _ => None,
+    };
+    let sink: &mut dyn waymark::sink::Sink = match kafka.as_mut() {
+        Some(kafka) => kafka,
+        None => &mut ndjson,
+    };
 
     // Progress: a bar with bytes, rate and ETA on a terminal (the archives' size
     // is known unless reading stdin); a log line every 5 s otherwise.
@@ -655,18 +685,19 @@ fn replay_cmd(
     };
     if input == "-" {
         let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
-        replay::replay_stream(&pipeline, store, &mut stdin, "stdin", &mut sink, &clock, &mut summary, &mut on_progress)
+        replay::replay_stream(&pipeline, store, &mut stdin, "stdin", sink, &clock, &mut summary, &mut on_progress)
             .map_err(anyhow::Error::new)?;
     } else {
         for file in files {
             let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
             let name = file.display().to_string();
-            replay::replay_stream(&pipeline, store, &mut reader, &name, &mut sink, &clock, &mut summary, &mut on_progress)
+            replay::replay_stream(&pipeline, store, &mut reader, &name, sink, &clock, &mut summary, &mut on_progress)
                 .map_err(anyhow::Error::new)?;
         }
     }
     bar.finish_and_clear();
-    drop(sink);
+    drop(ndjson);
+    drop(kafka);
     if let Some(path) = report {
         let json = serde_json::json!({"kind": "replay_report", "dry_run": dry_run, "input": input, "summary": summary});
         std::fs::write(path, serde_json::to_vec_pretty(&json).context("cannot encode the report")?)

@@ -446,3 +446,34 @@ fn a_group_offset_reset_is_followed_not_overridden_by_stored_progress() {
     println!("checked: offset reset followed: {reread} events re-read as duplicates, {} new upserts", after.len() - first.len());
     assert_eq!(after.len(), first.len(), "re-read events are duplicates: nothing new may be emitted");
 }
+
+/// `replay --to-topic`: the archive's upserts on a Kafka topic, with the keys,
+/// headers and values the worker would write (the sample's expected timeline).
+#[test]
+fn replay_to_a_topic_writes_what_the_worker_writes() {
+    let setup = WorkerSetup::new("replay-to-topic", 1);
+    let out = std::process::Command::new(waymark_bin())
+        .args(["replay", "--input", "replay/sample.ndjson", "--config"])
+        .arg(&setup.config_path)
+        .args(["--to-topic", &setup.output])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: Vec<serde_json::Value> = std::fs::read_to_string(repo().join("replay/sample.expected.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(output.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), expected, "the topic holds the expected timeline, in order");
+    for read in &output {
+        let value = &read.value;
+        let key = format!("{}:{}:{}", value["tenant_id"].as_str().unwrap(), value["carrier"].as_str().unwrap(), value["tracking_number"].as_str().unwrap());
+        assert_eq!(read.key.as_deref(), Some(key.as_str()));
+        assert_eq!(read.headers.get("milestone-id").map(String::as_str), value["milestone_id"].as_str());
+    }
+    let dead = read_all(&setup.dlq, 1, 1, Duration::from_secs(20), Duration::from_millis(500));
+    assert_eq!(dead.len(), 1, "the sample's truncated body is a dead letter on the dead-letter topic");
+    println!("checked: replay --to-topic wrote {} upserts and {} dead letter", output.len(), dead.len());
+}
