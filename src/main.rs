@@ -86,8 +86,18 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Archive file (.gz ok), directory of archives (name order), or - for stdin.
+        #[arg(long, required_unless_present = "from_topic", conflicts_with = "from_topic")]
+        input: Option<String>,
+        /// Replay a topic's retained history instead (all partitions,
+        /// read_committed, no consumer-group side effects).
         #[arg(long)]
-        input: String,
+        from_topic: Option<String>,
+        /// With --from-topic: start at records from this time (RFC 3339).
+        #[arg(long, requires = "from_topic", value_parser = parse_time)]
+        since: Option<chrono::DateTime<Utc>>,
+        /// With --from-topic: stop before records from this time (RFC 3339).
+        #[arg(long, requires = "from_topic", value_parser = parse_time)]
+        until: Option<chrono::DateTime<Utc>>,
         /// Where upserts go as NDJSON (- for stdout).
         #[arg(long, default_value = "-")]
         output: String,
@@ -325,10 +335,14 @@ fn main() -> ExitCode {
             };
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
-        Command::Replay { config, input, output, dlq, state_dir, dry_run, report, to_topic } => {
+        Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
+                let source = match from_topic {
+                    Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
+                    None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
+                };
                 let target = ReplayTarget { output: &output, dlq: dlq.as_deref(), to_topic: to_topic.as_deref() };
-                replay_cmd(&c, &input, target, state_dir.as_deref(), dry_run, report.as_deref())
+                replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref())
             })
         }
         Command::Normalize { config, carrier, tenant, file } => {
@@ -571,6 +585,21 @@ fn health(config: &Config, ready: bool) -> Result<(), Failure> {
     }
 }
 
+/// An RFC 3339 instant on the command line.
+fn parse_time(text: &str) -> Result<chrono::DateTime<Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e}: write an RFC 3339 time such as 2026-11-02T00:00:00Z"))
+}
+
+/// What replay reads.
+enum ReplaySource {
+    /// A file, a directory of files, or `-` (stdin).
+    Archive(String),
+    /// A topic's retained history.
+    Topic(String, replay::TopicRange),
+}
+
 /// Where replay's upserts and dead letters go.
 struct ReplayTarget<'a> {
     output: &'a str,
@@ -580,7 +609,7 @@ struct ReplayTarget<'a> {
 
 fn replay_cmd(
     config: &Config,
-    input: &str,
+    source: ReplaySource,
     target: ReplayTarget<'_>,
     state_dir: Option<&Path>,
     dry_run: bool,
@@ -650,7 +679,10 @@ fn replay_cmd(
     // Progress: a bar with bytes, rate and ETA on a terminal (the archives' size
     // is known unless reading stdin); a log line every 5 s otherwise.
     let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let files = if input == "-" { Vec::new() } else { replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)? };
+    let files = match &source {
+        ReplaySource::Archive(input) if input != "-" => replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)?,
+        _ => Vec::new(),
+    };
     let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let on_terminal = std::io::stderr().is_terminal();
     let bar = if on_terminal {
@@ -683,16 +715,28 @@ fn replay_cmd(
             tracing::info!("replay progress: {counts}; {bytes} of {} bytes read, {rate:.0} records/s{eta}", if total_bytes > 0 { total_bytes.to_string() } else { "?".into() });
         }
     };
-    if input == "-" {
-        let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
-        replay::replay_stream(&pipeline, store, &mut stdin, "stdin", sink, &clock, &mut summary, &mut on_progress)
-            .map_err(anyhow::Error::new)?;
-    } else {
-        for file in files {
-            let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
-            let name = file.display().to_string();
-            replay::replay_stream(&pipeline, store, &mut reader, &name, sink, &clock, &mut summary, &mut on_progress)
+    let input = match &source {
+        ReplaySource::Archive(input) => input.clone(),
+        ReplaySource::Topic(topic, _) => format!("topic:{topic}"),
+    };
+    match &source {
+        ReplaySource::Topic(topic, range) => {
+            let client = waymark::worker::base_config(config);
+            replay::replay_topic(&pipeline, store, &client, topic, range, sink, &clock, &mut summary, &mut on_progress)
                 .map_err(anyhow::Error::new)?;
+        }
+        ReplaySource::Archive(input) if input == "-" => {
+            let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
+            replay::replay_stream(&pipeline, store, &mut stdin, "stdin", sink, &clock, &mut summary, &mut on_progress)
+                .map_err(anyhow::Error::new)?;
+        }
+        ReplaySource::Archive(_) => {
+            for file in files {
+                let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
+                let name = file.display().to_string();
+                replay::replay_stream(&pipeline, store, &mut reader, &name, sink, &clock, &mut summary, &mut on_progress)
+                    .map_err(anyhow::Error::new)?;
+            }
         }
     }
     bar.finish_and_clear();

@@ -9,6 +9,7 @@
 //! replay re-run emits at most identical upserts again. Replay never touches the
 //! worker's input progress (stored offsets).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ pub enum ReplayError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("replaying topic `{topic}`: {reason} (check kafka.brokers, the topic's name and that this principal may read it)")]
+    Topic { topic: String, reason: String },
 }
 
 /// Records per batch (one flush and one state write each).
@@ -155,16 +158,7 @@ pub fn replay_stream<S: StateStore + ?Sized>(
             }
         }
         if batch.len() >= BATCH || (n == 0 && (!batch.is_empty() || !malformed.is_empty())) {
-            let output = process(pipeline, store, &batch, now(), false, None)?;
-            let mut dead = std::mem::take(&mut malformed);
-            dead.extend(output.dead_letters);
-            let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
-            match crate::batch::deliver(store, sink, output, &mut crate::batch::no_crash) {
-                Ok(delivered) => summary.merge(&delivered),
-                Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
-                Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),
-                Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in replay ({point:?})"),
-            }
+            deliver_batch(pipeline, store, &batch, std::mem::take(&mut malformed), sink, now, summary)?;
             on_progress(summary);
             batch.clear();
         }
@@ -181,4 +175,173 @@ fn read_line_lossy(reader: &mut dyn BufRead, line: &mut String) -> std::io::Resu
     let n = reader.read_until(b'\n', &mut bytes)?;
     line.push_str(&String::from_utf8_lossy(&bytes));
     Ok(n)
+}
+
+/// Where a topic replay starts and stops.
+#[derive(Debug, Clone, Default)]
+pub struct TopicRange {
+    /// First record at or after this time (`None`: each partition's beginning).
+    pub since: Option<DateTime<Utc>>,
+    /// Last record before this time (`None`: each partition's end when the replay
+    /// starts; records produced later are not read).
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Replay a topic's retained history (all partitions, `read_committed`) through
+/// the pipeline. The reading consumer assigns partitions itself and never commits:
+/// it joins no group, so the live group's membership and offsets are untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn replay_topic<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
+    store: &S,
+    client: &rdkafka::config::ClientConfig,
+    topic: &str,
+    range: &TopicRange,
+    sink: &mut dyn Sink,
+    now: &dyn Fn() -> DateTime<Utc>,
+    summary: &mut Summary,
+    on_progress: &mut dyn FnMut(&Summary),
+) -> Result<(), ReplayError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let failed = |e: rdkafka::error::KafkaError| ReplayError::Topic { topic: topic.to_string(), reason: e.to_string() };
+    let timeout = std::time::Duration::from_secs(30);
+    let mut client = client.clone();
+    client
+        .set("group.id", format!("waymark-replay-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = client.create().map_err(failed)?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(failed)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(ReplayError::Topic { topic: topic.to_string(), reason: "no such topic, or it has no partitions".into() });
+    }
+    // Offsets of the range's edges, per partition.
+    let offsets_at = |at: Option<DateTime<Utc>>| -> Result<HashMap<i32, Option<i64>>, ReplayError> {
+        let mut out = HashMap::new();
+        let Some(at) = at else { return Ok(out) };
+        let mut query = TopicPartitionList::new();
+        for p in &partitions {
+            query.add_partition_offset(topic, *p, Offset::Offset(at.timestamp_millis())).map_err(failed)?;
+        }
+        for element in consumer.offsets_for_times(query, timeout).map_err(failed)?.elements() {
+            out.insert(element.partition(), if let Offset::Offset(o) = element.offset() { Some(o) } else { None });
+        }
+        Ok(out)
+    };
+    let starts = offsets_at(range.since)?;
+    let stops = offsets_at(range.until)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut end: HashMap<i32, i64> = HashMap::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(failed)?;
+        let start = match (range.since, starts.get(p)) {
+            (Some(_), Some(Some(o))) => *o,
+            (Some(_), _) => high, // nothing at or after `since`
+            (None, _) => low,
+        };
+        let stop = match (range.until, stops.get(p)) {
+            (Some(_), Some(Some(o))) => *o,
+            _ => high,
+        };
+        if start < stop {
+            assignment.add_partition_offset(topic, *p, Offset::Offset(start)).map_err(failed)?;
+            end.insert(*p, stop);
+        }
+    }
+    if end.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&assignment).map_err(failed)?;
+    let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
+    let mut idle = std::time::Instant::now();
+    while !end.is_empty() {
+        match consumer.poll(std::time::Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                idle = std::time::Instant::now();
+                let partition = m.partition();
+                let Some(stop) = end.get(&partition).copied() else { continue };
+                if m.offset() >= stop {
+                    end.remove(&partition);
+                    continue;
+                }
+                if m.offset() + 1 >= stop {
+                    end.remove(&partition);
+                }
+                let headers = m
+                    .headers()
+                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                    .unwrap_or_default();
+                batch.push(Envelope {
+                    topic: topic.to_string(),
+                    partition,
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    headers,
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, %topic, "reading the topic; retrying"),
+            None => {
+                // A transaction marker or aborted records can sit at a range's end:
+                // no record arrives for them, but the position moves past them.
+                if let Ok(position) = consumer.position() {
+                    for element in position.elements() {
+                        if let Offset::Offset(next) = element.offset() {
+                            if end.get(&element.partition()).is_some_and(|stop| next >= *stop) {
+                                end.remove(&element.partition());
+                            }
+                        }
+                    }
+                }
+                if idle.elapsed() > timeout {
+                    tracing::warn!(%topic, "no record for {timeout:?}; ending the topic replay where it stands");
+                    break;
+                }
+            }
+        }
+        if batch.len() >= BATCH || (end.is_empty() && !batch.is_empty()) || (!batch.is_empty() && idle.elapsed() > std::time::Duration::from_secs(1)) {
+            deliver_batch(pipeline, store, &batch, Vec::new(), sink, now, summary)?;
+            on_progress(summary);
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        deliver_batch(pipeline, store, &batch, Vec::new(), sink, now, summary)?;
+        on_progress(summary);
+    }
+    Ok(())
+}
+
+/// One batch through the pipeline and the commit order (outputs, then state).
+fn deliver_batch<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
+    store: &S,
+    batch: &[Envelope],
+    malformed: Vec<DeadLetter>,
+    sink: &mut dyn Sink,
+    now: &dyn Fn() -> DateTime<Utc>,
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    let output = process(pipeline, store, batch, now(), false, None)?;
+    let mut dead = malformed;
+    dead.extend(output.dead_letters);
+    let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
+    match crate::batch::deliver(store, sink, output, &mut crate::batch::no_crash) {
+        Ok(delivered) => summary.merge(&delivered),
+        Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
+        Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),
+        Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in replay ({point:?})"),
+    }
+    Ok(())
 }
