@@ -261,6 +261,18 @@ pub enum Failpoint {
     AfterState,
 }
 
+impl Failpoint {
+    /// The name `WAYMARK_FAILPOINT` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failpoint::BeforeOutput => "before_output",
+            Failpoint::AfterOutput => "after_output",
+            Failpoint::AfterChangelog => "after_changelog",
+            Failpoint::AfterState => "after_state",
+        }
+    }
+}
+
 /// How `deliver` stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {

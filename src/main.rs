@@ -116,6 +116,10 @@ enum Command {
         /// the events' time span, milestones per status).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Read the whole source again, ignoring how far an earlier run with the
+        /// same arguments got (by default a replay with --state-dir resumes).
+        #[arg(long)]
+        from_start: bool,
         /// Send the upserts to this Kafka topic (same keys, headers and milestone
         /// ids as the worker) instead of NDJSON, at least once (a re-run with the
         /// same --state-dir emits nothing again); dead letters go to
@@ -335,14 +339,14 @@ fn main() -> ExitCode {
             };
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
-        Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic } => {
+        Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic, from_start } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
                 let source = match from_topic {
                     Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
                     None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
                 };
                 let target = ReplayTarget { output: &output, dlq: dlq.as_deref(), to_topic: to_topic.as_deref() };
-                replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref())
+                replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref(), !from_start)
             })
         }
         Command::Normalize { config, carrier, tenant, file } => {
@@ -614,6 +618,7 @@ fn replay_cmd(
     state_dir: Option<&Path>,
     dry_run: bool,
     report: Option<&Path>,
+    resume: bool,
 ) -> Result<(), Failure> {
     let pipeline = config.pipeline();
     let rocks = match state_dir {
@@ -722,19 +727,19 @@ fn replay_cmd(
     match &source {
         ReplaySource::Topic(topic, range) => {
             let client = waymark::worker::base_config(config);
-            replay::replay_topic(&pipeline, store, &client, topic, range, sink, &clock, &mut summary, &mut on_progress)
+            replay::replay_topic(&pipeline, store, &client, topic, range, resume, sink, &clock, &mut summary, &mut on_progress)
                 .map_err(anyhow::Error::new)?;
         }
         ReplaySource::Archive(input) if input == "-" => {
             let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
-            replay::replay_stream(&pipeline, store, &mut stdin, "stdin", sink, &clock, &mut summary, &mut on_progress)
+            replay::replay_stream(&pipeline, store, &mut stdin, "stdin", resume, sink, &clock, &mut summary, &mut on_progress)
                 .map_err(anyhow::Error::new)?;
         }
         ReplaySource::Archive(_) => {
             for file in files {
                 let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
                 let name = file.display().to_string();
-                replay::replay_stream(&pipeline, store, &mut reader, &name, sink, &clock, &mut summary, &mut on_progress)
+                replay::replay_stream(&pipeline, store, &mut reader, &name, resume, sink, &clock, &mut summary, &mut on_progress)
                     .map_err(anyhow::Error::new)?;
             }
         }

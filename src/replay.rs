@@ -23,7 +23,7 @@ use crate::batch::{process, Summary};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::output::DeadLetter;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{stored_offset, Pipeline};
 use crate::sink::{Sink, SinkError};
 use crate::state::StateStore;
 
@@ -110,12 +110,16 @@ fn gunzip_if_gzip(reader: Box<dyn Read>) -> std::io::Result<Box<dyn BufRead>> {
 }
 
 /// Replay one archive stream. `on_progress` is called after each batch with the
-/// running summary (the CLI draws its progress bar from it).
+/// running summary (the CLI draws its progress bar from it). With `resume`, lines
+/// an earlier run with the same archive name committed to this store are skipped
+/// (the store records the last committed line with each batch's state).
+#[allow(clippy::too_many_arguments)]
 pub fn replay_stream<S: StateStore + ?Sized>(
     pipeline: &Pipeline,
     store: &S,
     reader: &mut dyn BufRead,
     archive_name: &str,
+    resume: bool,
     sink: &mut dyn Sink,
     now: &dyn Fn() -> DateTime<Utc>,
     summary: &mut Summary,
@@ -125,13 +129,22 @@ pub fn replay_stream<S: StateStore + ?Sized>(
     let mut malformed: Vec<DeadLetter> = Vec::new();
     let mut line = String::new();
     let mut line_no: i64 = 0;
+    // Resumable: the store remembers the last line whose batch it committed.
+    let checkpoint = (archive_name != "stdin").then(|| checkpoint_key(&["archive", archive_name]));
+    let resume_after = match &checkpoint {
+        Some(key) if resume => stored_offset(store, key)?.unwrap_or(0),
+        _ => 0,
+    };
+    if resume_after > 0 {
+        tracing::info!(archive = %archive_name, line = resume_after, "resuming after the last line an earlier run committed");
+    }
     loop {
         line.clear();
         let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
         if n > 0 {
             line_no += 1;
             let trimmed = line.trim();
-            if !trimmed.is_empty() {
+            if !trimmed.is_empty() && line_no > resume_after {
                 match Envelope::from_kcat_json(trimmed) {
                     Ok(envelope) => batch.push(envelope),
                     Err(error) => {
@@ -158,7 +171,8 @@ pub fn replay_stream<S: StateStore + ?Sized>(
             }
         }
         if batch.len() >= BATCH || (n == 0 && (!batch.is_empty() || !malformed.is_empty())) {
-            deliver_batch(pipeline, store, &batch, std::mem::take(&mut malformed), sink, now, summary)?;
+            let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
+            deliver_batch(pipeline, store, &batch, std::mem::take(&mut malformed), &done, sink, now, summary)?;
             on_progress(summary);
             batch.clear();
         }
@@ -197,6 +211,7 @@ pub fn replay_topic<S: StateStore + ?Sized>(
     client: &rdkafka::config::ClientConfig,
     topic: &str,
     range: &TopicRange,
+    resume: bool,
     sink: &mut dyn Sink,
     now: &dyn Fn() -> DateTime<Utc>,
     summary: &mut Summary,
@@ -238,6 +253,9 @@ pub fn replay_topic<S: StateStore + ?Sized>(
         }
         Ok(out)
     };
+    let since = range.since.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let until = range.until.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let checkpoint_of = |partition: i32| checkpoint_key(&["topic", topic, &since, &until, &partition.to_string()]);
     let starts = offsets_at(range.since)?;
     let stops = offsets_at(range.until)?;
     let mut assignment = TopicPartitionList::new();
@@ -249,6 +267,8 @@ pub fn replay_topic<S: StateStore + ?Sized>(
             (Some(_), _) => high, // nothing at or after `since`
             (None, _) => low,
         };
+        // Resumable: continue after what an earlier run with this range committed.
+        let start = if resume { start.max(stored_offset(store, &checkpoint_of(*p))?.unwrap_or(0)) } else { start };
         let stop = match (range.until, stops.get(p)) {
             (Some(_), Some(Some(o))) => *o,
             _ => high,
@@ -311,33 +331,67 @@ pub fn replay_topic<S: StateStore + ?Sized>(
             }
         }
         if batch.len() >= BATCH || (end.is_empty() && !batch.is_empty()) || (!batch.is_empty() && idle.elapsed() > std::time::Duration::from_secs(1)) {
-            deliver_batch(pipeline, store, &batch, Vec::new(), sink, now, summary)?;
+            deliver_batch(pipeline, store, &batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of), sink, now, summary)?;
             on_progress(summary);
             batch.clear();
         }
     }
     if !batch.is_empty() {
-        deliver_batch(pipeline, store, &batch, Vec::new(), sink, now, summary)?;
+        deliver_batch(pipeline, store, &batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of), sink, now, summary)?;
         on_progress(summary);
     }
     Ok(())
 }
 
-/// One batch through the pipeline and the commit order (outputs, then state).
+/// The key under which a replay source's progress is stored (offsets keyspace):
+/// a digest of what identifies the source, so a run with the same arguments
+/// finds it. Starts with a NUL byte, shorter than any progress key.
+pub fn checkpoint_key(parts: &[&str]) -> Vec<u8> {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let mut key = b"\0replay\0".to_vec();
+    key.extend_from_slice(&hasher.finalize().as_bytes()[..16]);
+    key
+}
+
+/// Per partition of a topic batch: the next offset to read.
+fn topic_checkpoints(batch: &[Envelope], checkpoint_of: &dyn Fn(i32) -> Vec<u8>) -> Vec<(Vec<u8>, i64)> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for envelope in batch {
+        let entry = next.entry(envelope.partition).or_insert(0);
+        *entry = (*entry).max(envelope.offset + 1);
+    }
+    next.into_iter().map(|(partition, offset)| (checkpoint_of(partition), offset)).collect()
+}
+
+/// One batch through the pipeline and the commit order (outputs, then state);
+/// `done` are checkpoints (key, position) committed atomically with the state.
+#[allow(clippy::too_many_arguments)]
 fn deliver_batch<S: StateStore + ?Sized>(
     pipeline: &Pipeline,
     store: &S,
     batch: &[Envelope],
     malformed: Vec<DeadLetter>,
+    done: &[(Vec<u8>, i64)],
     sink: &mut dyn Sink,
     now: &dyn Fn() -> DateTime<Utc>,
     summary: &mut Summary,
 ) -> Result<(), ReplayError> {
-    let output = process(pipeline, store, batch, now(), false, None)?;
+    let mut output = process(pipeline, store, batch, now(), false, None)?;
+    for (key, position) in done {
+        output.state.put(crate::state::Keyspace::Offsets, key.clone(), position.to_be_bytes().to_vec());
+    }
     let mut dead = malformed;
     dead.extend(output.dead_letters);
     let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
-    match crate::batch::deliver(store, sink, output, &mut crate::batch::no_crash) {
+    let mut crash = |point: crate::batch::Failpoint| {
+        crate::worker::run::failpoint(point.name());
+        false
+    };
+    match crate::batch::deliver(store, sink, output, &mut crash) {
         Ok(delivered) => summary.merge(&delivered),
         Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
         Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),

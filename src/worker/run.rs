@@ -18,7 +18,7 @@ use super::reorder::ReorderBuffer;
 use super::topics::{ensure_repartition_topic, Admin, RepartitionError};
 use super::transaction::TransactionalSink;
 use super::WorkerError;
-use crate::batch::{self, Failpoint};
+use crate::batch;
 use crate::config::{Config, DeliveryMode};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
@@ -222,7 +222,7 @@ fn update_gauges(store: &RocksStore) {
 /// state not written), `after_changelog` (at-least-once with changelogs: state
 /// logged, not written locally) and `after_state` (state written, offsets not committed in
 /// at-least-once mode). Unset, it costs one relaxed atomic load per batch.
-fn failpoint(point: &str) {
+pub(crate) fn failpoint(point: &str) {
     use std::sync::atomic::AtomicU64;
     use std::sync::OnceLock;
     static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
@@ -310,12 +310,7 @@ fn process_and_commit(
     let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
     let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
     match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
-        failpoint(match point {
-            Failpoint::BeforeOutput => "before_output",
-            Failpoint::AfterOutput => "after_output",
-            Failpoint::AfterChangelog => "after_changelog",
-            Failpoint::AfterState => "after_state",
-        });
+        failpoint(point.name());
         false
     }) {
         Ok(_) => {}

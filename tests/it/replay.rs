@@ -96,8 +96,10 @@ fn state_dir_remembers_across_runs_and_dry_run_leaves_it_untouched() {
     let (ok, first, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg], None);
     assert!(ok, "{stderr}");
     assert_eq!(first, expected(), "the dry run must not have written state");
-    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg], None);
+    // --from-start: read every line again (not resume), so the state itself dedupes.
+    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state_arg, "--from-start"], None);
     assert!(ok, "{stderr}");
+    assert!(stderr.contains("records read:           12"), "{stderr}");
     assert_eq!(second, "", "a second replay against the same state must emit nothing");
     assert!(stderr.contains("milestones emitted:     0"), "{stderr}");
 }
@@ -128,7 +130,7 @@ fn state_moves_between_machines_with_export_and_import() {
     run(&["state", "import", "--state-dir", b.to_str().unwrap(), "--input", export.to_str().unwrap()]);
     let stats = run(&["state", "stats", "--state-dir", b.to_str().unwrap()]);
     assert!(stats.contains("shipments"), "{stats}");
-    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
+    let (ok, second, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap(), "--from-start"], None);
     assert!(ok, "{stderr}");
     assert_eq!(second, "", "imported state must dedupe the same archive");
     assert!(stats.contains("layout: v2 home topic=waymark-repartition partitions=16"), "{stats}");
@@ -138,7 +140,7 @@ fn state_moves_between_machines_with_export_and_import() {
         let home = home.to_string();
         run(&["state", "drop", "--state-dir", b.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", &home]);
     }
-    let (ok, third, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap()], None);
+    let (ok, third, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap(), "--from-start"], None);
     assert!(ok, "{stderr}");
     assert_eq!(third, first);
 }
@@ -216,4 +218,47 @@ fn the_summary_is_also_a_json_report_for_real_and_dry_runs() {
         assert_eq!(per_status, 17);
         assert!(summary["first_event_at"].as_str().unwrap() < summary["last_event_at"].as_str().unwrap());
     }
+}
+
+#[test]
+fn an_interrupted_replay_resumes_where_it_stopped_and_never_emits_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // The scenario corpus in one archive: 2,649 lines, three batches of 1,000.
+    let scenarios = repo().join("replay/scenarios");
+    let mut names: Vec<_> = std::fs::read_dir(&scenarios)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".ndjson") && !p.to_string_lossy().ends_with(".expected.ndjson"))
+        .collect();
+    names.sort();
+    let archive = dir.path().join("corpus.ndjson");
+    let text: String = names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+    std::fs::write(&archive, &text).unwrap();
+    let args = ["replay", "--input", archive.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+    // Uninterrupted, in a state of its own: the whole timeline.
+    let whole = Command::new(waymark_bin())
+        .args(["replay", "--input", archive.to_str().unwrap(), "--state-dir", dir.path().join("other").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(whole.status.success());
+    let whole = String::from_utf8(whole.stdout).unwrap();
+    // Killed (like kill -9) right after the second batch's state is written.
+    let first = Command::new(waymark_bin()).args(args).env("WAYMARK_FAILPOINT", "after_state:2").output().unwrap();
+    assert!(!first.status.success(), "the failpoint must stop the first run");
+    let second = Command::new(waymark_bin()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    let first = String::from_utf8(first.stdout).unwrap();
+    let second = String::from_utf8(second.stdout).unwrap();
+    assert!(stderr.contains("records read:           649"), "the second run must read only what the first did not commit: {stderr}");
+    let ids = |text: &str| -> Vec<String> {
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["milestone_id"].as_str().unwrap().to_string()).collect()
+    };
+    let mut together = ids(&first);
+    together.extend(ids(&second));
+    let distinct: std::collections::BTreeSet<_> = together.iter().cloned().collect();
+    assert_eq!(distinct.len(), together.len(), "a milestone was emitted by both runs");
+    assert_eq!(distinct, ids(&whole).into_iter().collect(), "the two runs together emit the uninterrupted run's milestones");
+    println!("checked: replay killed after 2,000 lines resumed at line 2,001: {} + {} milestones, none twice", ids(&first).len(), ids(&second).len());
 }
