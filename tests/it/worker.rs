@@ -517,3 +517,35 @@ fn replay_from_a_topic_reads_its_history_within_the_range() {
     assert!(later.is_empty(), "--since after the records: none of them");
     println!("checked: replay --from-topic read {} milestones; --since/--until bound the range", got.len());
 }
+
+/// The documented backfill: with the worker running, `waymark produce` puts an
+/// archive on the input topic; what the worker has seen comes out as duplicates,
+/// only what is new becomes milestones.
+#[test]
+fn a_backfill_through_the_input_topic_emits_only_what_is_new() {
+    let setup = WorkerSetup::new("backfill", 1);
+    let spec = TrafficSpec { seed: 101, shipments: 30, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let live = generate(&spec).envelopes;
+    let (first_half, second_half) = live.split_at(live.len() / 2);
+    let expected_first = expected_upserts(first_half);
+    let expected_all = expected_upserts(&live);
+    produce(&setup.input, first_half, 1);
+    let mut worker = setup.spawn(None, None);
+    let _ = read_all(&setup.output, 1, expected_first.len(), Duration::from_secs(60), Duration::from_secs(1));
+    // The backfill archive: everything, the half the worker saw included.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("backfill.ndjson");
+    std::fs::write(&archive, live.iter().map(|e| e.to_kcat_json() + "\n").collect::<String>()).unwrap();
+    let out = std::process::Command::new(waymark_bin())
+        .args(["produce", "--brokers", &brokers(), "--topic", &setup.input, "--input"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let output = read_all(&setup.output, 1, expected_all.len(), Duration::from_secs(90), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let (distinct, repeats) = check_at_least_once(&output, &expected_all);
+    println!("checked: backfill of {} records over {} already seen: {distinct} distinct milestones, {repeats} repeats", live.len(), first_half.len());
+    assert_eq!(repeats, 0, "the backfill re-emitted milestones the worker had already emitted");
+}
