@@ -126,6 +126,10 @@ enum Command {
         /// kafka.dead_letter_topic.
         #[arg(long, conflicts_with = "output")]
         to_topic: Option<String>,
+        /// With --to-topic: commit each batch in a Kafka transaction with this
+        /// transactional.id (exactly once to read_committed readers).
+        #[arg(long, requires = "to_topic")]
+        transactional_id: Option<String>,
     },
     /// Put a kcat -J archive (file, .gz, directory, or - for stdin) back on Kafka
     /// with its keys, headers and timestamps: re-drive dumps, backfills and dead letters.
@@ -339,13 +343,18 @@ fn main() -> ExitCode {
             };
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
-        Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic, from_start } => {
+        Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic, from_start, transactional_id } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
                 let source = match from_topic {
                     Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
                     None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
                 };
-                let target = ReplayTarget { output: &output, dlq: dlq.as_deref(), to_topic: to_topic.as_deref() };
+                let target = ReplayTarget {
+                    output: &output,
+                    dlq: dlq.as_deref(),
+                    to_topic: to_topic.as_deref(),
+                    transactional_id: transactional_id.as_deref(),
+                };
                 replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref(), !from_start)
             })
         }
@@ -609,6 +618,7 @@ struct ReplayTarget<'a> {
     output: &'a str,
     dlq: Option<&'a Path>,
     to_topic: Option<&'a str>,
+    transactional_id: Option<&'a str>,
 }
 
 fn replay_cmd(
@@ -648,7 +658,7 @@ fn replay_cmd(
     let overlay = Overlay::new(base);
     let store: &dyn StateStore = if dry_run { &overlay } else { base };
 
-    let ReplayTarget { output, dlq, to_topic } = target;
+    let ReplayTarget { output, dlq, to_topic, transactional_id } = target;
     let upserts: Box<dyn Write> = if dry_run || to_topic.is_some() {
         Box::new(std::io::sink())
     } else if output == "-" {
@@ -665,19 +675,28 @@ fn replay_cmd(
         _ => None,
     };
     let mut ndjson = NdjsonSink { upserts, dead_letters };
-    let mut kafka = match to_topic {
+    let mut kafka: Option<Box<dyn waymark::sink::Sink>> = match to_topic {
         Some(topic) if !dry_run => {
             // The worker's own sink: same keys, headers and records. Replay keeps
             // its state in --state-dir, not in the changelog.
             let mut kafka_config = config.clone();
             kafka_config.kafka.output_topic = topic.to_string();
             kafka_config.changelog = None;
-            Some(waymark::worker::producer::KafkaSink::new(&kafka_config).map_err(|e| anyhow::anyhow!("Kafka producer: {e}"))?)
+            let sink: Box<dyn waymark::sink::Sink> = match transactional_id {
+                Some(id) => Box::new(
+                    waymark::worker::transaction::ReplayTransactions::new(&kafka_config, id)
+                        .map_err(|e| anyhow::anyhow!("Kafka transactional producer: {e}"))?,
+                ),
+                None => Box::new(
+                    waymark::worker::producer::KafkaSink::new(&kafka_config).map_err(|e| anyhow::anyhow!("Kafka producer: {e}"))?,
+                ),
+            };
+            Some(sink)
         }
         _ => None,
     };
     let sink: &mut dyn waymark::sink::Sink = match kafka.as_mut() {
-        Some(kafka) => kafka,
+        Some(kafka) => kafka.as_mut(),
         None => &mut ndjson,
     };
 

@@ -46,7 +46,7 @@ impl TransactionalSink {
         Ok(TransactionalSink { config: client, sink, timeout, recreated: 0, unsettled: false, recreate_pending: false })
     }
 
-    fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
+    pub(super) fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
         let producer: ThreadedProducer<DeliveryTracker> = client.create_with_context(DeliveryTracker::default())?;
         producer.init_transactions(timeout)?;
         Ok(producer)
@@ -168,6 +168,58 @@ impl TransactionalSink {
             if let Err(e) = self.recreate() {
                 tracing::error!(error = %e, "re-creating the transactional producer failed; will retry");
             }
+        }
+    }
+}
+
+/// Replay's exactly-once sink (`replay --to-topic --transactional-id`): each
+/// batch's upserts and dead letters commit in one transaction of its own, so a
+/// `read_committed` reader sees a batch whole or not at all; the batch's state
+/// (and its resume checkpoint) is written only after the commit. A commit whose
+/// outcome is unknown stops the replay with the reason rather than re-send.
+pub struct ReplayTransactions {
+    sink: KafkaSink,
+    timeout: Duration,
+}
+
+impl ReplayTransactions {
+    pub fn new(config: &Config, transactional_id: &str) -> Result<ReplayTransactions, KafkaError> {
+        let mut client = producer_config(config);
+        client.set("transactional.id", transactional_id);
+        let timeout = Duration::from_secs(30);
+        let sink = KafkaSink::with_producer(config, TransactionalSink::create(&client, timeout)?);
+        Ok(ReplayTransactions { sink, timeout })
+    }
+}
+
+impl crate::sink::Sink for ReplayTransactions {
+    fn send(
+        &mut self,
+        upserts: &[crate::output::MilestoneUpsert],
+        dead_letters: &[crate::output::DeadLetter],
+        routed: &[crate::routing::RoutedRecord],
+    ) -> Result<(), SinkError> {
+        let outputs = Outputs { upserts, dead_letters, routed };
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        let failed = |reason: String, fate: Fate| SinkError::Kafka { failed: outputs.len(), total: outputs.len(), reason, fate };
+        self.sink.reset_counts();
+        self.sink.producer.begin_transaction().map_err(|e| failed(format!("begin_transaction: {e}"), Fate::Stop))?;
+        if let Err(e) = self.sink.enqueue_all(outputs) {
+            let _ = self.sink.producer.abort_transaction(self.timeout);
+            return Err(e);
+        }
+        match self.sink.producer.commit_transaction(self.timeout) {
+            Ok(()) => Ok(()),
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                let _ = self.sink.producer.abort_transaction(self.timeout);
+                Err(failed(format!("commit_transaction: {e} (aborted: nothing of the batch is visible; run the replay again to resume)"), Fate::Stop))
+            }
+            Err(e) => Err(failed(
+                format!("commit_transaction: {e} (outcome unknown: the batch may or may not be visible; its state was not written, so a re-run re-sends it)"),
+                Fate::Stop,
+            )),
         }
     }
 }

@@ -451,11 +451,22 @@ fn a_group_offset_reset_is_followed_not_overridden_by_stored_progress() {
 /// headers and values the worker would write (the sample's expected timeline).
 #[test]
 fn replay_to_a_topic_writes_what_the_worker_writes() {
+    replay_to_topic(&[]);
+}
+
+/// The same in a transaction per batch: a read_committed reader sees it whole.
+#[test]
+fn replay_to_a_topic_in_transactions_writes_what_the_worker_writes() {
+    replay_to_topic(&["--transactional-id", &unique("it.replay.txn")]);
+}
+
+fn replay_to_topic(extra: &[&str]) {
     let setup = WorkerSetup::new("replay-to-topic", 1);
     let out = std::process::Command::new(waymark_bin())
         .args(["replay", "--input", "replay/sample.ndjson", "--config"])
         .arg(&setup.config_path)
         .args(["--to-topic", &setup.output])
+        .args(extra)
         .current_dir(repo())
         .output()
         .unwrap();
