@@ -82,7 +82,7 @@ pub struct KafkaSection {
     pub delivery: String,
     /// transactional.id of this instance in `exactly-once` mode: stable across
     /// restarts of one instance, distinct between instances. Default:
-    /// `waymark-<group_id>-<hostname>`.
+    /// `waymark-<group_id>-<hostname>-<8 hex digits of the state directory>`.
     #[serde(default)]
     pub transactional_id: Option<String>,
     /// librdkafka properties for both consumer and producer (security settings go here).
@@ -704,7 +704,12 @@ impl RawConfig {
                         .map(|h| h.trim().to_string())
                         .filter(|h| !h.is_empty())
                         .unwrap_or_else(|| "localhost".into());
-                    format!("waymark-{}-{host}", kafka.group_id)
+                    // The host alone can collide (host networking, two processes on
+                    // one machine: they would fence each other forever); the state
+                    // directory tells instances on one host apart and is stable
+                    // across restarts of each.
+                    let dir = blake3::hash(self.state.dir.to_string_lossy().as_bytes()).to_hex();
+                    format!("waymark-{}-{host}-{}", kafka.group_id, &dir[..8])
                 }),
             },
             other => {
@@ -971,6 +976,17 @@ mod tests {
         assert_eq!(RawConfig::default().validate().unwrap().delivery, DeliveryMode::AtLeastOnce);
         let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \"w-1\"").unwrap();
         assert_eq!(raw.clone().validate().unwrap().delivery, DeliveryMode::ExactlyOnce { transactional_id: "w-1".into() });
+        // The default id: stable for one instance, distinct for two on one host.
+        let id = |dir: &str| {
+            let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"").unwrap();
+            raw.state.dir = dir.into();
+            match raw.validate().unwrap().delivery {
+                DeliveryMode::ExactlyOnce { transactional_id } => transactional_id,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(id("/var/lib/waymark/a"), id("/var/lib/waymark/a"));
+        assert_ne!(id("/var/lib/waymark/a"), id("/var/lib/waymark/b"));
         raw.kafka.delivery = "maybe-once".into();
         assert!(raw.validate().unwrap_err().to_string().contains("exactly-once"));
     }

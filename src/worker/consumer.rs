@@ -125,6 +125,20 @@ impl WorkerContext {
             // store lags the group and must catch up silently.
             let committed = match committed_offset(consumer, &topic, partition, Duration::from_secs(10)) {
                 Ok(committed) => committed,
+                Err(e) if self.transactional => {
+                    // Without it, a store that lags the group cannot catch up
+                    // silently and would emit committed outputs again: stop (a
+                    // restart asks again) rather than guess.
+                    tracing::error!(%topic, partition, error = %e, "cannot read the group's committed offset; stopping");
+                    let mut partitions = lock(&self.partitions);
+                    partitions.assign(&topic, partition, None, None);
+                    partitions.fail(ChangelogError::Restore {
+                        topic: topic.clone(),
+                        partition,
+                        reason: format!("cannot read the group's committed offset: {e}"),
+                    });
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(%topic, partition, error = %e, "cannot read the group's committed offset; using the store's progress");
                     None

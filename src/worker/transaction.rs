@@ -85,6 +85,15 @@ impl TransactionalSink {
                     return Ok(());
                 }
                 Err((reason, fate)) => {
+                    if consumer.assignment_lost() {
+                        // The session timed out meanwhile: the group fences this
+                        // member's offset commits for good, and retrying without
+                        // polling never rejoins. Stop; a restart rejoins, restores
+                        // and re-processes the uncommitted batch.
+                        let total = outputs.len() + records.len();
+                        let reason = format!("{reason}; this member lost its partitions (session timed out) while committing: stopping so that a restart rejoins the group (nothing of the batch is claimed)");
+                        return Err(SinkError::Kafka { failed: total, total, reason, fate: Fate::Stop });
+                    }
                     if fate != Fate::Retry || retry.gave_up() {
                         let total = outputs.len() + records.len();
                         return Err(SinkError::Kafka { failed: total, total, reason, fate });
