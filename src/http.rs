@@ -103,6 +103,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // The recorder buffers every histogram sample until upkeep drains it into the
     // buckets; without this tick, a worker nobody scrapes would grow without bound
     // (several samples per record).
@@ -113,14 +114,35 @@ pub async fn serve(
             _ = &mut shutdown => return,
             _ = upkeep.tick() => handle.run_upkeep(),
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Bounded: at most MAX_CONNECTIONS at once (a slow or hostile client
+                // cannot take the file descriptors the store and Kafka need), and
+                // each has MAX_CONNECTION_TIME in all.
+                let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
                 let handle = handle.clone();
                 let health = health.clone();
-                tokio::spawn(async move { let _ = respond(stream, &handle, &health).await; });
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(MAX_CONNECTION_TIME, respond(stream, &handle, &health)).await;
+                    drop(permit);
+                });
             }
         }
     }
 }
+
+/// Most HTTP connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Longest one HTTP connection may take, request and response together.
+const MAX_CONNECTION_TIME: Duration = Duration::from_secs(10);
 
 /// Bind the HTTP endpoint (fails early with a clear message).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -226,6 +248,39 @@ mod tests {
         assert!(health.liveness(1_000_000 + 60_001).is_ok(), "progress resets the clock");
         health.stall_after_ms.store(0, Ordering::SeqCst);
         assert!(health.liveness(i64::MAX).is_ok(), "0 switches the check off");
+    }
+
+    #[test]
+    fn connections_are_capped_so_idle_clients_cannot_take_every_descriptor() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let handle = PrometheusBuilder::new().build_recorder().handle();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, handle, Arc::new(Health::default()), async {
+                let _ = stopped.await;
+            }));
+            let get = || async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let mut response = String::new();
+                let _ = stream.read_to_string(&mut response).await;
+                response.split_whitespace().nth(1).unwrap_or("closed").to_string()
+            };
+            // MAX_CONNECTIONS clients that connect and say nothing.
+            let mut idle = Vec::new();
+            for _ in 0..MAX_CONNECTIONS {
+                idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(get().await, "closed", "over the cap, a connection is closed at once");
+            drop(idle);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(get().await, "200", "once they are gone, requests are served again");
+            let _ = stop.send(());
+            server.await.unwrap();
+        });
     }
 
     #[test]
