@@ -227,17 +227,40 @@ pub(super) fn committed_offset(
     })
 }
 
+/// How many records the next batch may take: batch sizes adapt to load. A batch
+/// that filled up means records are waiting, so the next may be twice as large
+/// (up to `max`); one that closed on its wait shrinks back towards `base`, so a
+/// quiet stream keeps small batches and low latency.
+#[derive(Debug, Clone, Copy)]
+pub struct AdaptiveBatch {
+    pub base: usize,
+    pub max: usize,
+    pub current: usize,
+}
+
+impl AdaptiveBatch {
+    pub fn new(base: usize, max: usize) -> Self {
+        AdaptiveBatch { base, max: max.max(base), current: base }
+    }
+
+    /// After a poll that returned `got` records.
+    pub fn observe(&mut self, got: usize) {
+        self.current = if got >= self.current { (self.current * 2).min(self.max) } else { (self.current / 2).max(self.base) };
+    }
+}
+
 /// Poll until a batch is full, the wait is over, or shutdown is requested.
 pub(super) fn poll_batch(
     consumer: &BaseConsumer<WorkerContext>,
     config: &Config,
+    batch_size: usize,
     shutdown: &AtomicBool,
     partitions: &SharedPartitions,
 ) -> Vec<Envelope> {
     let deadline = Instant::now() + config.batch_wait;
     let mut envelopes = Vec::new();
     let mut bytes = 0usize;
-    while envelopes.len() < config.batch_size && bytes < config.batch_max_bytes && !shutdown.load(Ordering::SeqCst) {
+    while envelopes.len() < batch_size && bytes < config.batch_max_bytes && !shutdown.load(Ordering::SeqCst) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let wait = if envelopes.is_empty() { Duration::from_millis(200) } else { remaining };
         match consumer.poll(wait) {
@@ -289,5 +312,25 @@ pub(super) fn commit_progress(consumer: &BaseConsumer<WorkerContext>, partitions
     }
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "offset commit failed; the store's progress stays authoritative");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdaptiveBatch;
+
+    #[test]
+    fn batches_grow_under_load_and_shrink_when_quiet() {
+        let mut batch = AdaptiveBatch::new(500, 4000);
+        for expected in [1000, 2000, 4000, 4000] {
+            batch.observe(batch.current);
+            assert_eq!(batch.current, expected);
+        }
+        batch.observe(10);
+        assert_eq!(batch.current, 2000);
+        for _ in 0..5 {
+            batch.observe(0);
+        }
+        assert_eq!(batch.current, 500, "never below the configured size");
     }
 }

@@ -11,7 +11,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog::{self, Restorer};
 use super::client::{base_config, consumer_config};
-use super::consumer::{commit_progress, poll_batch, WorkerContext};
+use super::consumer::{commit_progress, poll_batch, AdaptiveBatch, WorkerContext};
 use super::partitions::{lock, SharedPartitions};
 use super::producer::{KafkaSink, Outputs, Retry, RetryingSink};
 use super::reorder::ReorderBuffer;
@@ -39,6 +39,10 @@ pub struct WorkerDeps<'a> {
     pub shutdown: &'a AtomicBool,
     pub clock: &'a (dyn Fn() -> DateTime<Utc> + Sync),
 }
+
+/// Under load a batch may grow to this many times `worker.batch_size` (fewer
+/// round trips to the broker and fsyncs per record; see `AdaptiveBatch`).
+const MAX_BATCH_GROWTH: usize = 8;
 
 /// How many shipments the keying check of `routing.mode = "input"` remembers.
 const KEYING_CHECK_CAPACITY: usize = 1_000_000;
@@ -93,13 +97,16 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
 
     let mut last_gauges = Instant::now();
     let mut window = ReorderBuffer::default();
+    let mut batch_size = AdaptiveBatch::new(config.batch_size, config.batch_size.saturating_mul(MAX_BATCH_GROWTH));
     // With the reorder window on, every unit is processed in hierarchy order.
     let process: Process = if config.reorder.is_some() { batch::process_window } else { batch::process };
     loop {
         // After a shutdown request: no more polling, but a held window is still
         // processed and committed (in-flight work).
         let stopping = deps.shutdown.load(Ordering::SeqCst);
-        let mut envelopes = if stopping { Vec::new() } else { poll_batch(&consumer, config, deps.shutdown, &partitions) };
+        let mut envelopes =
+            if stopping { Vec::new() } else { poll_batch(&consumer, config, batch_size.current, deps.shutdown, &partitions) };
+        batch_size.observe(envelopes.len());
         if let Some(e) = lock(&partitions).take_fatal() {
             deps.health.failed.store(true, Ordering::SeqCst);
             return Err(e.into());
