@@ -218,7 +218,7 @@ pub fn replay_topic<S: StateStore + ?Sized>(
     on_progress: &mut dyn FnMut(&Summary),
 ) -> Result<(), ReplayError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
+    use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let failed = |e: rdkafka::error::KafkaError| ReplayError::Topic { topic: topic.to_string(), reason: e.to_string() };
     let timeout = std::time::Duration::from_secs(30);
@@ -297,19 +297,7 @@ pub fn replay_topic<S: StateStore + ?Sized>(
                 if m.offset() + 1 >= stop {
                     end.remove(&partition);
                 }
-                let headers = m
-                    .headers()
-                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-                    .unwrap_or_default();
-                batch.push(Envelope {
-                    topic: topic.to_string(),
-                    partition,
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    headers,
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                });
+                batch.push(crate::worker::consumer::envelope_of(&m));
             }
             Some(Err(e)) => tracing::warn!(error = %e, %topic, "reading the topic; retrying"),
             None => {

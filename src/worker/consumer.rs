@@ -275,29 +275,34 @@ pub(super) fn poll_batch(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Ok(message)) => {
-                let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
-                if lock(partitions).next(&topic, partition).is_some_and(|next| offset < next) {
+                if lock(partitions).next(message.topic(), message.partition()).is_some_and(|next| message.offset() < next) {
                     metrics::counter!("waymark_records_skipped_total").increment(1);
                     continue;
                 }
-                let headers = message
-                    .headers()
-                    .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-                    .unwrap_or_default();
                 bytes += message.payload_len();
-                envelopes.push(Envelope {
-                    topic,
-                    partition,
-                    offset,
-                    timestamp_ms: message.timestamp().to_millis(),
-                    headers,
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                });
+                envelopes.push(envelope_of(&message));
             }
         }
     }
     envelopes
+}
+
+/// A consumed record as an [`Envelope`] (the one conversion: the worker and
+/// `replay --from-topic` both read through it).
+pub fn envelope_of<M: Message>(message: &M) -> Envelope {
+    let headers = message
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default();
+    Envelope {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        headers,
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
 }
 
 /// Tell the group how far every owned partition is processed.
