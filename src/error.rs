@@ -134,6 +134,9 @@ impl RecordError {
 pub enum StoreError {
     #[error("state store I/O failed: {0} (check that the state directory is writable and the disk is not full)")]
     Io(String),
+    /// The store cannot be opened; the text carries the one hint that fits.
+    #[error("{0}")]
+    Open(String),
     #[error("state store holds a corrupt value in {keyspace}: {reason} (restore the state directory from a backup or export, or delete it to start with empty dedupe state)")]
     Corrupt { keyspace: &'static str, reason: String },
 }

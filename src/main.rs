@@ -848,6 +848,7 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
         }
         StateCommand::Export { state_dir, partition, output } => {
             let store = open_existing_read_only(&state_dir)?;
+            let asked = partition.scope().is_some();
             let mut out: Box<dyn Write> = if output == "-" {
                 Box::new(BufWriter::new(std::io::stdout().lock()))
             } else {
@@ -856,16 +857,29 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             let n = store.export(partition.scope(), &mut out).map_err(anyhow::Error::new)?;
             out.flush().context("cannot write the export")?;
             eprintln!("exported {n} entries");
+            if asked && n == 0 {
+                eprintln!("note: no state for that partition: check --topic (a home partition's topic is <group_id>-repartition) and --partition");
+            }
             Ok(())
         }
         StateCommand::Import { state_dir, input } => {
-            let store = RocksStore::open(&state_dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?;
+            // The input first: a missing file must not leave an empty state directory behind.
             let mut reader: Box<dyn std::io::BufRead> = if input == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin().lock()))
             } else {
-                Box::new(std::io::BufReader::new(std::fs::File::open(&input).with_context(|| format!("cannot open {input}"))?))
+                let file = std::fs::File::open(&input)
+                    .map_err(|e| Failure { code: 2, error: anyhow::anyhow!("cannot open the import file {input}: {e}") })?;
+                Box::new(std::io::BufReader::new(file))
             };
-            let n = store.import(&mut reader).map_err(anyhow::Error::new)?;
+            let store = RocksStore::open(&state_dir, &Default::default(), system_clock()).map_err(anyhow::Error::new)?;
+            let n = store.import(&mut reader).map_err(|e| match e {
+                // The file is wrong, not the store: say so, and never suggest deleting state.
+                waymark::error::StoreError::Corrupt { keyspace: "import", reason } => Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("{input} is not a `waymark state export` file: {reason} (nothing after that line was imported)"),
+                },
+                other => anyhow::Error::new(other).into(),
+            })?;
             eprintln!("imported {n} entries into {}", state_dir.display());
             Ok(())
         }
@@ -876,6 +890,9 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             let store = open_existing(&state_dir)?;
             store.drop_scope(scope).map_err(anyhow::Error::new)?;
             eprintln!("dropped the state of {} partition {}", partition.topic.unwrap_or_default(), partition.partition.unwrap_or_default());
+            eprintln!(
+                "note: with state.changelog on (the default), the worker restores this partition from its changelog at the next assignment; to forget it for good, also delete the partition's changelog records (kafka-delete-records.sh) while the group is stopped"
+            );
             Ok(())
         }
     }

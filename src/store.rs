@@ -95,11 +95,16 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(keyspace.name(), keyspace_options(keyspace, options, &cache, clock.clone()))
         });
         let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|e| {
-            StoreError::Io(format!(
-                "cannot open state store at {}: {} (is another waymark process using it?)",
-                path.display(),
-                e.into_string()
-            ))
+            let reason = e.into_string();
+            // One hint, the one that fits what RocksDB said.
+            let hint = if reason.contains("lock") || reason.contains("LOCK") {
+                "another process holds it: stop that waymark process, or use `waymark state stats` / `state export`, which open it read-only"
+            } else if reason.contains("Read-only file system") || reason.contains("Permission denied") {
+                "the directory is not writable: mount it writable, or inspect it read-only with `waymark state stats` / `state export`"
+            } else {
+                "check that the directory is a waymark state directory and the disk is not full"
+            };
+            StoreError::Open(format!("cannot open state store at {}: {reason} ({hint})", path.display()))
         })?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.sync_writes);
@@ -118,7 +123,11 @@ impl RocksStore {
             .map(|keyspace| ColumnFamilyDescriptor::new(keyspace.name(), keyspace_options(keyspace, &options, &cache, clock.clone())))
             .collect();
         let db = DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors, false).map_err(|e| {
-            StoreError::Io(format!("cannot open state store at {} read-only: {}", path.display(), e.into_string()))
+            StoreError::Open(format!(
+                "cannot open state store at {} read-only: {} (check that it is a waymark state directory and readable)",
+                path.display(),
+                e.into_string()
+            ))
         })?;
         Ok(RocksStore { db, path: path.to_path_buf(), write_options: WriteOptions::default() })
     }

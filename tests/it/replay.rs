@@ -262,3 +262,44 @@ fn an_interrupted_replay_resumes_where_it_stopped_and_never_emits_twice() {
     assert_eq!(distinct, ids(&whole).into_iter().collect(), "the two runs together emit the uninterrupted run's milestones");
     println!("checked: replay killed after 2,000 lines resumed at line 2,001: {} + {} milestones, none twice", ids(&first).len(), ids(&second).len());
 }
+
+#[test]
+fn state_command_errors_say_what_is_actually_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(waymark_bin()).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A file that is not an export: the file is wrong, not the store.
+    let not_export = dir.path().join("not-an-export.ndjson");
+    std::fs::write(&not_export, "{\"hello\": 1}\n").unwrap();
+    let state = dir.path().join("state");
+    let (code, err) = run(&["state", "import", "--state-dir", state.to_str().unwrap(), "--input", not_export.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is not a `waymark state export` file") && !err.contains("delete it"), "{err}");
+    // A missing input file leaves no empty state directory behind.
+    let typo = dir.path().join("typo-dir");
+    let (code, err) = run(&["state", "import", "--state-dir", typo.to_str().unwrap(), "--input", "/nonexistent/export.ndjson"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!typo.exists(), "a failed import must not create the state directory");
+    // A directory locked by another process: the hint names that, and the read-only way.
+    let (ok, _, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", state.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    let mut holder = Command::new(waymark_bin())
+        .args(["replay", "--input", "-", "--state-dir", state.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, err) = run(&["state", "compact", "--state-dir", state.to_str().unwrap()]);
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another process holds it") && err.contains("read-only") && !err.contains("disk is not full"), "{err}");
+    // Drop says that the changelog brings the state back.
+    let (code, err) = run(&["state", "drop", "--state-dir", state.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", "0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("restores this partition from its changelog"), "{err}");
+}
