@@ -522,6 +522,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = RocksStore::open(dir.path(), &StoreOptions::default(), system_clock()).unwrap();
         let err = RocksStore::open(dir.path(), &StoreOptions::default(), system_clock()).unwrap_err();
-        assert!(err.to_string().contains("another waymark process"), "{err}");
+        assert!(err.to_string().contains("another process holds it") && err.to_string().contains("read-only"), "{err}");
     }
 }
