@@ -8,7 +8,12 @@ use crate::config::Config;
 pub fn base_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in &config.kafka.properties {
+    with_user_properties(client, config.kafka.properties.iter())
+}
+
+/// The user's properties over ours (reserved ones are refused at validation).
+fn with_user_properties<'a>(mut client: ClientConfig, properties: impl Iterator<Item = (&'a String, &'a String)>) -> ClientConfig {
+    for (k, v) in properties {
         client.set(k, v);
     }
     client
@@ -25,10 +30,7 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false")
         .set("statistics.interval.ms", "5000");
-    for (k, v) in config.kafka.properties.iter().chain(&config.kafka.consumer_properties) {
-        client.set(k, v);
-    }
-    client
+    with_user_properties(client, config.kafka.properties.iter().chain(&config.kafka.consumer_properties))
 }
 
 /// librdkafka properties for the producer: idempotent, acks=all.
@@ -40,9 +42,14 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
-    for (k, v) in config.kafka.properties.iter().chain(&config.kafka.producer_properties) {
-        client.set(k, v);
-    }
+    with_user_properties(client, config.kafka.properties.iter().chain(&config.kafka.producer_properties))
+}
+
+/// [`producer_config`] with a transactional.id (the worker's exactly-once mode,
+/// `replay --to-topic --transactional-id`).
+pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
+    let mut client = producer_config(config);
+    client.set("transactional.id", transactional_id);
     client
 }
 
@@ -60,10 +67,10 @@ pub fn validate(config: &Config) -> Result<(), String> {
         other => format!("the {side} cannot be created: {other}"),
     };
     consumer_config(config).create::<BaseConsumer>().map_err(|e| describe("consumer", e))?;
-    let mut producer = producer_config(config);
-    if let crate::config::DeliveryMode::ExactlyOnce { transactional_id } = &config.delivery {
-        producer.set("transactional.id", transactional_id);
-    }
+    let producer = match &config.delivery {
+        crate::config::DeliveryMode::ExactlyOnce { transactional_id } => transactional_producer_config(config, transactional_id),
+        crate::config::DeliveryMode::AtLeastOnce => producer_config(config),
+    };
     producer.create::<BaseProducer>().map_err(|e| describe("producer", e))?;
     Ok(())
 }

@@ -14,13 +14,16 @@ use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::TopicPartitionList;
 
 use super::changelog::{self, ChangelogRecord};
-use super::client::producer_config;
+use super::client::transactional_producer_config;
 use super::consumer::WorkerContext;
 use super::producer::{DeliveryTracker, KafkaSink, Outputs, Retry};
 use crate::config::Config;
 use crate::error::Fate;
 use crate::sink::SinkError;
 use crate::state::StateBatch;
+
+/// Timeout of each transactional call (init, send offsets, commit, abort).
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The transactional producer of `exactly-once` mode.
 pub struct TransactionalSink {
@@ -39,14 +42,19 @@ pub struct TransactionalSink {
 
 impl TransactionalSink {
     pub fn new(config: &Config, transactional_id: &str) -> Result<TransactionalSink, KafkaError> {
-        let mut client = producer_config(config);
-        client.set("transactional.id", transactional_id);
-        let timeout = Duration::from_secs(30);
-        let sink = KafkaSink::with_producer(config, Self::create(&client, timeout)?);
-        Ok(TransactionalSink { config: client, sink, timeout, recreated: 0, unsettled: false, recreate_pending: false })
+        let (client, sink) = Self::open(config, transactional_id)?;
+        Ok(TransactionalSink { config: client, sink, timeout: TRANSACTION_TIMEOUT, recreated: 0, unsettled: false, recreate_pending: false })
     }
 
-    pub(super) fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
+    /// A sink on a fresh transactional producer (initialized: it fenced any
+    /// earlier producer of the same id), and the client config that made it.
+    fn open(config: &Config, transactional_id: &str) -> Result<(ClientConfig, KafkaSink), KafkaError> {
+        let client = transactional_producer_config(config, transactional_id);
+        let sink = KafkaSink::with_producer(config, Self::create(&client, TRANSACTION_TIMEOUT)?);
+        Ok((client, sink))
+    }
+
+    fn create(client: &ClientConfig, timeout: Duration) -> Result<ThreadedProducer<DeliveryTracker>, KafkaError> {
         let producer: ThreadedProducer<DeliveryTracker> = client.create_with_context(DeliveryTracker::default())?;
         producer.init_transactions(timeout)?;
         Ok(producer)
@@ -193,11 +201,8 @@ pub struct ReplayTransactions {
 
 impl ReplayTransactions {
     pub fn new(config: &Config, transactional_id: &str) -> Result<ReplayTransactions, KafkaError> {
-        let mut client = producer_config(config);
-        client.set("transactional.id", transactional_id);
-        let timeout = Duration::from_secs(30);
-        let sink = KafkaSink::with_producer(config, TransactionalSink::create(&client, timeout)?);
-        Ok(ReplayTransactions { sink, timeout })
+        let (_, sink) = TransactionalSink::open(config, transactional_id)?;
+        Ok(ReplayTransactions { sink, timeout: TRANSACTION_TIMEOUT })
     }
 }
 
