@@ -225,13 +225,7 @@ fn an_interrupted_replay_resumes_where_it_stopped_and_never_emits_twice() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     // The scenario corpus in one archive: 2,649 lines, three batches of 1,000.
-    let scenarios = repo().join("replay/scenarios");
-    let mut names: Vec<_> = std::fs::read_dir(&scenarios)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".ndjson") && !p.to_string_lossy().ends_with(".expected.ndjson"))
-        .collect();
-    names.sort();
+    let names = crate::scenarios::scenario_archives();
     let archive = dir.path().join("corpus.ndjson");
     let text: String = names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
     std::fs::write(&archive, &text).unwrap();

@@ -11,15 +11,21 @@ use std::process::Command;
 
 use crate::common::{repo, waymark_bin};
 
-#[test]
-fn every_scenario_replays_to_its_expected_timeline() {
-    let dir = repo().join("replay/scenarios");
-    let mut archives: Vec<_> = std::fs::read_dir(&dir)
+/// The scenario archives (not their expected timelines), in name order.
+pub fn scenario_archives() -> Vec<std::path::PathBuf> {
+    let mut archives: Vec<_> = std::fs::read_dir(repo().join("replay/scenarios"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.to_string_lossy().ends_with(".ndjson") && !p.to_string_lossy().ends_with(".expected.ndjson"))
         .collect();
     archives.sort();
+    archives
+}
+
+#[test]
+fn every_scenario_replays_to_its_expected_timeline() {
+    let dir = repo().join("replay/scenarios");
+    let archives = scenario_archives();
     assert!(archives.len() >= 5, "the corpus has {} scenarios", archives.len());
     let bless = std::env::var("WAYMARK_BLESS").as_deref() == Ok("1");
     for archive in archives {
