@@ -720,7 +720,6 @@ fn replay_cmd(
         "{spinner} {elapsed} {bytes} {bytes_per_sec} {msg}"
     };
     bar.set_style(indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
-    let mut summary = Summary::default();
     let clock = || Utc::now();
     let started = std::time::Instant::now();
     let mut last_log = started;
@@ -743,26 +742,31 @@ fn replay_cmd(
         ReplaySource::Archive(input) => input.clone(),
         ReplaySource::Topic(topic, _) => format!("topic:{topic}"),
     };
+    let mut run = replay::Replay {
+        pipeline: &pipeline,
+        store,
+        sink,
+        now: &clock,
+        summary: Summary::default(),
+        on_progress: &mut on_progress,
+        resume,
+    };
     match &source {
         ReplaySource::Topic(topic, range) => {
-            let client = waymark::worker::base_config(config);
-            replay::replay_topic(&pipeline, store, &client, topic, range, resume, sink, &clock, &mut summary, &mut on_progress)
-                .map_err(anyhow::Error::new)?;
+            run.topic(&waymark::worker::base_config(config), topic, range).map_err(anyhow::Error::new)?;
         }
         ReplaySource::Archive(input) if input == "-" => {
             let mut stdin = replay::open_stdin_counted(&read).map_err(anyhow::Error::new)?;
-            replay::replay_stream(&pipeline, store, &mut stdin, "stdin", resume, sink, &clock, &mut summary, &mut on_progress)
-                .map_err(anyhow::Error::new)?;
+            run.stream(&mut stdin, "stdin").map_err(anyhow::Error::new)?;
         }
         ReplaySource::Archive(_) => {
             for file in files {
                 let mut reader = replay::open_archive_counted(&file, &read).map_err(anyhow::Error::new)?;
-                let name = file.display().to_string();
-                replay::replay_stream(&pipeline, store, &mut reader, &name, resume, sink, &clock, &mut summary, &mut on_progress)
-                    .map_err(anyhow::Error::new)?;
+                run.stream(&mut reader, &file.display().to_string()).map_err(anyhow::Error::new)?;
             }
         }
     }
+    let summary = run.summary;
     bar.finish_and_clear();
     drop(ndjson);
     drop(kafka);

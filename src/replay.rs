@@ -109,76 +109,227 @@ fn gunzip_if_gzip(reader: Box<dyn Read>) -> std::io::Result<Box<dyn BufRead>> {
     }
 }
 
-/// Replay one archive stream. `on_progress` is called after each batch with the
-/// running summary (the CLI draws its progress bar from it). With `resume`, lines
-/// an earlier run with the same archive name committed to this store are skipped
-/// (the store records the last committed line with each batch's state).
-#[allow(clippy::too_many_arguments)]
-pub fn replay_stream<S: StateStore + ?Sized>(
-    pipeline: &Pipeline,
-    store: &S,
-    reader: &mut dyn BufRead,
-    archive_name: &str,
-    resume: bool,
-    sink: &mut dyn Sink,
-    now: &dyn Fn() -> DateTime<Utc>,
-    summary: &mut Summary,
-    on_progress: &mut dyn FnMut(&Summary),
-) -> Result<(), ReplayError> {
-    let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
-    let mut malformed: Vec<DeadLetter> = Vec::new();
-    let mut line = String::new();
-    let mut line_no: i64 = 0;
-    // Resumable: the store remembers the last line whose batch it committed.
-    let checkpoint = (archive_name != "stdin").then(|| checkpoint_key(&["archive", archive_name]));
-    let resume_after = match &checkpoint {
-        Some(key) if resume => stored_offset(store, key)?.unwrap_or(0),
-        _ => 0,
-    };
-    if resume_after > 0 {
-        tracing::info!(archive = %archive_name, line = resume_after, "resuming after the last line an earlier run committed");
-    }
-    loop {
-        line.clear();
-        let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
-        if n > 0 {
-            line_no += 1;
-            let trimmed = line.trim();
-            if !trimmed.is_empty() && line_no > resume_after {
-                match Envelope::from_kcat_json(trimmed) {
-                    Ok(envelope) => batch.push(envelope),
-                    Err(error) => {
-                        // Keep the line itself so nothing is silently dropped.
-                        let envelope = Envelope {
-                            topic: archive_name.to_string(),
-                            partition: -1,
-                            offset: line_no,
-                            timestamp_ms: None,
-                            headers: Vec::new(),
-                            key: None,
-                            payload: trimmed.as_bytes().to_vec(),
-                        };
-                        summary.records += 1;
-                        summary.invalid += 1;
-                        for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
-                            counts.records += 1;
-                            counts.invalid += 1;
+/// One replay run: the pipeline and state it goes through, where its outputs go,
+/// and what it has counted so far. `stream` and `topic` feed it; the summary
+/// keeps growing across sources (a directory of archives is one run).
+pub struct Replay<'a, S: StateStore + ?Sized> {
+    pub pipeline: &'a Pipeline,
+    pub store: &'a S,
+    pub sink: &'a mut dyn Sink,
+    /// The injected clock.
+    pub now: &'a dyn Fn() -> DateTime<Utc>,
+    pub summary: Summary,
+    /// Called after each batch with the running summary (progress display).
+    pub on_progress: &'a mut dyn FnMut(&Summary),
+    /// Skip what an earlier run with the same source committed to this store.
+    pub resume: bool,
+}
+
+impl<S: StateStore + ?Sized> Replay<'_, S> {
+    /// Replay one archive stream. With `resume`, lines an earlier run with the
+    /// same archive name committed to this store are skipped (the store records
+    /// the last committed line with each batch's state).
+    pub fn stream(&mut self, reader: &mut dyn BufRead, archive_name: &str) -> Result<(), ReplayError> {
+        let (store, resume) = (self.store, self.resume);
+        let now = self.now;
+        let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
+        let mut malformed: Vec<DeadLetter> = Vec::new();
+        let mut line = String::new();
+        let mut line_no: i64 = 0;
+        // Resumable: the store remembers the last line whose batch it committed.
+        let checkpoint = (archive_name != "stdin").then(|| checkpoint_key(&["archive", archive_name]));
+        let resume_after = match &checkpoint {
+            Some(key) if resume => stored_offset(store, key)?.unwrap_or(0),
+            _ => 0,
+        };
+        if resume_after > 0 {
+            tracing::info!(archive = %archive_name, line = resume_after, "resuming after the last line an earlier run committed");
+        }
+        loop {
+            line.clear();
+            let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
+            if n > 0 {
+                line_no += 1;
+                let trimmed = line.trim();
+                if !trimmed.is_empty() && line_no > resume_after {
+                    match Envelope::from_kcat_json(trimmed) {
+                        Ok(envelope) => batch.push(envelope),
+                        Err(error) => {
+                            // Keep the line itself so nothing is silently dropped.
+                            let envelope = Envelope {
+                                topic: archive_name.to_string(),
+                                partition: -1,
+                                offset: line_no,
+                                timestamp_ms: None,
+                                headers: Vec::new(),
+                                key: None,
+                                payload: trimmed.as_bytes().to_vec(),
+                            };
+                            let summary = &mut self.summary;
+                            summary.records += 1;
+                            summary.invalid += 1;
+                            for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
+                                counts.records += 1;
+                                counts.invalid += 1;
+                            }
+                            *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
+                            malformed.push(DeadLetter::new(&envelope, &error, None, None, now()));
                         }
-                        *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
-                        malformed.push(DeadLetter::new(&envelope, &error, None, None, now()));
                     }
                 }
             }
+            if batch.len() >= BATCH || (n == 0 && (!batch.is_empty() || !malformed.is_empty())) {
+                let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
+                self.deliver(&batch, std::mem::take(&mut malformed), &done)?;
+                batch.clear();
+            }
+            if n == 0 {
+                return Ok(());
+            }
         }
-        if batch.len() >= BATCH || (n == 0 && (!batch.is_empty() || !malformed.is_empty())) {
-            let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
-            deliver_batch(pipeline, store, &batch, std::mem::take(&mut malformed), &done, sink, now, summary)?;
-            on_progress(summary);
-            batch.clear();
+    }
+
+    /// Replay a topic's retained history (all partitions, `read_committed`) through
+    /// the pipeline. The reading consumer assigns partitions itself and never commits:
+    /// it joins no group, so the live group's membership and offsets are untouched.
+    pub fn topic(&mut self, client: &rdkafka::config::ClientConfig, topic: &str, range: &TopicRange) -> Result<(), ReplayError> {
+        let (store, resume) = (self.store, self.resume);
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        use rdkafka::{Offset, TopicPartitionList};
+        let failed = |e: rdkafka::error::KafkaError| ReplayError::Topic { topic: topic.to_string(), reason: e.to_string() };
+        let timeout = std::time::Duration::from_secs(30);
+        let mut client = client.clone();
+        client
+            .set("group.id", format!("waymark-replay-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "false");
+        let consumer: BaseConsumer = client.create().map_err(failed)?;
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(failed)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        if partitions.is_empty() {
+            return Err(ReplayError::Topic { topic: topic.to_string(), reason: "no such topic, or it has no partitions".into() });
         }
-        if n == 0 {
+        // Offsets of the range's edges, per partition.
+        let offsets_at = |at: Option<DateTime<Utc>>| -> Result<HashMap<i32, Option<i64>>, ReplayError> {
+            let mut out = HashMap::new();
+            let Some(at) = at else { return Ok(out) };
+            let mut query = TopicPartitionList::new();
+            for p in &partitions {
+                query.add_partition_offset(topic, *p, Offset::Offset(at.timestamp_millis())).map_err(failed)?;
+            }
+            for element in consumer.offsets_for_times(query, timeout).map_err(failed)?.elements() {
+                out.insert(element.partition(), if let Offset::Offset(o) = element.offset() { Some(o) } else { None });
+            }
+            Ok(out)
+        };
+        let since = range.since.map(|t| t.to_rfc3339()).unwrap_or_default();
+        let until = range.until.map(|t| t.to_rfc3339()).unwrap_or_default();
+        let checkpoint_of = |partition: i32| checkpoint_key(&["topic", topic, &since, &until, &partition.to_string()]);
+        let starts = offsets_at(range.since)?;
+        let stops = offsets_at(range.until)?;
+        let mut assignment = TopicPartitionList::new();
+        let mut end: HashMap<i32, i64> = HashMap::new();
+        for p in &partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(failed)?;
+            let start = match (range.since, starts.get(p)) {
+                (Some(_), Some(Some(o))) => *o,
+                (Some(_), _) => high, // nothing at or after `since`
+                (None, _) => low,
+            };
+            // Resumable: continue after what an earlier run with this range committed.
+            let start = if resume { start.max(stored_offset(store, &checkpoint_of(*p))?.unwrap_or(0)) } else { start };
+            let stop = match (range.until, stops.get(p)) {
+                (Some(_), Some(Some(o))) => *o,
+                _ => high,
+            };
+            if start < stop {
+                assignment.add_partition_offset(topic, *p, Offset::Offset(start)).map_err(failed)?;
+                end.insert(*p, stop);
+            }
+        }
+        if end.is_empty() {
             return Ok(());
         }
+        consumer.assign(&assignment).map_err(failed)?;
+        let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
+        let mut idle = std::time::Instant::now();
+        while !end.is_empty() {
+            match consumer.poll(std::time::Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    idle = std::time::Instant::now();
+                    let partition = m.partition();
+                    let Some(stop) = end.get(&partition).copied() else { continue };
+                    if m.offset() >= stop {
+                        end.remove(&partition);
+                        continue;
+                    }
+                    if m.offset() + 1 >= stop {
+                        end.remove(&partition);
+                    }
+                    batch.push(crate::worker::consumer::envelope_of(&m));
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, %topic, "reading the topic; retrying"),
+                None => {
+                    // A transaction marker or aborted records can sit at a range's end:
+                    // no record arrives for them, but the position moves past them.
+                    if let Ok(position) = consumer.position() {
+                        for element in position.elements() {
+                            if let Offset::Offset(next) = element.offset() {
+                                if end.get(&element.partition()).is_some_and(|stop| next >= *stop) {
+                                    end.remove(&element.partition());
+                                }
+                            }
+                        }
+                    }
+                    if idle.elapsed() > timeout {
+                        tracing::warn!(%topic, "no record for {timeout:?}; ending the topic replay where it stands");
+                        break;
+                    }
+                }
+            }
+            if batch.len() >= BATCH || (end.is_empty() && !batch.is_empty()) || (!batch.is_empty() && idle.elapsed() > std::time::Duration::from_secs(1)) {
+                self.deliver(&batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of))?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            self.deliver(&batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of))?;
+        }
+        Ok(())
+    }
+
+    /// One batch through the pipeline and the commit order (outputs, then state);
+    /// `done` are checkpoints (key, position) committed atomically with the state.
+    fn deliver(&mut self, batch: &[Envelope], malformed: Vec<DeadLetter>, done: &[(Vec<u8>, i64)]) -> Result<(), ReplayError> {
+        let mut output = process(self.pipeline, self.store, batch, (self.now)(), false, None)?;
+        for (key, position) in done {
+            output.state.put(crate::state::Keyspace::Offsets, key.clone(), position.to_be_bytes().to_vec());
+        }
+        let mut dead = malformed;
+        dead.extend(output.dead_letters);
+        let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
+        let mut crash = |point: crate::batch::Failpoint| {
+            crate::worker::run::failpoint(point.name());
+            false
+        };
+        match crate::batch::deliver(self.store, self.sink, output, &mut crash) {
+            Ok(delivered) => {
+                self.summary.merge(&delivered);
+                (self.on_progress)(&self.summary);
+            }
+            Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
+            Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),
+            Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("the replay's crash hook aborts the process itself, it never reports a crash ({point:?})"),
+        }
+        Ok(())
     }
 }
 
@@ -199,136 +350,6 @@ pub struct TopicRange {
     /// Last record before this time (`None`: each partition's end when the replay
     /// starts; records produced later are not read).
     pub until: Option<DateTime<Utc>>,
-}
-
-/// Replay a topic's retained history (all partitions, `read_committed`) through
-/// the pipeline. The reading consumer assigns partitions itself and never commits:
-/// it joins no group, so the live group's membership and offsets are untouched.
-#[allow(clippy::too_many_arguments)]
-pub fn replay_topic<S: StateStore + ?Sized>(
-    pipeline: &Pipeline,
-    store: &S,
-    client: &rdkafka::config::ClientConfig,
-    topic: &str,
-    range: &TopicRange,
-    resume: bool,
-    sink: &mut dyn Sink,
-    now: &dyn Fn() -> DateTime<Utc>,
-    summary: &mut Summary,
-    on_progress: &mut dyn FnMut(&Summary),
-) -> Result<(), ReplayError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
-    use rdkafka::{Offset, TopicPartitionList};
-    let failed = |e: rdkafka::error::KafkaError| ReplayError::Topic { topic: topic.to_string(), reason: e.to_string() };
-    let timeout = std::time::Duration::from_secs(30);
-    let mut client = client.clone();
-    client
-        .set("group.id", format!("waymark-replay-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = client.create().map_err(failed)?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(failed)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if partitions.is_empty() {
-        return Err(ReplayError::Topic { topic: topic.to_string(), reason: "no such topic, or it has no partitions".into() });
-    }
-    // Offsets of the range's edges, per partition.
-    let offsets_at = |at: Option<DateTime<Utc>>| -> Result<HashMap<i32, Option<i64>>, ReplayError> {
-        let mut out = HashMap::new();
-        let Some(at) = at else { return Ok(out) };
-        let mut query = TopicPartitionList::new();
-        for p in &partitions {
-            query.add_partition_offset(topic, *p, Offset::Offset(at.timestamp_millis())).map_err(failed)?;
-        }
-        for element in consumer.offsets_for_times(query, timeout).map_err(failed)?.elements() {
-            out.insert(element.partition(), if let Offset::Offset(o) = element.offset() { Some(o) } else { None });
-        }
-        Ok(out)
-    };
-    let since = range.since.map(|t| t.to_rfc3339()).unwrap_or_default();
-    let until = range.until.map(|t| t.to_rfc3339()).unwrap_or_default();
-    let checkpoint_of = |partition: i32| checkpoint_key(&["topic", topic, &since, &until, &partition.to_string()]);
-    let starts = offsets_at(range.since)?;
-    let stops = offsets_at(range.until)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut end: HashMap<i32, i64> = HashMap::new();
-    for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(failed)?;
-        let start = match (range.since, starts.get(p)) {
-            (Some(_), Some(Some(o))) => *o,
-            (Some(_), _) => high, // nothing at or after `since`
-            (None, _) => low,
-        };
-        // Resumable: continue after what an earlier run with this range committed.
-        let start = if resume { start.max(stored_offset(store, &checkpoint_of(*p))?.unwrap_or(0)) } else { start };
-        let stop = match (range.until, stops.get(p)) {
-            (Some(_), Some(Some(o))) => *o,
-            _ => high,
-        };
-        if start < stop {
-            assignment.add_partition_offset(topic, *p, Offset::Offset(start)).map_err(failed)?;
-            end.insert(*p, stop);
-        }
-    }
-    if end.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&assignment).map_err(failed)?;
-    let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
-    let mut idle = std::time::Instant::now();
-    while !end.is_empty() {
-        match consumer.poll(std::time::Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                idle = std::time::Instant::now();
-                let partition = m.partition();
-                let Some(stop) = end.get(&partition).copied() else { continue };
-                if m.offset() >= stop {
-                    end.remove(&partition);
-                    continue;
-                }
-                if m.offset() + 1 >= stop {
-                    end.remove(&partition);
-                }
-                batch.push(crate::worker::consumer::envelope_of(&m));
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, %topic, "reading the topic; retrying"),
-            None => {
-                // A transaction marker or aborted records can sit at a range's end:
-                // no record arrives for them, but the position moves past them.
-                if let Ok(position) = consumer.position() {
-                    for element in position.elements() {
-                        if let Offset::Offset(next) = element.offset() {
-                            if end.get(&element.partition()).is_some_and(|stop| next >= *stop) {
-                                end.remove(&element.partition());
-                            }
-                        }
-                    }
-                }
-                if idle.elapsed() > timeout {
-                    tracing::warn!(%topic, "no record for {timeout:?}; ending the topic replay where it stands");
-                    break;
-                }
-            }
-        }
-        if batch.len() >= BATCH || (end.is_empty() && !batch.is_empty()) || (!batch.is_empty() && idle.elapsed() > std::time::Duration::from_secs(1)) {
-            deliver_batch(pipeline, store, &batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of), sink, now, summary)?;
-            on_progress(summary);
-            batch.clear();
-        }
-    }
-    if !batch.is_empty() {
-        deliver_batch(pipeline, store, &batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of), sink, now, summary)?;
-        on_progress(summary);
-    }
-    Ok(())
 }
 
 /// The key under which a replay source's progress is stored (offsets keyspace):
@@ -355,35 +376,3 @@ fn topic_checkpoints(batch: &[Envelope], checkpoint_of: &dyn Fn(i32) -> Vec<u8>)
     next.into_iter().map(|(partition, offset)| (checkpoint_of(partition), offset)).collect()
 }
 
-/// One batch through the pipeline and the commit order (outputs, then state);
-/// `done` are checkpoints (key, position) committed atomically with the state.
-#[allow(clippy::too_many_arguments)]
-fn deliver_batch<S: StateStore + ?Sized>(
-    pipeline: &Pipeline,
-    store: &S,
-    batch: &[Envelope],
-    malformed: Vec<DeadLetter>,
-    done: &[(Vec<u8>, i64)],
-    sink: &mut dyn Sink,
-    now: &dyn Fn() -> DateTime<Utc>,
-    summary: &mut Summary,
-) -> Result<(), ReplayError> {
-    let mut output = process(pipeline, store, batch, now(), false, None)?;
-    for (key, position) in done {
-        output.state.put(crate::state::Keyspace::Offsets, key.clone(), position.to_be_bytes().to_vec());
-    }
-    let mut dead = malformed;
-    dead.extend(output.dead_letters);
-    let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
-    let mut crash = |point: crate::batch::Failpoint| {
-        crate::worker::run::failpoint(point.name());
-        false
-    };
-    match crate::batch::deliver(store, sink, output, &mut crash) {
-        Ok(delivered) => summary.merge(&delivered),
-        Err(crate::batch::DeliverError::Sink(e)) => return Err(e.into()),
-        Err(crate::batch::DeliverError::Store(e)) => return Err(e.into()),
-        Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in replay ({point:?})"),
-    }
-    Ok(())
-}
