@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 seconds=${2:-${WAYMARK_FUZZ_SECONDS:-15}}
+runs=${WAYMARK_FUZZ_RUNS:-}
 targets=(easypost ups fedex usps dhl shippo aftership envelope mutate_fields)
 # Multi-byte characters, offsets, escapes, edge numbers and field names: tokens
 # random mutation takes long to build byte by byte (an absolute path, whatever
@@ -37,23 +38,46 @@ export CARGO_TARGET_DIR=${WAYMARK_FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-/var/cach
 echo "fuzz.sh: building ${#targets[@]} targets" >&2
 cargo +nightly fuzz build --fuzz-dir fuzz
 for target in "${targets[@]}"; do
-  corpus=$(mktemp -d)
+  seeds=$(mktemp -d)
+  found=$(mktemp -d)
   if [[ $target == envelope ]]; then
     # Archive lines: one seed per line of the scenario archives.
-    cat replay/*.ndjson | split -l 1 - "$corpus/line-"
+    cat replay/*.ndjson | split -l 1 - "$seeds/line-"
   elif [[ $target == mutate_fields ]]; then
     # The fixture bodies are built into the target; a seed of two bytes (little
     # endian) picks one and edits nothing yet: one seed per fixture.
     n=$(find fixtures -mindepth 2 -maxdepth 2 -name '*.json' | wc -l)
     for ((i = 0; i < n; i++)); do
-      printf "\\x$(printf %02x $((i % 256)))\\x$(printf %02x $((i / 256)))" > "$corpus/fixture-$i"
+      printf "\\x$(printf %02x $((i % 256)))\\x$(printf %02x $((i / 256)))" > "$seeds/fixture-$i"
     done
   elif [[ -d fixtures/$target ]]; then
-    find "fixtures/$target" -maxdepth 1 -type f -name '*.json' -exec cp {} "$corpus"/ \;
+    find "fixtures/$target" -maxdepth 1 -type f -name '*.json' -exec cp {} "$seeds"/ \;
   fi
-  echo "fuzz.sh: $target for ${seconds}s ($(ls "$corpus" | wc -l) seeds)" >&2
-  cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$corpus" -- \
-    -dict="$dict" -max_total_time="$seconds" -max_len=65536 -print_final_stats=0 2>&1 | tail -n 3 >&2
-  rm -rf "$corpus"
+  kept=$PWD/fuzz/corpus/$target
+  mkdir -p "$kept"
+  # libFuzzer writes new inputs to the first directory and only reads the others.
+  if [[ -n $runs ]]; then
+    limit=(-runs="$runs")
+    echo "fuzz.sh: $target for $runs executions ($(ls "$seeds" | wc -l) seeds, $(ls "$kept" | wc -l) in the corpus)" >&2
+  else
+    limit=(-max_total_time="$seconds")
+    echo "fuzz.sh: $target for ${seconds}s ($(ls "$seeds" | wc -l) seeds, $(ls "$kept" | wc -l) in the corpus)" >&2
+  fi
+  started=$SECONDS
+  log=$(mktemp)
+  if ! cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$found" "$kept" "$seeds" -- \
+    -dict="$dict" "${limit[@]}" -max_len=65536 -print_final_stats=1 >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "fuzz.sh: $target crashed; the input is in fuzz/artifacts/$target/ (reproduce: cargo +nightly fuzz run --fuzz-dir fuzz $target <file>)" >&2
+    exit 1
+  fi
+  executions=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+  echo "fuzz.sh: $target: ${executions:-?} executions in $((SECONDS - started))s, no crash" >&2
+  if [[ -n $runs ]]; then
+    before=$(ls "$kept" | wc -l)
+    cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$kept" "$found" -- -merge=1 >/dev/null 2>&1
+    echo "$(date -u +%FT%TZ) $target executions=${executions:-?} seconds=$((SECONDS - started)) corpus=$before->$(ls "$kept" | wc -l) crashes=0" >> fuzz/campaign.log
+  fi
+  rm -rf "$seeds" "$found" "$log"
 done
 echo "fuzz.sh: no crash in ${#targets[@]} targets" >&2
