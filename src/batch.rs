@@ -187,10 +187,12 @@ pub fn process<S: StateStore + ?Sized>(
 ) -> Result<BatchOutput, StoreError> {
     let mut staged = Staged::new(store);
     let mut output = BatchOutput::default();
-    for envelope in envelopes {
+    // Read and normalize on every thread the pipeline has, then dedupe and order
+    // on this one, in input order.
+    for (envelope, (prepared, preparing)) in envelopes.iter().zip(pipeline.prepare_batch(envelopes, now)) {
         let started = Instant::now();
-        let result = pipeline.process(envelope, now, &mut staged)?;
-        account(pipeline, &mut output, &mut staged, envelope, result, started.elapsed(), track_progress, telemetry);
+        let result = pipeline.apply(envelope, prepared, now, &mut staged)?;
+        account(pipeline, &mut output, &mut staged, envelope, result, preparing + started.elapsed(), track_progress, telemetry);
     }
     output.state = staged.take_batch();
     Ok(output)

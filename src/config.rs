@@ -229,6 +229,11 @@ pub struct WorkerSection {
     /// long ("0s": never), so an orchestrator restarts a stuck worker.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: String,
+    /// Threads that read and normalize a batch's records (the worker's and
+    /// replay's): 0 is one per core. Dedupe and ordering use one thread whatever
+    /// this is, and results do not depend on it.
+    #[serde(default)]
+    pub normalize_threads: usize,
 }
 fn default_stall_timeout() -> String {
     "5m".into()
@@ -257,6 +262,7 @@ impl Default for WorkerSection {
             shutdown_timeout: default_shutdown(),
             restore_timeout: default_restore_timeout(),
             stall_timeout: default_stall_timeout(),
+            normalize_threads: 0,
         }
     }
 }
@@ -468,6 +474,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Liveness fails after this long with lag and no progress (zero: never).
     pub stall_timeout: Duration,
+    /// Threads that prepare a batch's records (resolved: at least 1).
+    pub normalize_threads: usize,
     pub http_listen: SocketAddr,
     pub tenant_label: bool,
     pub log_format: LogFormat,
@@ -791,6 +799,10 @@ impl RawConfig {
             batch_wait: duration("worker.batch_wait", &self.worker.batch_wait)?,
             shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
             stall_timeout: duration("worker.stall_timeout", &self.worker.stall_timeout)?,
+            normalize_threads: match self.worker.normalize_threads {
+                0 => crate::parallel::default_threads(),
+                n => n,
+            },
             http_listen,
             tenant_label: self.telemetry.tenant_label,
             log_format: LogFormat::parse(&self.log.format)?,
@@ -892,6 +904,7 @@ impl Config {
             // the worker turns the hop on (see `worker`).
             hop: false,
             keying_check: None,
+            threads: self.normalize_threads,
         }
     }
 }

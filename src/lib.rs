@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod order;
 pub mod output;
+pub mod parallel;
 pub mod pipeline;
 pub mod routing;
 pub mod sink;

@@ -7,6 +7,7 @@
 //! staged state (see `kafka` and `replay`): state never claims an event whose
 //! output was not acknowledged.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -60,6 +61,10 @@ pub struct Pipeline {
     /// With [`Placement::Input`]: notes which input partition each shipment
     /// arrives on, so a producer that does not key by shipment is visible.
     pub keying_check: Option<Arc<Mutex<KeyingCheck>>>,
+    /// Threads that prepare (read, normalize, route) a batch's records; dedupe
+    /// and ordering stay on one thread, in input order. 0 and 1: the calling
+    /// thread only (see [`crate::parallel`]).
+    pub threads: usize,
 }
 
 /// What happened to one canonical event.
@@ -119,7 +124,7 @@ pub struct Rejected {
 }
 
 /// A record read and normalized, before any state is touched.
-enum Prepared {
+pub enum Prepared {
     /// Nothing to apply: a dead letter, or events routed to their home.
     Done(RecordResult),
     /// Events to apply, each with the scope of its home, in the order they apply.
@@ -222,14 +227,30 @@ impl Pipeline {
                 Prepared::Done(result)
             }
             placement => {
-                if let Some(check) = &self.keying_check {
-                    let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
-                    result.keying_conflicts =
-                        events.iter().filter(|e| check.conflicts(&envelope.topic, envelope.partition, e)).count() as u32;
-                }
                 let scoped = events.into_iter().map(|event| (placement.scope_of(envelope, &event), event)).collect();
                 Prepared::Apply(result, scoped)
             }
+        }
+    }
+
+    /// Prepare every record of a batch, on up to [`Pipeline::threads`] threads,
+    /// each with the time it took; results in input order.
+    pub fn prepare_batch(&self, envelopes: &[Envelope], now: DateTime<Utc>) -> Vec<(Prepared, std::time::Duration)> {
+        crate::parallel::map_ordered(envelopes, self.threads, |envelope| {
+            let started = std::time::Instant::now();
+            let prepared = self.prepare(envelope, now);
+            (prepared, started.elapsed())
+        })
+    }
+
+    /// With [`Placement::Input`], note where each event's shipment arrived. Runs
+    /// on the applying thread, in input order, so the verdict does not depend
+    /// on how preparation was spread over threads.
+    fn check_keying(&self, envelope: &Envelope, result: &mut RecordResult, events: &[(Scope, TrackingEvent)]) {
+        if let Some(check) = &self.keying_check {
+            let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
+            result.keying_conflicts =
+                events.iter().filter(|(_, e)| check.conflicts(&envelope.topic, envelope.partition, e)).count() as u32;
         }
     }
 
@@ -240,10 +261,23 @@ impl Pipeline {
         now: DateTime<Utc>,
         state: &mut Staged<'_, S>,
     ) -> Result<RecordResult, StoreError> {
-        let (mut result, events) = match self.prepare(envelope, now) {
+        self.apply(envelope, self.prepare(envelope, now), now, state)
+    }
+
+    /// The stateful half of [`Pipeline::process`]: dedupe, order and emit a
+    /// prepared record's events against `state` at `now`.
+    pub fn apply<S: StateStore + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        prepared: Prepared,
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
+    ) -> Result<RecordResult, StoreError> {
+        let (mut result, events) = match prepared {
             Prepared::Done(result) => return Ok(result),
             Prepared::Apply(result, events) => (result, events),
         };
+        self.check_keying(envelope, &mut result, &events);
         for (scope, event) in events {
             let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
             result.events.push(outcome);
@@ -253,14 +287,14 @@ impl Pipeline {
     }
 
     /// Process records as one unit whose new events are applied in status-hierarchy
-    /// order (the bounded reorder window): all events of all records are sorted by
-    /// (rank, occurred_at), stably, so within each shipment a lower status is
-    /// emitted before a higher one whatever order they arrived in. Returns one
-    /// result per record (events and dead letters; their `upserts` stay empty) and
-    /// the upserts in emission order. Every distinct event still becomes exactly
-    /// one milestone; only where copies of one event chain across the skew
-    /// tolerance (t, t+1.5 s, t+3 s) can the copy that represents it differ from
-    /// arrival order, as it would for any other arrival order.
+    /// order (the bounded reorder window): each shipment's events are sorted by
+    /// rank, stably, between the unranked ones (which keep their arrival place,
+    /// see below), so within each shipment a lower status is emitted before a
+    /// higher one whatever order they arrived in, and the window ends each
+    /// shipment in the state arrival order would. Returns one result per record
+    /// (events and dead letters; their `upserts` stay empty) and the upserts in
+    /// emission order. Every distinct event still becomes exactly one milestone,
+    /// represented by the copy that arrived first.
     pub fn process_in_hierarchy_order<S: StateStore + ?Sized>(
         &self,
         envelopes: &[Envelope],
@@ -269,18 +303,45 @@ impl Pipeline {
     ) -> Result<(Vec<RecordResult>, Vec<MilestoneUpsert>), StoreError> {
         let mut results = Vec::with_capacity(envelopes.len());
         let mut pending: Vec<(usize, Scope, TrackingEvent)> = Vec::new();
-        for (index, envelope) in envelopes.iter().enumerate() {
-            match self.prepare(envelope, now) {
+        for (index, (envelope, (prepared, _))) in envelopes.iter().zip(self.prepare_batch(envelopes, now)).enumerate() {
+            match prepared {
                 Prepared::Done(result) => results.push(result),
-                Prepared::Apply(result, events) => {
+                Prepared::Apply(mut result, events) => {
+                    self.check_keying(envelope, &mut result, &events);
                     pending.extend(events.into_iter().map(|(scope, event)| (index, scope, event)));
                     results.push(result);
                 }
             }
         }
-        pending.sort_by_key(|(_, _, event)| (event.status.rank(), event.occurred_at));
+        // Within each shipment, an event without a rank (cancelled, exception,
+        // unknown) stays where it arrived and splits the shipment's events into
+        // segments; only each segment's ranked events are sorted. A segment's
+        // ranked statuses end in the same state in any order (the higher wins),
+        // and an unranked status applies to exactly what preceded it on arrival,
+        // so the window ends every shipment in the state arrival order gives: a
+        // `cancelled` behind a `picked_up` stays a prevented regression instead
+        // of being applied first and freezing the shipment.
+        //
+        // Equal ranks keep their arrival order (the sort is stable and does not
+        // look at occurred_at): copies of one event then meet in the order they
+        // arrived, so the same copy represents it as without the window.
+        let mut segment_of: HashMap<Vec<u8>, u32> = HashMap::new();
+        let mut ordered: Vec<((u32, bool, u8), usize, Scope, TrackingEvent)> = pending
+            .into_iter()
+            .map(|(index, scope, event)| {
+                let shipment = shipment_key(scope, &event.tenant_id, &event.carrier, &event.tracking_number, event.shipment_ref.as_deref());
+                let segment = segment_of.entry(shipment).or_default();
+                let rank = event.status.rank();
+                let key = (*segment, rank == 0, rank);
+                if rank == 0 {
+                    *segment += 1;
+                }
+                (key, index, scope, event)
+            })
+            .collect();
+        ordered.sort_by_key(|(key, ..)| *key);
         let mut upserts = Vec::new();
-        for (index, scope, event) in pending {
+        for (_, index, scope, event) in ordered {
             let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
             results[index].events.push(outcome);
             upserts.extend(upsert);
@@ -414,6 +475,67 @@ mod tests {
         assert_eq!(r4.upserts[0].shipment_status, Status::Delivered);
         assert_eq!(r4.upserts[0].latest_status, Status::Delivered);
         assert!(r4.events[0].applied.regression_prevented && r4.events[0].applied.out_of_order);
+    }
+
+    /// Every shipment state the store holds, to compare two runs.
+    fn shipments(store: &MemoryStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        Staged::new(store).scan(Keyspace::Shipments, &[], &[0xff; 64]).unwrap()
+    }
+
+    #[test]
+    fn a_reorder_window_ends_each_shipment_where_arrival_order_does() {
+        // Arrival: an arrival scan before its pickup, then a late voided-label
+        // `cancelled` (a prevented regression); then delivered, an exception,
+        // and a late out_for_delivery.
+        let arrivals = [
+            tracker(&[("in_transit", "AR", "2024-08-01T12:00:00Z")]),
+            tracker(&[("in_transit", "PU", "2024-08-01T10:00:00Z")]),
+            tracker(&[("cancelled", "CA", "2024-08-01T13:00:00Z")]),
+            tracker(&[("delivered", "DL", "2024-08-02T10:00:00Z")]),
+            tracker(&[("failure", "SE", "2024-08-02T11:00:00Z")]),
+            tracker(&[("out_for_delivery", "OD", "2024-08-02T08:00:00Z")]),
+        ];
+        let envelopes: Vec<Envelope> = arrivals.iter().enumerate().map(|(i, body)| envelope(i as i64, body)).collect();
+        let pipeline = Pipeline::default();
+        let in_arrival_order = MemoryStore::default();
+        for e in &envelopes {
+            run(&pipeline, &in_arrival_order, e);
+        }
+        let in_one_window = MemoryStore::default();
+        let mut staged = Staged::new(&in_one_window);
+        let (_, upserts) = pipeline.process_in_hierarchy_order(&envelopes, now(), &mut staged).unwrap();
+        in_one_window.write(staged.take_batch()).unwrap();
+        assert_eq!(shipments(&in_one_window), shipments(&in_arrival_order));
+        let statuses: Vec<Status> = upserts.iter().map(|u| u.shipment_status).collect();
+        assert!(!statuses.contains(&Status::Cancelled), "the late cancel froze the shipment: {statuses:?}");
+        assert_eq!(statuses.last(), Some(&Status::Delivered));
+        // The unranked events keep their arrival place; the ranked ones between
+        // them are sorted: PU, AR | CA | DL | SE | OD.
+        let emitted: Vec<&str> = upserts.iter().map(|u| u.carrier_status_code.as_str()).collect();
+        assert_eq!(emitted, ["PU", "AR", "CA", "DL", "SE", "OD"]);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_number_of_preparing_threads() {
+        let bodies: Vec<Envelope> = (0..200)
+            .map(|i| {
+                let status = ["pre_transit", "in_transit", "out_for_delivery", "delivered"][i % 4];
+                let body = tracker(&[(status, "X", &format!("2024-08-01T{:02}:00:00Z", i % 24))]).replace("EZ1", &format!("EZ{}", i % 7));
+                envelope(i as i64, if i % 50 == 3 { "{not json" } else { &body })
+            })
+            .collect();
+        let outputs: Vec<_> = [1, 2, 5]
+            .into_iter()
+            .map(|threads| {
+                let pipeline = Pipeline { threads, ..Pipeline::default() };
+                let store = MemoryStore::default();
+                let output = crate::batch::process(&pipeline, &store, &bodies, now(), false, None).unwrap();
+                (serde_json::to_string(&output.upserts).unwrap(), serde_json::to_string(&output.dead_letters).unwrap(), shipments(&store).len())
+            })
+            .collect();
+        assert!(!outputs[0].0.is_empty() && outputs[0].1.len() > 2);
+        assert_eq!(outputs[0], outputs[1]);
+        assert_eq!(outputs[0], outputs[2]);
     }
 
     #[test]

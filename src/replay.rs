@@ -131,9 +131,9 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// the last committed line with each batch's state).
     pub fn stream(&mut self, reader: &mut dyn BufRead, archive_name: &str) -> Result<(), ReplayError> {
         let (store, resume) = (self.store, self.resume);
-        let now = self.now;
-        let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
-        let mut malformed: Vec<DeadLetter> = Vec::new();
+        // Lines are collected as read and parsed per batch on the pipeline's
+        // threads (unescaping a body is as costly as normalizing it).
+        let mut lines: Vec<(i64, String)> = Vec::with_capacity(BATCH);
         let mut line = String::new();
         let mut line_no: i64 = 0;
         // Resumable: the store remembers the last line whose batch it committed.
@@ -150,43 +150,56 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
             let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
             if n > 0 {
                 line_no += 1;
-                let trimmed = line.trim();
-                if !trimmed.is_empty() && line_no > resume_after {
-                    match Envelope::from_kcat_json(trimmed) {
-                        Ok(envelope) => batch.push(envelope),
-                        Err(error) => {
-                            // Keep the line itself so nothing is silently dropped.
-                            let envelope = Envelope {
-                                topic: archive_name.to_string(),
-                                partition: -1,
-                                offset: line_no,
-                                timestamp_ms: None,
-                                headers: Vec::new(),
-                                key: None,
-                                payload: trimmed.as_bytes().to_vec(),
-                            };
-                            let summary = &mut self.summary;
-                            summary.records += 1;
-                            summary.invalid += 1;
-                            for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
-                                counts.records += 1;
-                                counts.invalid += 1;
-                            }
-                            *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
-                            malformed.push(DeadLetter::new(&envelope, &error, None, None, now()));
-                        }
-                    }
+                if !line.trim().is_empty() && line_no > resume_after {
+                    lines.push((line_no, std::mem::take(&mut line)));
                 }
             }
-            if batch.len() >= BATCH || (n == 0 && (!batch.is_empty() || !malformed.is_empty())) {
+            if lines.len() >= BATCH || (n == 0 && !lines.is_empty()) {
+                let (batch, malformed) = self.read_envelopes(&lines, archive_name);
                 let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
-                self.deliver(&batch, std::mem::take(&mut malformed), &done)?;
-                batch.clear();
+                self.deliver(&batch, malformed, &done)?;
+                lines.clear();
             }
             if n == 0 {
                 return Ok(());
             }
         }
+    }
+
+    /// A batch of archive lines as envelopes (parsed on the pipeline's threads),
+    /// and the dead letters of lines that are not envelopes, counted in the
+    /// summary as invalid records of an unknown carrier and tenant.
+    fn read_envelopes(&mut self, lines: &[(i64, String)], archive_name: &str) -> (Vec<Envelope>, Vec<DeadLetter>) {
+        let parsed = crate::parallel::map_ordered(lines, self.pipeline.threads, |(_, line)| Envelope::from_kcat_json(line.trim()));
+        let mut batch = Vec::with_capacity(lines.len());
+        let mut malformed = Vec::new();
+        for ((line_no, line), parsed) in lines.iter().zip(parsed) {
+            match parsed {
+                Ok(envelope) => batch.push(envelope),
+                Err(error) => {
+                    // Keep the line itself so nothing is silently dropped.
+                    let envelope = Envelope {
+                        topic: archive_name.to_string(),
+                        partition: -1,
+                        offset: *line_no,
+                        timestamp_ms: None,
+                        headers: Vec::new(),
+                        key: None,
+                        payload: line.trim().as_bytes().to_vec(),
+                    };
+                    let summary = &mut self.summary;
+                    summary.records += 1;
+                    summary.invalid += 1;
+                    for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
+                        counts.records += 1;
+                        counts.invalid += 1;
+                    }
+                    *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
+                    malformed.push(DeadLetter::new(&envelope, &error, None, None, (self.now)()));
+                }
+            }
+        }
+        (batch, malformed)
     }
 
     /// Replay a topic's retained history (all partitions, `read_committed`) through

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{Duration, TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::json;
-use waymark::state::{MemoryStore, StateStore, Staged};
+use waymark::state::{Keyspace, MemoryStore, StateStore, Staged};
 use waymark::{Envelope, Pipeline, Status};
 
 const STATUSES: [(&str, &str); 6] = [
@@ -17,6 +17,20 @@ const STATUSES: [(&str, &str); 6] = [
     ("in_transit", "PU"),
     ("in_transit", "AR"),
     ("out_for_delivery", "OD"),
+    ("failure", "DE"),
+    ("delivered", "DL"),
+];
+
+/// [`STATUSES`] and EasyPost statuses that map to canonical statuses without a
+/// rank: `cancelled`, `exception` (failure SE) and `unknown`.
+const STATUSES_WITH_UNRANKED: [(&str, &str); 9] = [
+    ("pre_transit", "OC"),
+    ("in_transit", "PU"),
+    ("in_transit", "AR"),
+    ("cancelled", "CA"),
+    ("out_for_delivery", "OD"),
+    ("failure", "SE"),
+    ("unknown", "XX"),
     ("failure", "DE"),
     ("delivered", "DL"),
 ];
@@ -38,8 +52,8 @@ struct Delivery {
     skew_ms: i64,
 }
 
-fn scans() -> impl Strategy<Value = Vec<Scan>> {
-    prop::collection::vec((0usize..3, 0usize..STATUSES.len(), 0i64..500), 1..25).prop_map(|raw| {
+fn scans(statuses: usize) -> impl Strategy<Value = Vec<Scan>> {
+    prop::collection::vec((0usize..3, 0usize..statuses, 0i64..500), 1..25).prop_map(|raw| {
         // Make scans distinct: one minute slot per shipment is used at most once.
         let mut seen = BTreeSet::new();
         raw.into_iter()
@@ -50,7 +64,11 @@ fn scans() -> impl Strategy<Value = Vec<Scan>> {
 }
 
 fn scenario() -> impl Strategy<Value = (Vec<Scan>, Vec<Delivery>)> {
-    scans().prop_flat_map(|scans| {
+    scenario_with(&STATUSES)
+}
+
+fn scenario_with(statuses: &[(&str, &str)]) -> impl Strategy<Value = (Vec<Scan>, Vec<Delivery>)> {
+    scans(statuses.len()).prop_flat_map(|scans| {
         let n = scans.len();
         let deliveries = prop::collection::vec((0..n, any::<u32>(), -1000i64..=1000), 0..60);
         (Just(scans), deliveries, any::<u64>())
@@ -69,9 +87,13 @@ fn scenario() -> impl Strategy<Value = (Vec<Scan>, Vec<Delivery>)> {
 }
 
 fn envelope(offset: usize, scan: &Scan, delivery: &Delivery) -> Envelope {
+    envelope_with(&STATUSES, offset, scan, delivery)
+}
+
+fn envelope_with(statuses: &[(&str, &str)], offset: usize, scan: &Scan, delivery: &Delivery) -> Envelope {
     let base = Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
     let at = base + Duration::minutes(scan.minute) + Duration::milliseconds(delivery.skew_ms);
-    let (status, code) = STATUSES[scan.status];
+    let (status, code) = statuses[scan.status];
     let body = json!({"object": "Event", "id": format!("evt_{}", delivery.event_id), "description": "tracker.updated",
         "result": {"object": "Tracker", "tracking_code": format!("PROP{}", scan.shipment),
             "tracking_details": [{"status": status, "carrier_code": code, "message": code,
@@ -163,7 +185,8 @@ proptest! {
                 *emitted.entry(upsert.milestone_id.clone()).or_default() += 1;
                 let shipment = upsert.tracking_number.clone();
                 let rank = upsert.status.rank();
-                prop_assert!(rank >= last_in_window.get(&shipment).copied().unwrap_or(0), "{} emitted {:?} after a higher status in one window", shipment, upsert.status);
+                // Unranked statuses keep their arrival place and start a new run.
+                prop_assert!(rank == 0 || rank >= last_in_window.get(&shipment).copied().unwrap_or(0), "{} emitted {:?} after a higher status in one window", shipment, upsert.status);
                 last_in_window.insert(shipment.clone(), rank);
                 let shipment_rank = upsert.shipment_status.rank();
                 prop_assert!(shipment_rank >= last_shipment_status.get(&shipment).copied().unwrap_or(0));
@@ -172,5 +195,43 @@ proptest! {
         }
         prop_assert_eq!(emitted.len(), scans.len(), "one milestone per distinct scan");
         prop_assert!(emitted.values().all(|n| *n == 1));
+    }
+
+    /// The reorder window changes the order of emission, never where a shipment
+    /// ends: cut into windows of any sizes, with statuses that have no rank
+    /// (`cancelled`, which is terminal only before pickup, `exception`,
+    /// `unknown`) among the ranked ones, every shipment ends in exactly the
+    /// state arrival order gives it.
+    #[test]
+    fn a_reorder_window_ends_every_shipment_where_arrival_order_does(
+        (scans, deliveries) in scenario_with(&STATUSES_WITH_UNRANKED),
+        cuts in prop::collection::vec(1usize..12, 1..20),
+    ) {
+        let pipeline = Pipeline::default();
+        let now = Utc.with_ymd_and_hms(2026, 5, 2, 0, 0, 0).unwrap();
+        let envelopes: Vec<Envelope> = deliveries
+            .iter()
+            .enumerate()
+            .map(|(offset, d)| envelope_with(&STATUSES_WITH_UNRANKED, offset, &scans[d.scan], d))
+            .collect();
+        let in_arrival_order = MemoryStore::default();
+        for record in &envelopes {
+            let mut staged = Staged::new(&in_arrival_order);
+            pipeline.process(record, now, &mut staged).unwrap();
+            in_arrival_order.write(staged.take_batch()).unwrap();
+        }
+        let in_windows = MemoryStore::default();
+        let mut rest = &envelopes[..];
+        let mut cut = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let (window, tail) = rest.split_at((*cut.next().unwrap()).min(rest.len()));
+            rest = tail;
+            let mut staged = Staged::new(&in_windows);
+            pipeline.process_in_hierarchy_order(window, now, &mut staged).unwrap();
+            in_windows.write(staged.take_batch()).unwrap();
+        }
+        let shipments = |store: &MemoryStore| Staged::new(store).scan(Keyspace::Shipments, &[], &[0xff; 64]).unwrap();
+        prop_assert!(!shipments(&in_arrival_order).is_empty());
+        prop_assert_eq!(shipments(&in_windows), shipments(&in_arrival_order));
     }
 }

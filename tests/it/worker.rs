@@ -250,7 +250,9 @@ fn a_crash_between_any_two_side_effects_loses_nothing() {
     }
 }
 
-/// Per shipment key, in output order, the rank of each milestone's own status.
+/// Per shipment key, in output order, how often a milestone's status ranks below
+/// the one before it. A status without a rank (exception, cancelled, unknown)
+/// keeps its arrival place in a window and starts a new run, so it is skipped.
 fn rank_drops(reads: &[Read]) -> usize {
     let mut ordered: Vec<&Read> = reads.iter().collect();
     ordered.sort_by_key(|r| (r.partition, r.offset));
@@ -259,7 +261,7 @@ fn rank_drops(reads: &[Read]) -> usize {
     for read in ordered {
         let rank = waymark::Status::parse(read.value["status"].as_str().unwrap()).unwrap().rank();
         let key = read.key.clone().unwrap_or_default();
-        if rank < last.get(&key).copied().unwrap_or(0) {
+        if rank > 0 && rank < last.get(&key).copied().unwrap_or(0) {
             drops += 1;
         }
         last.insert(key, rank);
