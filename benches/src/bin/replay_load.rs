@@ -124,7 +124,8 @@ fn main() {
         .arg(&report)
         .env("WAYMARK_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("replay.log")).expect("create the replay's log"));
     if let Some(threads) = &threads {
         command.env("WAYMARK_WORKER__NORMALIZE_THREADS", threads);
     }
@@ -139,7 +140,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let secs = started.elapsed().as_secs_f64();
-    assert!(status.success(), "waymark replay failed: {status}");
+    if !status.success() {
+        let log = std::fs::read_to_string(tmp.path().join("replay.log")).unwrap_or_default();
+        panic!("waymark replay failed ({status}); its log:\n{log}");
+    }
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report).expect("the replay's report")).expect("the report is JSON");
     let summary = &report["summary"];
