@@ -241,12 +241,20 @@ enum StateCommand {
         #[arg(long, default_value = "-")]
         input: String,
     },
-    /// Delete all state of one partition (dedupe keys, shipments, progress).
+    /// Delete all state of one partition (dedupe keys, shipments, progress), here
+    /// and, with state.changelog on, in its changelog (a drop marker that every
+    /// later restore honours). Stop the group's worker that owns it first.
     Drop {
+        #[command(flatten)]
+        config: ConfigArgs,
         #[arg(long, env = "WAYMARK_STATE_DIR", default_value = "waymark-state")]
         state_dir: PathBuf,
         #[command(flatten)]
         partition: PartitionArgs,
+        /// Drop only this directory's copy; the changelog restores it at the next
+        /// assignment (for when the broker is out of reach).
+        #[arg(long)]
+        local_only: bool,
     },
 }
 
@@ -887,16 +895,40 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             eprintln!("imported {n} entries into {}", state_dir.display());
             Ok(())
         }
-        StateCommand::Drop { state_dir, partition } => {
-            let Some(scope) = partition.scope() else {
+        StateCommand::Drop { config, state_dir, partition, local_only } => {
+            let (Some(scope), Some(topic), Some(number)) = (partition.scope(), partition.topic.as_deref(), partition.partition) else {
                 return Err(Failure { code: 2, error: anyhow::anyhow!("state drop needs --topic and --partition") });
             };
+            // The directory's lock first: a worker that still runs on it would
+            // write the partition's state straight back.
             let store = open_existing(&state_dir)?;
+            let config = load_config(config.config.as_deref(), Overrides::default())?;
+            let changelog = waymark::worker::changelog::topic_for(&config.kafka.group_id, topic);
+            if config.changelog.is_none() {
+                // No changelog: the local copy is the only one.
+            } else if local_only {
+                eprintln!(
+                    "note: --local-only: the worker restores this partition from {changelog} at the next assignment; run `waymark state drop` without it while the broker is reachable to forget it for good"
+                );
+            } else {
+                // Marker before the local drop: if the drop then fails, the next
+                // restore reads the marker and drops the local copy anyway.
+                let client = waymark::worker::client::base_config(&config);
+                match waymark::worker::changelog::write_drop_marker(&client, &config.kafka.group_id, topic, number, Utc::now(), Duration::from_secs(15)) {
+                    Ok(true) => eprintln!("wrote a drop marker to {changelog} [{number}]: restores from the changelog forget what came before it"),
+                    Ok(false) => eprintln!("no changelog topic {changelog} on {}: nothing can restore this partition", config.kafka.brokers),
+                    Err(e) => {
+                        return Err(Failure {
+                            code: 1,
+                            error: anyhow::anyhow!(
+                                "{e}; nothing was dropped. Check kafka.brokers and kafka.group_id (--config, WAYMARK_KAFKA__BROKERS), or pass --local-only to drop only this directory's copy"
+                            ),
+                        })
+                    }
+                }
+            }
             store.drop_scope(scope).map_err(anyhow::Error::new)?;
-            eprintln!("dropped the state of {} partition {}", partition.topic.unwrap_or_default(), partition.partition.unwrap_or_default());
-            eprintln!(
-                "note: with state.changelog on (the default), the worker restores this partition from its changelog at the next assignment; to forget it for good, also delete the partition's changelog records (kafka-delete-records.sh) while the group is stopped"
-            );
+            eprintln!("dropped the state of {topic} partition {number} in {}", state_dir.display());
             Ok(())
         }
     }

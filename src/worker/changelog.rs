@@ -37,6 +37,7 @@ use super::topics::{Admin, TopicError};
 use crate::error::StoreError;
 use crate::pipeline::{progress_key, stored_offset};
 use crate::state::{Keyspace, Scope, StateBatch, StateStore};
+use crate::store::RocksStore;
 
 /// Why the changelog could not be set up or replayed. The worker stops on it (a
 /// partition must not be processed with state it could not restore); a restart
@@ -90,6 +91,64 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<(Keyspace, Vec<u8>, Vec<u8>), 
 /// one belongs)? A tombstone (empty value) or a foreign value cannot.
 pub fn restorable(keyspace: Keyspace, value: &[u8]) -> bool {
     keyspace.expiry(value).is_some()
+}
+
+/// Key of the marker `waymark state drop` writes to a changelog partition. No
+/// keyspace has index 0xff, so it is never mistaken for a state entry (a Waymark
+/// that does not know it skips it as foreign). Compaction keeps the latest
+/// marker; a restore that reads one forgets everything the partition's changelog
+/// held before it, so a dropped partition stays dropped when it moves.
+pub const DROP_MARKER_KEY: &[u8] = b"\xffwaymark.state-dropped";
+
+/// Write the drop marker to the changelog partition of `input_topic` [`partition`]
+/// and wait until the broker acknowledges it. `Ok(false)`: the group has no
+/// changelog topic for `input_topic`, so there is nothing a restore could bring
+/// back.
+pub fn write_drop_marker(
+    client: &ClientConfig,
+    group_id: &str,
+    input_topic: &str,
+    partition: i32,
+    at: chrono::DateTime<chrono::Utc>,
+    timeout: Duration,
+) -> Result<bool, ChangelogError> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+    use rdkafka::ClientContext;
+
+    struct Delivered(std::sync::Mutex<Option<Result<(), String>>>);
+    impl ClientContext for Delivered {}
+    impl ProducerContext for Delivered {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            let outcome = result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string());
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        }
+    }
+
+    let changelog = topic_for(group_id, input_topic);
+    let failed = |reason: String| ChangelogError::Setup(format!("cannot write the drop marker to partition {partition}: {reason}"), changelog.clone());
+    let mut client = client.clone();
+    client.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", timeout.as_millis().to_string());
+    let producer: BaseProducer<Delivered> = client.create_with_context(Delivered(Default::default())).map_err(|e| failed(e.to_string()))?;
+    let metadata = producer.client().fetch_metadata(Some(&changelog), timeout).map_err(|e| failed(e.to_string()))?;
+    let partitions = metadata.topics().iter().find(|t| t.name() == changelog && t.error().is_none()).map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Ok(false);
+    }
+    if partition < 0 || partition as usize >= partitions {
+        return Err(failed(format!("the topic has {partitions} partitions")));
+    }
+    let value = serde_json::json!({"kind": "state_dropped", "topic": input_topic, "partition": partition, "at": at}).to_string();
+    producer
+        .send(BaseRecord::<[u8], String>::to(&changelog).partition(partition).key(DROP_MARKER_KEY).payload(&value))
+        .map_err(|(e, _)| failed(e.to_string()))?;
+    producer.flush(timeout).map_err(|e| failed(e.to_string()))?;
+    let delivered = producer.context().0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match delivered {
+        Some(Ok(())) => Ok(true),
+        Some(Err(reason)) => Err(failed(reason)),
+        None => Err(failed(format!("no acknowledgement within {timeout:?}"))),
+    }
 }
 
 /// Marks a changelog position key apart from a progress key: a topic name never
@@ -252,7 +311,7 @@ impl Restorer {
 
     /// Bring the store's state of one input partition up to the end of its
     /// changelog. Returns the number of entries applied.
-    pub fn restore<S: StateStore + ?Sized>(&self, store: &S, input_topic: &str, partition: i32) -> Result<u64, ChangelogError> {
+    pub fn restore(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<u64, ChangelogError> {
         let failed = |reason: String| ChangelogError::Restore { topic: input_topic.to_string(), partition, reason };
         let changelog = topic_for(&self.group_id, input_topic);
         let started = Instant::now();
@@ -296,6 +355,15 @@ impl Restorer {
                 }
                 Some(Ok(message)) => {
                     next = Some(message.offset() + 1);
+                    if message.key() == Some(DROP_MARKER_KEY) {
+                        // `waymark state drop` was here: what came before is gone,
+                        // in this store too (its earlier restores included).
+                        batch = StateBatch::default();
+                        store.drop_scope(Scope::of(input_topic, partition))?;
+                        metrics::counter!("waymark_changelog_drops_applied_total").increment(1);
+                        tracing::info!(topic = %changelog, partition, offset = message.offset(), "the partition's state was dropped here (waymark state drop): forgetting what came before");
+                        continue;
+                    }
                     let value = message.payload().unwrap_or_default();
                     match decode(message.key().unwrap_or_default(), value) {
                         Ok((keyspace, key, value)) if restorable(keyspace, &value) => {

@@ -138,7 +138,7 @@ fn state_moves_between_machines_with_export_and_import() {
     // (state lives in the shipments' homes, not in the archive's partition).
     for home in 0..16 {
         let home = home.to_string();
-        run(&["state", "drop", "--state-dir", b.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", &home]);
+        run(&["state", "drop", "--local-only", "--state-dir", b.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", &home]);
     }
     let (ok, third, stderr) = replay(&["--input", "replay/sample.ndjson", "--state-dir", b.to_str().unwrap(), "--from-start"], None);
     assert!(ok, "{stderr}");
@@ -292,8 +292,12 @@ fn state_command_errors_say_what_is_actually_wrong() {
     let _ = holder.wait();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("another process holds it") && err.contains("read-only") && !err.contains("disk is not full"), "{err}");
-    // Drop says that the changelog brings the state back.
-    let (code, err) = run(&["state", "drop", "--state-dir", state.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", "0"]);
+    // A local-only drop says that the changelog brings the state back.
+    let (code, err) = run(&["state", "drop", "--local-only", "--state-dir", state.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", "0"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("restores this partition from its changelog"), "{err}");
+    assert!(err.contains("restores this partition from waymark-repartition-changelog at the next assignment"), "{err}");
+    // Without it, a broker out of reach drops nothing and says what to do.
+    let (code, err) = run(&["state", "drop", "--state-dir", state.to_str().unwrap(), "--topic", "waymark-repartition", "--partition", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nothing was dropped") && err.contains("--local-only"), "{err}");
 }

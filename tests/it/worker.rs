@@ -581,3 +581,74 @@ fn a_backfill_through_the_input_topic_emits_only_what_is_new() {
     println!("checked: backfill of {} records over {} already seen: {distinct} distinct milestones, {repeats} repeats", live.len(), first_half.len());
     assert_eq!(repeats, 0, "the backfill re-emitted milestones the worker had already emitted");
 }
+
+/// State entries (dedupe keys, hashes, shipments; not the bookkeeping of
+/// offsets) a state directory holds for one partition (`waymark state export`).
+fn exported_entries(state_dir: &std::path::Path, topic: &str, partition: i32) -> usize {
+    let out = std::process::Command::new(waymark_bin())
+        .args(["state", "export", "--state-dir"])
+        .arg(state_dir)
+        .args(["--topic", topic, "--partition", &partition.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "state export: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["keyspace"] != "offsets")
+        .count()
+}
+
+/// Run the worker until it is ready (partitions assigned, so restored), then stop it.
+fn restore_and_stop(setup: &WorkerSetup, state_dir: &std::path::Path) {
+    let port = free_port();
+    let mut worker = setup.spawn(Some(state_dir), Some(port));
+    let ready = (0..240).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    assert!(ready, "the worker never became ready");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
+    let setup = WorkerSetup::new("drop", 2);
+    let spec = TrafficSpec { seed: 61, shipments: 60, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let input = generate(&spec).envelopes;
+    let expected = expected_upserts(&input);
+    produce(&setup.input, &input, 2);
+    let mut worker = setup.spawn(None, None);
+    read_all(&setup.output, 2, expected.len(), Duration::from_secs(90), Duration::from_secs(1));
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let homes = format!("{}-repartition", setup.group);
+    let before: Vec<usize> = (0..4).map(|p| exported_entries(&setup.state_dir, &homes, p)).collect();
+    assert!(before.iter().all(|n| *n > 0), "every home should hold state: {before:?}");
+
+    // Drop home 0 with the group stopped: a marker goes to its changelog.
+    let out = std::process::Command::new(waymark_bin())
+        .args(["state", "drop", "--config"])
+        .arg(&setup.config_path)
+        .arg("--state-dir")
+        .arg(&setup.state_dir)
+        .args(["--topic", &homes, "--partition", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "state drop: {stderr}");
+    assert!(stderr.contains("wrote a drop marker to"), "{stderr}");
+    assert_eq!(exported_entries(&setup.state_dir, &homes, 0), 0);
+
+    // The same directory after a restart, and a new instance's empty directory:
+    // both restore every home from the changelog except the dropped one.
+    restore_and_stop(&setup, &setup.state_dir);
+    let other = setup.state_dir.with_extension("other");
+    restore_and_stop(&setup, &other);
+    for dir in [&setup.state_dir, &other] {
+        let after: Vec<usize> = (0..4).map(|p| exported_entries(dir, &homes, p)).collect();
+        println!("checked: {} entries per home before the drop {before:?}, after a restore {after:?}", dir.display());
+        assert_eq!(after[0], 0, "the changelog brought the dropped home back in {}", dir.display());
+        assert!(after[1..].iter().zip(&before[1..]).all(|(a, b)| a >= b), "other homes must be restored: {after:?} vs {before:?}");
+    }
+}
