@@ -9,6 +9,7 @@
 // The pure core: no I/O, builds without the `runtime` feature (fuzzing).
 pub mod batch;
 pub mod carriers;
+pub mod clock;
 pub mod dedupe;
 pub mod envelope;
 pub mod error;

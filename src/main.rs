@@ -13,6 +13,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 
 use waymark::batch::Summary;
+use waymark::clock::GuardedClock;
 use waymark::config::{Config, ConfigError, LogFormat, Overrides, RawConfig};
 use waymark::envelope::Envelope;
 use waymark::replay;
@@ -280,6 +281,12 @@ impl PartitionArgs {
     }
 }
 
+/// The guarded clock as RocksDB's compaction filter reads it.
+fn millis_clock(clock: &Arc<GuardedClock>) -> waymark::store::MillisClock {
+    let clock = clock.clone();
+    Arc::new(move || clock.now_ms())
+}
+
 /// An error with its exit code.
 struct Failure {
     code: u8,
@@ -433,8 +440,10 @@ fn run(config: Config) -> Result<(), Failure> {
     let health = Arc::new(Health::default());
     let listener = runtime.block_on(http::bind(config.http_listen))?;
     tracing::info!(addr = %config.http_listen, "serving /metrics, /healthz, /readyz");
+    // One guarded wall clock for decisions and for the compaction filter's expiry.
+    let clock = Arc::new(GuardedClock::system(waymark::clock::DEFAULT_MAX_STEP));
     let store = Arc::new(
-        RocksStore::open(&config.state_dir, &config.store, system_clock())
+        RocksStore::open(&config.state_dir, &config.store, millis_clock(&clock))
             .with_context(|| format!("state directory {}", config.state_dir.display()))?,
     );
     store.check_layout(&config.placement.layout(), true).map_err(layout_failure)?;
@@ -445,13 +454,13 @@ fn run(config: Config) -> Result<(), Failure> {
     }));
 
     let worker = {
-        let (config, store, health, shutdown) = (config.clone(), store.clone(), health.clone(), shutdown.clone());
+        let (config, store, health, shutdown, guarded) = (config.clone(), store.clone(), health.clone(), shutdown.clone(), clock.clone());
         std::thread::Builder::new()
             .name("waymark-worker".into())
             .spawn(move || {
                 let pipeline = config.pipeline();
                 let telemetry = Telemetry::new(config.tenant_label).with_carriers(pipeline.carriers.names());
-                let clock = || Utc::now();
+                let clock = || guarded.now();
                 let result = waymark::worker::run_worker(waymark::worker::WorkerDeps {
                     config: &config,
                     pipeline: &pipeline,
@@ -639,6 +648,7 @@ fn replay_cmd(
     resume: bool,
 ) -> Result<(), Failure> {
     let pipeline = config.pipeline();
+    let guarded = Arc::new(GuardedClock::system(waymark::clock::DEFAULT_MAX_STEP));
     let rocks = match state_dir {
         Some(dir) if dry_run && !dir.join("CURRENT").exists() => {
             eprintln!("note: {} holds no state yet; the dry run dedupes the archive within itself", dir.display());
@@ -649,7 +659,7 @@ fn replay_cmd(
             let store = if dry_run {
                 RocksStore::open_read_only(dir)
             } else {
-                RocksStore::open(dir, &config.store, system_clock())
+                RocksStore::open(dir, &config.store, millis_clock(&guarded))
             }
             .with_context(|| format!("state directory {}", dir.display()))?;
             // The archive meets the worker's state in the same homes, or not at all.
@@ -728,7 +738,7 @@ fn replay_cmd(
         "{spinner} {elapsed} {bytes} {bytes_per_sec} {msg}"
     };
     bar.set_style(indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
-    let clock = || Utc::now();
+    let clock = || guarded.now();
     let started = std::time::Instant::now();
     let mut last_log = started;
     let mut on_progress = |s: &Summary| {

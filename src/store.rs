@@ -461,6 +461,70 @@ mod tests {
         assert_eq!(scanned.len(), 1);
     }
 
+    /// The reviewer's scenario: events staged at T, the wall clock steps to T+40 d
+    /// while the worker runs and a compaction happens, then the clock is set
+    /// right (T+1 d): through the guarded clock, nothing expired and a
+    /// redelivery is still a duplicate.
+    #[test]
+    fn a_wall_clock_step_expires_nothing_through_the_guarded_clock() {
+        use crate::clock::{GuardedClock, DEFAULT_MAX_STEP};
+        use crate::dedupe::{check_and_stage, DedupePolicy, Verdict};
+        use crate::state::{Scope, Staged};
+        use chrono::TimeZone;
+
+        let day_ms = 86_400_000i64;
+        let t = chrono::Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap().timestamp_millis();
+        let wall = Arc::new(AtomicI64::new(t));
+        let mono = Arc::new(AtomicI64::new(0));
+        let (w, m) = (wall.clone(), mono.clone());
+        let guarded = Arc::new(GuardedClock::new(
+            Box::new(move || w.load(Ordering::SeqCst)),
+            Box::new(move || std::time::Duration::from_millis(m.load(Ordering::SeqCst) as u64)),
+            DEFAULT_MAX_STEP,
+        ));
+        let for_rocks = guarded.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &StoreOptions::default(), Arc::new(move || for_rocks.now_ms())).unwrap();
+        let policy = DedupePolicy { ttl: std::time::Duration::from_secs(30 * 86_400), skew: std::time::Duration::from_secs(2) };
+        let event = |n: usize| crate::event::TrackingEvent {
+            tenant_id: "acme".into(),
+            carrier: "ups".into(),
+            tracking_number: format!("1Z{n:08}"),
+            shipment_ref: None,
+            status: crate::event::Status::InTransit,
+            carrier_status_code: "AR".into(),
+            carrier_status_detail: None,
+            description: Some("Arrived at Facility".into()),
+            occurred_at: chrono::Utc.timestamp_millis_opt(t - day_ms).unwrap(),
+            time_assumed_utc: false,
+            location: Default::default(),
+            source_event_id: None,
+            received_at: chrono::Utc.timestamp_millis_opt(t).unwrap(),
+            source: crate::event::SourceRef { topic: "in".into(), partition: 0, offset: n as i64 },
+        };
+        let scope = Scope::of("waymark-repartition", 0);
+        let mut staged = Staged::new(&store);
+        for n in 0..50 {
+            assert_eq!(check_and_stage(&mut staged, scope, policy, &event(n), guarded.now()).unwrap(), Verdict::New);
+        }
+        store.write(staged.take_batch()).unwrap();
+        store.flush().unwrap();
+
+        // +40 days on the wall clock, one second on the monotonic one; compact.
+        wall.fetch_add(40 * day_ms + 1_000, Ordering::SeqCst);
+        mono.fetch_add(1_000, Ordering::SeqCst);
+        assert!(guarded.now_ms() < t + day_ms, "the step was followed");
+        store.compact().unwrap();
+        // Set right again (T+1 d is where time really is, a day later).
+        wall.store(t + day_ms, Ordering::SeqCst);
+        mono.store(day_ms, Ordering::SeqCst);
+        let mut staged = Staged::new(&store);
+        for n in 0..50 {
+            let verdict = check_and_stage(&mut staged, scope, policy, &event(n), guarded.now()).unwrap();
+            assert_eq!(verdict, Verdict::DuplicateHash, "event {n} was forgotten");
+        }
+    }
+
     #[test]
     fn export_import_drop_and_expire() {
         use crate::state::Scope;
