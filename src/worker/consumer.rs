@@ -1,5 +1,6 @@
-//! The consumer side: rebalance callbacks (restore or seek on assignment, commit
-//! on revocation), polling a batch, and committing offsets to the group.
+//! The consumer side: rebalance callbacks (seek, or pause until restored, on
+//! assignment; commit on revocation), the restores between batches, polling a
+//! batch, and committing offsets to the group.
 //!
 //! One consumer reads both record kinds: raw carrier topics and, with
 //! `routing.mode = "home"`, the repartition topic. Only partitions that own state
@@ -72,6 +73,25 @@ impl ConsumerContext for WorkerContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions failed");
                 }
+                // Partitions whose state the loop restores are paused before
+                // anything of them is fetched; the loop resumes them once restored.
+                let mut pending = TopicPartitionList::new();
+                {
+                    let partitions = lock(&self.partitions);
+                    for elem in tpl.elements().iter().filter(|e| partitions.is_pending_restore(e.topic(), e.partition())) {
+                        pending.add_partition(elem.topic(), elem.partition());
+                    }
+                }
+                if pending.count() > 0 {
+                    if let Err(e) = consumer.pause(&pending) {
+                        tracing::error!(error = %e, "cannot pause partitions until their state is restored; stopping");
+                        lock(&self.partitions).fail(ChangelogError::Restore {
+                            topic: "(assignment)".into(),
+                            partition: -1,
+                            reason: format!("cannot pause newly assigned partitions until their state is restored: {e}"),
+                        });
+                    }
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.on_revoke(consumer, tpl);
@@ -100,23 +120,13 @@ impl WorkerContext {
                 tracing::debug!(%topic, partition, "assigned; raw partition, starting at the group's committed offset");
                 continue;
             }
-            if let Some(restorer) = &self.restorer {
-                match self.restore_then_start(consumer, restorer, &topic, partition) {
-                    Ok(Some(start)) => {
-                        let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(start));
-                        lock(&self.partitions).assign(&topic, partition, Some(start), None);
-                    }
-                    Ok(None) => {
-                        lock(&self.partitions).assign(&topic, partition, None, None);
-                        tracing::info!(%topic, partition, "assigned; no progress anywhere, starting at auto.offset.reset");
-                    }
-                    Err(e) => {
-                        tracing::error!(%topic, partition, error = %e, "cannot restore the partition's state; stopping");
-                        let mut partitions = lock(&self.partitions);
-                        partitions.assign(&topic, partition, None, None);
-                        partitions.fail(e);
-                    }
-                }
+            if self.restorer.is_some() {
+                // Restored by the loop between batches (`restore_pending`), not
+                // here: restoring in the callback held up the whole group's
+                // rebalance, about 100 ms per partition. Kafka Streams made the
+                // same move (restore in the poll loop, partition paused).
+                lock(&self.partitions).assign_pending_restore(&topic, partition);
+                tracing::debug!(%topic, partition, "assigned; paused until its state is restored");
                 continue;
             }
             // The group's committed offset is authoritative (an operator's reset
@@ -182,6 +192,42 @@ impl WorkerContext {
         if commit.count() > 0 && !consumer.assignment_lost() && !self.transactional {
             if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
                 tracing::warn!(error = %e, "committing offsets on revocation failed; the next owner may re-process (identical upserts)");
+            }
+        }
+    }
+
+    /// Restore the state of every partition assigned since the last call, one
+    /// after the other, then seek each to where it starts and resume it. Called
+    /// by the loop between batches; a failure stops the worker (through
+    /// [`Partitions::fail`]), since a partition must not be processed with state
+    /// it could not restore.
+    pub(super) fn restore_pending(&self, consumer: &BaseConsumer<Self>) {
+        let Some(restorer) = &self.restorer else {
+            return;
+        };
+        loop {
+            let Some((topic, partition)) = lock(&self.partitions).next_to_restore() else {
+                return;
+            };
+            let started = self.restore_then_start(consumer, restorer, &topic, partition).and_then(|start| {
+                let failed = |what: &str, e: KafkaError| ChangelogError::Restore { topic: topic.clone(), partition, reason: format!("{what}: {e}") };
+                if let Some(start) = start {
+                    consumer.seek(&topic, partition, Offset::Offset(start), restorer.timeout).map_err(|e| failed("cannot seek to the start offset", e))?;
+                }
+                lock(&self.partitions).assign(&topic, partition, start, None);
+                let mut resume = TopicPartitionList::new();
+                resume.add_partition(&topic, partition);
+                consumer.resume(&resume).map_err(|e| failed("cannot resume the partition", e))?;
+                Ok(start)
+            });
+            match started {
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::info!(%topic, partition, "restored; no progress anywhere, starting at auto.offset.reset"),
+                Err(e) => {
+                    tracing::error!(%topic, partition, error = %e, "cannot restore the partition's state; stopping");
+                    lock(&self.partitions).fail(e);
+                    return;
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! What the consumer's rebalance callbacks and the worker loop share: the
-//! partitions this instance owns and how far each is processed, behind ONE lock
+//! partitions this instance owns, which wait for their state's restore, and how
+//! far each is processed, behind ONE lock
 //! ([`SharedPartitions`]). Callbacks run inside the consumer's poll on the worker
 //! thread, so the lock is never contended; it exists because librdkafka hands
 //! the context to the callbacks by shared reference. Pure: no Kafka types.
@@ -28,7 +29,11 @@ pub struct Partitions {
     /// store was behind it (killed between commit and state write); records below
     /// it are re-processed silently (state only: their outputs are committed).
     catch_up_to: HashMap<TopicPartition, i64>,
-    /// A restore that failed inside the rebalance callback; the loop stops on it.
+    /// Assigned and paused, their state not restored yet: the loop restores them
+    /// between batches (a rebalance callback that restored would hold up the
+    /// whole group's rebalance), then seeks and resumes them. In assignment order.
+    pending_restore: Vec<TopicPartition>,
+    /// A failure in a rebalance callback or a restore; the loop stops on it.
     fatal: Option<ChangelogError>,
 }
 
@@ -55,9 +60,29 @@ impl Partitions {
         }
     }
 
+    /// A partition was assigned whose state the loop restores before anything of
+    /// it is processed (see [`Partitions::next_to_restore`]).
+    pub fn assign_pending_restore(&mut self, topic: &str, partition: i32) {
+        let tp = (topic.to_string(), partition);
+        self.owned.insert(tp.clone());
+        if !self.pending_restore.contains(&tp) {
+            self.pending_restore.push(tp);
+        }
+    }
+
+    pub fn is_pending_restore(&self, topic: &str, partition: i32) -> bool {
+        self.pending_restore.iter().any(|(t, p)| t == topic && *p == partition)
+    }
+
+    /// The next partition to restore, taken off the list.
+    pub fn next_to_restore(&mut self) -> Option<TopicPartition> {
+        (!self.pending_restore.is_empty()).then(|| self.pending_restore.remove(0))
+    }
+
     /// A partition was revoked: forget it; returns its next offset to hand the group.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
         let tp = (topic.to_string(), partition);
+        self.pending_restore.retain(|pending| *pending != tp);
         self.owned.remove(&tp);
         self.catch_up_to.remove(&tp);
         self.next.remove(&tp)
@@ -125,5 +150,21 @@ mod tests {
         assert_eq!(p.revoke("t", 0), Some(5));
         assert!(!p.owns("t", 0) && !p.is_catch_up(&envelope(0, 8)));
         assert_eq!(p.commit_list().len(), 1);
+    }
+
+    #[test]
+    fn partitions_wait_for_their_restore_in_assignment_order_until_revoked() {
+        let mut p = Partitions::default();
+        for partition in [3, 1, 2, 1] {
+            p.assign_pending_restore("h", partition);
+        }
+        assert!(p.owns("h", 3) && p.is_pending_restore("h", 1));
+        assert_eq!(p.next("h", 3), None, "nothing is committed for a partition before its restore");
+        assert!(p.commit_list().is_empty());
+        assert_eq!(p.revoke("h", 1), None);
+        assert!(!p.is_pending_restore("h", 1));
+        assert_eq!(p.next_to_restore(), Some(("h".to_string(), 3)));
+        assert_eq!(p.next_to_restore(), Some(("h".to_string(), 2)));
+        assert_eq!(p.next_to_restore(), None);
     }
 }

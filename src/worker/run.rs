@@ -104,6 +104,10 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         // After a shutdown request: no more polling, but a held window is still
         // processed and committed (in-flight work).
         let stopping = deps.shutdown.load(Ordering::SeqCst);
+        // Partitions assigned during the last poll: their state first.
+        if !stopping {
+            consumer.context().restore_pending(&consumer);
+        }
         let mut envelopes =
             if stopping { Vec::new() } else { poll_batch(&consumer, config, batch_size.current, deps.shutdown, &partitions) };
         batch_size.observe(envelopes.len());
