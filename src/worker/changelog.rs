@@ -189,6 +189,14 @@ pub struct ChangelogRecord {
 /// The changelog records of a batch's state. Each state key belongs to the input
 /// partition whose scope prefixes it; the batch's progress entries say which
 /// partitions those are (the worker always stages progress).
+///
+/// Shipment states come first. In `at-least-once` mode a crash in the middle of
+/// sending them leaves a prefix of each partition's records on the changelog; a
+/// restore from it then holds a dedupe key only when every shipment state of the
+/// batch is there too, so re-processing the batch re-applies what is missing and
+/// ends every shipment where the uninterrupted run did. Keys first would let a
+/// restored key turn its event into a duplicate whose status never reaches the
+/// shipment (the status would move back).
 pub fn records(batch: &StateBatch, group_id: &str) -> Result<Vec<ChangelogRecord>, StoreError> {
     let partitions: HashMap<&[u8], (String, i32)> = batch
         .puts
@@ -197,7 +205,12 @@ pub fn records(batch: &StateBatch, group_id: &str) -> Result<Vec<ChangelogRecord
         .filter_map(|(_, key, _)| Some((&key[..8], progress_partition(key)?)))
         .collect();
     let mut out = Vec::new();
-    for (keyspace, key, value) in &batch.puts {
+    let shipments_first = batch
+        .puts
+        .iter()
+        .filter(|(keyspace, _, _)| *keyspace == Keyspace::Shipments)
+        .chain(batch.puts.iter().filter(|(keyspace, _, _)| *keyspace != Keyspace::Shipments));
+    for (keyspace, key, value) in shipments_first {
         if *keyspace == Keyspace::Offsets {
             continue;
         }
@@ -405,6 +418,45 @@ mod tests {
     use super::*;
     use crate::pipeline::progress_key;
 
+    /// A crash in the middle of a batch's changelog leaves a prefix of its
+    /// records. Restored from any prefix and re-processed, the batch ends every
+    /// shipment exactly where the uninterrupted run did.
+    #[test]
+    fn any_prefix_of_a_batchs_changelog_reprocesses_to_the_same_shipments() {
+        use crate::routing::Placement;
+        use crate::state::{MemoryStore, Staged};
+        use crate::synth::{generate, TrafficSpec};
+        use chrono::TimeZone;
+
+        let pipeline = crate::Pipeline { placement: Placement::Input, ..crate::Pipeline::default() };
+        let now = chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
+        let traffic = generate(&TrafficSpec { seed: 17, shipments: 6, topic: "in".into(), ..TrafficSpec::default() }).envelopes;
+        let (before, batch) = traffic.split_at(traffic.len() / 2);
+        let shipments = |store: &MemoryStore| Staged::new(store).scan(Keyspace::Shipments, &[], &[0xff; 64]).unwrap();
+        let run = |store: &MemoryStore, envelopes: &[crate::Envelope]| {
+            let output = crate::batch::process(&pipeline, store, envelopes, now, true, None).unwrap();
+            store.write(output.state.clone()).unwrap();
+            output.state
+        };
+        let uninterrupted = MemoryStore::default();
+        run(&uninterrupted, before);
+        let state = run(&uninterrupted, batch);
+        let logged = records(&state, "g").unwrap();
+        assert!(logged.len() > 10);
+        for prefix in 0..=logged.len() {
+            let store = MemoryStore::default();
+            run(&store, before);
+            let mut restored = StateBatch::default();
+            for record in &logged[..prefix] {
+                let (keyspace, key, value) = decode(&record.key, &record.value).unwrap();
+                restored.put(keyspace, key, value);
+            }
+            store.write(restored).unwrap();
+            run(&store, batch);
+            assert_eq!(shipments(&store), shipments(&uninterrupted), "restored from the first {prefix} of {} records", logged.len());
+        }
+    }
+
     #[test]
     fn records_go_to_the_partition_whose_scope_prefixes_them() {
         let (a, b) = (Scope::of("in", 0), Scope::of("in", 3));
@@ -415,9 +467,10 @@ mod tests {
         batch.put(Keyspace::Offsets, progress_key("in", 3), 9i64.to_be_bytes().to_vec());
         let out = records(&batch, "g").unwrap();
         assert_eq!(out.len(), 2, "progress is not logged");
-        assert_eq!((out[0].topic.as_str(), out[0].partition), ("g-in-changelog", 0));
-        assert_eq!((out[1].topic.as_str(), out[1].partition), ("g-in-changelog", 3));
-        let (keyspace, key, value) = decode(&out[1].key, &out[1].value).unwrap();
+        // Shipment states first (see `records`).
+        assert_eq!((out[0].topic.as_str(), out[0].partition), ("g-in-changelog", 3));
+        assert_eq!((out[1].topic.as_str(), out[1].partition), ("g-in-changelog", 0));
+        let (keyspace, key, value) = decode(&out[0].key, &out[0].value).unwrap();
         assert_eq!((keyspace, key, value), (Keyspace::Shipments, [&b.0[..], b"s1"].concat(), b"v2".to_vec()));
     }
 
