@@ -19,12 +19,17 @@ pub enum SinkError {
     /// The batch's state cannot be logged (a bug, not a transient fault).
     #[error("cannot log the batch's state changes: {0}")]
     State(#[from] crate::error::StoreError),
+    /// This member lost its partitions while the batch was in flight: another
+    /// member may own them and have logged newer state, which an older value
+    /// written now would override.
+    #[error("this member lost its partitions while a batch was in flight (it did not poll for longer than max.poll.interval.ms, or its session timed out); its state was not logged or written. A restart rejoins the group; the new owner re-processes the batch (identical upserts)")]
+    Fenced,
 }
 
 impl SinkError {
     pub fn fate(&self) -> Fate {
         match self {
-            SinkError::Io(_) | SinkError::State(_) => Fate::Stop,
+            SinkError::Io(_) | SinkError::State(_) | SinkError::Fenced => Fate::Stop,
             SinkError::Kafka { fate, .. } => *fate,
         }
     }

@@ -25,7 +25,10 @@ use crate::error::StoreError;
 use crate::http::Health;
 use crate::pipeline::Pipeline;
 use crate::routing::{KeyingCheck, Placement};
-use crate::state::{Keyspace, StateStore};
+use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::routing::RoutedRecord;
+use crate::sink::{Sink, SinkError};
+use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
 use crate::telemetry::{Telemetry, LAST_PROGRESS, REORDER_HELD, STORE_KEYS};
 
@@ -232,22 +235,56 @@ fn update_gauges(store: &RocksStore) {
 /// `before_output`, `after_output` (outputs acknowledged or transaction committed,
 /// state not written), `after_changelog` (at-least-once with changelogs: state
 /// logged, not written locally) and `after_state` (state written, offsets not committed in
-/// at-least-once mode). Unset, it costs one relaxed atomic load per batch.
+/// at-least-once mode). `<point>:<n>:pause=<seconds>` stalls there instead (a
+/// member that stops polling while a batch is in flight). Unset, it costs one
+/// relaxed atomic load per batch.
 pub(crate) fn failpoint(point: &str) {
     use std::sync::atomic::AtomicU64;
     use std::sync::OnceLock;
-    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static ARMED: OnceLock<Option<(String, u64, Option<u64>)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     let armed = ARMED.get_or_init(|| {
         let spec = std::env::var("WAYMARK_FAILPOINT").ok()?;
-        let (name, nth) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
-        Some((name.to_string(), nth.parse().unwrap_or(1)))
+        let mut parts = spec.split(':');
+        let name = parts.next()?.to_string();
+        let nth = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+        let pause = parts.next().and_then(|p| p.strip_prefix("pause=")?.parse().ok());
+        Some((name, nth, pause))
     });
-    if let Some((name, nth)) = armed {
+    if let Some((name, nth, pause)) = armed {
         if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+            if let Some(seconds) = pause {
+                eprintln!("waymark: failpoint {point} reached, pausing {seconds}s (WAYMARK_FAILPOINT)");
+                std::thread::sleep(Duration::from_secs(*seconds));
+                return;
+            }
             eprintln!("waymark: failpoint {point} reached, aborting (WAYMARK_FAILPOINT)");
             std::process::abort();
         }
+    }
+}
+
+/// At-least-once: state is logged to the changelog only by a member that still
+/// owns its partitions. One that stalled in a send for longer than
+/// `max.poll.interval.ms` has been replaced; the new owner may already have
+/// logged newer state for the same shipments, and an older value logged after it
+/// would win compaction (a later restore would move statuses back). Such a
+/// member stops instead (exactly-once is fenced by its transactional id).
+struct FencedState<'a, S: Sink> {
+    inner: S,
+    consumer: &'a BaseConsumer<WorkerContext>,
+}
+
+impl<S: Sink> Sink for FencedState<'_, S> {
+    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+        self.inner.send(upserts, dead_letters, routed)
+    }
+
+    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        if self.consumer.assignment_lost() {
+            return Err(SinkError::Fenced);
+        }
+        self.inner.send_state(state)
     }
 }
 
@@ -319,8 +356,9 @@ fn process_and_commit(
     process: Process,
 ) -> Result<(), WorkerError> {
     let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
-    let mut retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
-    match batch::deliver(&*deps.store, &mut retrying, output, &mut |point| {
+    let retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
+    let mut fenced = FencedState { inner: retrying, consumer };
+    match batch::deliver(&*deps.store, &mut fenced, output, &mut |point| {
         failpoint(point.name());
         false
     }) {
