@@ -228,3 +228,60 @@ fn instances_joining_and_leaving_never_repeat_a_milestone_exactly_once() {
         println!("control without changelogs: {repeated} milestones emitted again after partitions moved (expected > 0)");
     }
 }
+
+/// A SIGTERM that lands while the group rebalances (another member is joining):
+/// the stopping member finishes its batch, hands over its partitions and exits 0
+/// within `worker.shutdown_timeout` (an orchestrator's rolling deploy must not
+/// see a failed pod), and nothing is lost. The stop is sent at several delays
+/// after the other member starts, so that some land in its join.
+fn sigterm_during_rebalance(name: &str, exactly_once: bool) {
+    let setup = WorkerSetup::new(name, PARTITIONS);
+    let input: Vec<Envelope> = (0..PARTITIONS)
+        .flat_map(|partition| {
+            let spec = TrafficSpec { seed: 300 + partition as u64, shipments: 150, partition, topic: setup.input.clone(), ..TrafficSpec::default() };
+            generate(&spec).envelopes
+        })
+        .collect();
+    let expected = expected_upserts(&input);
+    let root = tempfile::tempdir().unwrap();
+    let mut running = Instance::new("a", root.path(), exactly_once);
+    let mut joining = Instance::new("b", root.path(), exactly_once);
+    let mut watcher = Watcher::new(&setup.output);
+    running.start(&setup);
+    // Traffic keeps coming while members join and leave.
+    let chunks: Vec<Vec<Envelope>> = input.chunks(input.len().div_ceil(5)).map(<[Envelope]>::to_vec).collect();
+    let mut delays = [400u64, 1_200, 2_000, 3_000].into_iter();
+    for chunk in &chunks[..4] {
+        produce(&setup.input, chunk, PARTITIONS);
+        watcher.drain(Duration::from_millis(500));
+        joining.start(&setup);
+        std::thread::sleep(Duration::from_millis(delays.next().unwrap()));
+        running.stop("TERM"); // asserts exit 0 within 60 s
+        std::mem::swap(&mut running, &mut joining);
+    }
+    produce(&setup.input, &chunks[4], PARTITIONS);
+    assert!(
+        watcher.wait_distinct(expected.len(), Duration::from_secs(120)),
+        "{name}: only {} of {} distinct milestones arrived",
+        watcher.distinct.len(),
+        expected.len()
+    );
+    watcher.drain(Duration::from_secs(2));
+    running.stop("TERM");
+    let (distinct, repeats) = check_at_least_once(&watcher.reads, &expected);
+    assert_no_status_moves_back(&watcher.reads);
+    if exactly_once {
+        assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones");
+    }
+    println!("checked {name}: 4 SIGTERMs while a member joined, each exit 0; {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
+}
+
+#[test]
+fn sigterm_during_a_rebalance_exits_cleanly_at_least_once() {
+    sigterm_during_rebalance("group.term.alo", false);
+}
+
+#[test]
+fn sigterm_during_a_rebalance_exits_cleanly_exactly_once() {
+    sigterm_during_rebalance("group.term.eos", true);
+}
