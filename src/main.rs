@@ -13,6 +13,12 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 
 use waymark::batch::Summary;
+
+/// mimalloc instead of glibc's allocator: per event the pipeline allocates and
+/// frees many small strings and buffers (see README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use waymark::clock::GuardedClock;
 use waymark::config::{Config, ConfigError, LogFormat, Overrides, RawConfig};
 use waymark::envelope::Envelope;
