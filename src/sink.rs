@@ -21,8 +21,8 @@ pub enum SinkError {
     State(#[from] crate::error::StoreError),
     /// This member lost its partitions while the batch was in flight: another
     /// member may own them and have logged newer state, which an older value
-    /// written now would override.
-    #[error("this member lost its partitions while a batch was in flight (it did not poll for longer than max.poll.interval.ms, or its session timed out); its state was not logged or written. A restart rejoins the group; the new owner re-processes the batch (identical upserts)")]
+    /// written now would override. The worker abandons the batch's state.
+    #[error("this member lost its partitions while a batch was in flight; the batch's state must not be logged")]
     Fenced,
 }
 

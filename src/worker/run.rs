@@ -269,7 +269,8 @@ pub(crate) fn failpoint(point: &str) {
 /// `max.poll.interval.ms` has been replaced; the new owner may already have
 /// logged newer state for the same shipments, and an older value logged after it
 /// would win compaction (a later restore would move statuses back). Such a
-/// member stops instead (exactly-once is fenced by its transactional id).
+/// member abandons the batch instead (see `process_and_commit`; exactly-once is
+/// fenced by its transactional id).
 struct FencedState<'a, S: Sink> {
     inner: S,
     consumer: &'a BaseConsumer<WorkerContext>,
@@ -363,6 +364,19 @@ fn process_and_commit(
         false
     }) {
         Ok(_) => {}
+        Err(batch::DeliverError::Sink(SinkError::Fenced)) => {
+            // Abandon the batch: its outputs are acknowledged, its state is
+            // neither logged nor written, its offsets are not advanced. The next
+            // poll takes the lost assignment back through a rebalance (restored
+            // from the changelog, re-read from the group's committed offsets), so
+            // whoever owns the partitions now re-runs the batch (identical upserts).
+            metrics::counter!("waymark_batches_abandoned_total").increment(1);
+            tracing::warn!(
+                records = envelopes.len(),
+                "this member lost its partitions while a batch was in flight (no poll for longer than max.poll.interval.ms, or the session timed out, e.g. during a broker outage); the batch's state is not logged or written, and its partitions are re-assigned"
+            );
+            return Ok(());
+        }
         Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
         Err(batch::DeliverError::Store(e)) => return Err(e.into()),
         Err(batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in production ({point:?})"),

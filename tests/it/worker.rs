@@ -656,39 +656,32 @@ fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
 /// A member that stops polling while a batch is in flight, for longer than
 /// `max.poll.interval.ms`, has been replaced when it wakes up: in at-least-once
 /// mode it must not log the batch's state to the changelog (the new owner may
-/// have logged newer state, which an older value would override). It stops
-/// instead, having logged and written nothing, and a restart delivers everything.
+/// have logged newer state, which an older value would override). It abandons
+/// the batch's state, gets its partitions back through a rebalance, and
+/// everything is delivered, with no status moving back.
 #[test]
-fn a_member_replaced_while_its_batch_was_in_flight_stops_without_logging_state() {
+fn a_member_replaced_while_its_batch_was_in_flight_abandons_the_batchs_state() {
     let setup = WorkerSetup::new("fence", 2);
     setup.configure("kafka.consumer_properties", "\"max.poll.interval.ms\" = \"7000\"");
-    let spec = TrafficSpec { seed: 71, shipments: 60, topic: setup.input.clone(), ..TrafficSpec::default() };
+    let spec = TrafficSpec { seed: 71, shipments: 150, topic: setup.input.clone(), ..TrafficSpec::default() };
     let input = generate(&spec).envelopes;
     let expected = expected_upserts(&input);
     produce(&setup.input, &scatter(&input, 2), 2);
-    // The 3rd batch's outputs are acknowledged, then the worker stalls for 12 s.
+    // The 2nd batch's outputs are acknowledged, then the worker stalls for 12 s.
+    let log = setup.state_dir.with_extension("stalled.log");
     let mut cmd = std::process::Command::new(waymark_bin());
     cmd.arg("run").arg("--config").arg(&setup.config_path);
-    cmd.env("WAYMARK_FAILPOINT", "after_output:3:pause=12").env("WAYMARK_LOG", "warn");
-    let log = setup.state_dir.with_extension("stalled.log");
+    cmd.env("WAYMARK_FAILPOINT", "after_output:2:pause=12").env("WAYMARK_LOG", "warn");
     cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-    let mut stalled = cmd.spawn().unwrap();
-    let status = wait_exit(&mut stalled, Duration::from_secs(60));
-    if status.is_none() {
-        let _ = stalled.kill();
-    }
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "the replaced member must stop within 60 s: {stderr}");
-    assert!(stderr.contains("lost its partitions while a batch was in flight"), "{stderr}");
-
-    let mut worker = setup.spawn(None, None);
-    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(90), Duration::from_secs(2));
+    let mut worker = cmd.spawn().unwrap();
+    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
     signal(&worker, "TERM");
-    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let status = wait_exit(&mut worker, Duration::from_secs(30));
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(stderr.contains("failpoint after_output reached, pausing"), "{stderr}");
+    assert!(stderr.contains("lost its partitions while a batch was in flight"), "the stalled member did not notice it was replaced: {stderr}");
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM must still exit 0: {status:?}\n{stderr}");
     let (distinct, repeats) = check_at_least_once(&output, &expected);
     assert_no_status_moves_back(&output);
-    println!(
-        "checked: the stalled member stopped (exit 1); after a restart {distinct} distinct of {} expected, {repeats} identical repeats",
-        expected.len()
-    );
+    println!("checked: the stalled member abandoned its batch's state; {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
 }
