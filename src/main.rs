@@ -929,7 +929,7 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             } else {
                 // Marker before the local drop: if the drop then fails, the next
                 // restore reads the marker and drops the local copy anyway.
-                let client = waymark::worker::client::base_config(&config);
+                let client = waymark::worker::client::producer_config(&config);
                 match waymark::worker::changelog::write_drop_marker(&client, &config.kafka.group_id, topic, number, Utc::now(), Duration::from_secs(15)) {
                     Ok(true) => eprintln!("wrote a drop marker to {changelog} [{number}]: restores from the changelog forget what came before it"),
                     Ok(false) => eprintln!("no changelog topic {changelog} on {}: nothing can restore this partition", config.kafka.brokers),

@@ -33,6 +33,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use thiserror::Error;
 
+use super::producer::DeliveryTracker;
 use super::topics::{Admin, TopicError};
 use crate::error::StoreError;
 use crate::pipeline::{progress_key, stored_offset};
@@ -101,9 +102,10 @@ pub fn restorable(keyspace: Keyspace, value: &[u8]) -> bool {
 pub const DROP_MARKER_KEY: &[u8] = b"\xffwaymark.state-dropped";
 
 /// Write the drop marker to the changelog partition of `input_topic` [`partition`]
-/// and wait until the broker acknowledges it. `Ok(false)`: the group has no
-/// changelog topic for `input_topic`, so there is nothing a restore could bring
-/// back.
+/// and wait until the broker acknowledges it. `client` is the worker's producer
+/// configuration ([`super::client::producer_config`]). `Ok(false)`: the group has
+/// no changelog topic for `input_topic`, so there is nothing a restore could
+/// bring back.
 pub fn write_drop_marker(
     client: &ClientConfig,
     group_id: &str,
@@ -112,24 +114,14 @@ pub fn write_drop_marker(
     at: chrono::DateTime<chrono::Utc>,
     timeout: Duration,
 ) -> Result<bool, ChangelogError> {
-    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-    use rdkafka::ClientContext;
-
-    struct Delivered(std::sync::Mutex<Option<Result<(), String>>>);
-    impl ClientContext for Delivered {}
-    impl ProducerContext for Delivered {
-        type DeliveryOpaque = ();
-        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-            let outcome = result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string());
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
-        }
-    }
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
     let changelog = topic_for(group_id, input_topic);
     let failed = |reason: String| ChangelogError::Setup(format!("cannot write the drop marker to partition {partition}: {reason}"), changelog.clone());
     let mut client = client.clone();
-    client.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", timeout.as_millis().to_string());
-    let producer: BaseProducer<Delivered> = client.create_with_context(Delivered(Default::default())).map_err(|e| failed(e.to_string()))?;
+    client.set("message.timeout.ms", timeout.as_millis().to_string());
+    let producer: BaseProducer<DeliveryTracker> =
+        client.create_with_context(DeliveryTracker::default()).map_err(|e| failed(e.to_string()))?;
     let metadata = producer.client().fetch_metadata(Some(&changelog), timeout).map_err(|e| failed(e.to_string()))?;
     let partitions = metadata.topics().iter().find(|t| t.name() == changelog && t.error().is_none()).map_or(0, |t| t.partitions().len());
     if partitions == 0 {
@@ -143,11 +135,10 @@ pub fn write_drop_marker(
         .send(BaseRecord::<[u8], String>::to(&changelog).partition(partition).key(DROP_MARKER_KEY).payload(&value))
         .map_err(|(e, _)| failed(e.to_string()))?;
     producer.flush(timeout).map_err(|e| failed(e.to_string()))?;
-    let delivered = producer.context().0.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match delivered {
-        Some(Ok(())) => Ok(true),
-        Some(Err(reason)) => Err(failed(reason)),
-        None => Err(failed(format!("no acknowledgement within {timeout:?}"))),
+    match producer.context().outcome() {
+        (1, _, _) => Ok(true),
+        (_, _, Some(reason)) => Err(failed(reason)),
+        _ => Err(failed(format!("no acknowledgement within {timeout:?}"))),
     }
 }
 
