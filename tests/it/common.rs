@@ -251,6 +251,20 @@ listen = "127.0.0.1:{http_port}"
         WorkerSetup { input, output, dlq, group, partitions, state_dir, config_path, http_port, _dir: dir }
     }
 
+    /// Synthetic traffic (EasyPost webhooks, partition 0) for this setup's input
+    /// topic, and the milestones it must yield.
+    pub fn traffic(&self, seed: u64, shipments: usize) -> (Vec<Envelope>, BTreeMap<String, serde_json::Value>) {
+        let input = waymark::synth::generate(&waymark::synth::TrafficSpec {
+            seed,
+            shipments,
+            topic: self.input.clone(),
+            ..waymark::synth::TrafficSpec::default()
+        })
+        .envelopes;
+        let expected = expected_upserts(&input);
+        (input, expected)
+    }
+
     /// Switch state hand-over off (`state.changelog = false`): state stays local.
     pub fn disable_changelog(&self) {
         self.configure("state", "changelog = false");

@@ -207,9 +207,7 @@ fn a_slow_downstream_backpressures_the_worker_without_loss() {
     // must wait for deliveries, not drop, buffer without bound or fail.
     let setup = WorkerSetup::new("backpressure", 1);
     setup.configure("kafka.producer_properties", "\"queue.buffering.max.messages\" = \"5\"\n\"linger.ms\" = \"20\"");
-    let spec = TrafficSpec { seed: 61, shipments: 80, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(61, 80);
     produce(&setup.input, &input, 1);
     let mut worker = setup.spawn(None, None);
     let output = read_all(&setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
@@ -236,9 +234,7 @@ fn a_worker_started_before_its_broker_waits_for_it() {
 
     broker.script("start");
     create_topics_on(&broker.address(), &[&setup.input, &setup.output, &setup.dlq], 1);
-    let spec = TrafficSpec { seed: 71, shipments: 30, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(71, 30);
     produce_on(&broker.address(), &setup.input, &input, 1);
     let output = read_all_on(&broker.address(), &setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
     signal(&worker, "TERM");

@@ -207,9 +207,7 @@ fn failpoint_run(name: &str, point: &str, extra_args: &[&str], changelog: bool) 
     if !changelog {
         setup.disable_changelog();
     }
-    let spec = TrafficSpec { seed: 31, shipments: 60, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(31, 60);
     produce(&setup.input, &scatter(&input, 2), 2);
     // batch_size is 200 in the test config: the 2nd batch hits the failpoint.
     let mut cmd = std::process::Command::new(waymark_bin());
@@ -328,9 +326,7 @@ fn the_reorder_window_holds_uncommitted_and_emits_in_hierarchy_order() {
 fn every_compression_codec_is_read_and_zstd_is_written() {
     let setup = WorkerSetup::new("codecs", 1);
     setup.configure("kafka.producer_properties", "\"compression.type\" = \"zstd\"");
-    let spec = TrafficSpec { seed: 81, shipments: 40, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(81, 40);
     let codecs = ["gzip", "snappy", "lz4", "zstd"];
     for (codec, chunk) in codecs.iter().zip(input.chunks(input.len().div_ceil(codecs.len()))) {
         produce_with(&brokers(), &setup.input, chunk, 1, &[("compression.type", codec)]);
@@ -421,9 +417,7 @@ fn metric_sum(metrics: &str, family: &str, label: &str) -> f64 {
 #[test]
 fn a_group_offset_reset_is_followed_not_overridden_by_stored_progress() {
     let setup = WorkerSetup::new("reset", 1);
-    let spec = TrafficSpec { seed: 91, shipments: 30, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(91, 30);
     produce(&setup.input, &input, 1);
     let mut worker = setup.spawn(None, None);
     let first = read_all(&setup.output, 1, expected.len(), Duration::from_secs(90), Duration::from_secs(2));
@@ -614,9 +608,7 @@ fn restore_and_stop(setup: &WorkerSetup, state_dir: &std::path::Path) {
 #[test]
 fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
     let setup = WorkerSetup::new("drop", 2);
-    let spec = TrafficSpec { seed: 61, shipments: 60, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(61, 60);
     produce(&setup.input, &input, 2);
     let mut worker = setup.spawn(None, None);
     read_all(&setup.output, 2, expected.len(), Duration::from_secs(90), Duration::from_secs(1));
@@ -663,9 +655,7 @@ fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
 fn a_member_replaced_while_its_batch_was_in_flight_abandons_the_batchs_state() {
     let setup = WorkerSetup::new("fence", 2);
     setup.configure("kafka.consumer_properties", "\"max.poll.interval.ms\" = \"7000\"");
-    let spec = TrafficSpec { seed: 71, shipments: 150, topic: setup.input.clone(), ..TrafficSpec::default() };
-    let input = generate(&spec).envelopes;
-    let expected = expected_upserts(&input);
+    let (input, expected) = setup.traffic(71, 150);
     produce(&setup.input, &scatter(&input, 2), 2);
     // The 2nd batch's outputs are acknowledged, then the worker stalls for 12 s.
     let log = setup.state_dir.with_extension("stalled.log");
