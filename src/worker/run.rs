@@ -236,32 +236,65 @@ fn update_gauges(store: &RocksStore) {
 /// state not written), `after_changelog` (at-least-once with changelogs: state
 /// logged, not written locally) and `after_state` (state written, offsets not committed in
 /// at-least-once mode). `<point>:<n>:pause=<seconds>` stalls there instead (a
-/// member that stops polling while a batch is in flight). Unset, it costs one
+/// member that stops polling while a batch is in flight). `batch_offset_commit:<n>:fail`
+/// makes every per-batch offset commit from the n-th on fail, as commits do
+/// while the group rebalances (see [`failpoint_fails`]). Unset, it costs one
 /// relaxed atomic load per batch.
 pub(crate) fn failpoint(point: &str) {
-    use std::sync::atomic::AtomicU64;
+    if let Some((name, nth, action)) = armed_failpoint() {
+        if name == point && failpoint_hit() == *nth {
+            match action {
+                FailpointAction::Pause(seconds) => {
+                    eprintln!("waymark: failpoint {point} reached, pausing {seconds}s (WAYMARK_FAILPOINT)");
+                    std::thread::sleep(Duration::from_secs(*seconds));
+                }
+                FailpointAction::Abort => {
+                    eprintln!("waymark: failpoint {point} reached, aborting (WAYMARK_FAILPOINT)");
+                    std::process::abort();
+                }
+                FailpointAction::Fail => {}
+            }
+        }
+    }
+}
+
+/// Does the step at `point` fail this time? True from the n-th time on when
+/// `WAYMARK_FAILPOINT=<point>:<n>:fail` is set.
+pub(crate) fn failpoint_fails(point: &str) -> bool {
+    match armed_failpoint() {
+        Some((name, nth, FailpointAction::Fail)) if name == point => failpoint_hit() >= *nth,
+        _ => false,
+    }
+}
+
+enum FailpointAction {
+    Abort,
+    Pause(u64),
+    Fail,
+}
+
+fn armed_failpoint() -> &'static Option<(String, u64, FailpointAction)> {
     use std::sync::OnceLock;
-    static ARMED: OnceLock<Option<(String, u64, Option<u64>)>> = OnceLock::new();
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    let armed = ARMED.get_or_init(|| {
+    static ARMED: OnceLock<Option<(String, u64, FailpointAction)>> = OnceLock::new();
+    ARMED.get_or_init(|| {
         let spec = std::env::var("WAYMARK_FAILPOINT").ok()?;
         let mut parts = spec.split(':');
         let name = parts.next()?.to_string();
         let nth = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
-        let pause = parts.next().and_then(|p| p.strip_prefix("pause=")?.parse().ok());
-        Some((name, nth, pause))
-    });
-    if let Some((name, nth, pause)) = armed {
-        if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
-            if let Some(seconds) = pause {
-                eprintln!("waymark: failpoint {point} reached, pausing {seconds}s (WAYMARK_FAILPOINT)");
-                std::thread::sleep(Duration::from_secs(*seconds));
-                return;
-            }
-            eprintln!("waymark: failpoint {point} reached, aborting (WAYMARK_FAILPOINT)");
-            std::process::abort();
-        }
-    }
+        let action = match parts.next() {
+            Some("fail") => FailpointAction::Fail,
+            Some(pause) => FailpointAction::Pause(pause.strip_prefix("pause=").and_then(|s| s.parse().ok()).unwrap_or(0)),
+            None => FailpointAction::Abort,
+        };
+        Some((name, nth, action))
+    })
+}
+
+/// Count one hit of the armed failpoint; the count after it.
+fn failpoint_hit() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    HITS.fetch_add(1, Ordering::SeqCst) + 1
 }
 
 /// At-least-once: state is logged to the changelog only by a member that still
@@ -383,6 +416,10 @@ fn process_and_commit(
     }
     lock(partitions).advance(envelopes);
     mark_progress(deps);
-    commit_progress(consumer, partitions, CommitMode::Async);
+    if failpoint_fails("batch_offset_commit") {
+        tracing::warn!("offset commit failed (WAYMARK_FAILPOINT); the store's progress stays authoritative");
+    } else {
+        commit_progress(consumer, partitions, CommitMode::Async);
+    }
     Ok(())
 }

@@ -675,3 +675,73 @@ fn a_member_replaced_while_its_batch_was_in_flight_abandons_the_batchs_state() {
     assert_no_status_moves_back(&output);
     println!("checked: the stalled member abandoned its batch's state; {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
 }
+
+/// Records the group has not committed: for every partition of `topics`, its
+/// log end minus the group's committed offset (none committed counts from 0).
+fn group_lag(group: &str, topics: &[(&str, i32)]) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            tpl.add_partition(topic, p);
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("reading the group's committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, end) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10)).expect("reading a log end");
+            let done = match e.offset() {
+                rdkafka::Offset::Offset(n) => n,
+                _ => 0,
+            };
+            end - done
+        })
+        .sum()
+}
+
+/// While a group rebalances, per-batch offset commits fail ("Specified group
+/// generation id is not valid"); if traffic then stops, no later batch commits
+/// again, and the group's lag stays above zero for good although everything was
+/// processed (lag alerts fire, whoever gets the partitions next re-processes
+/// them). Here every per-batch commit fails (a failpoint): once the worker is
+/// idle it must hand the group its offsets anyway, without new input.
+#[test]
+fn offsets_whose_batch_commits_failed_are_committed_once_the_worker_is_idle() {
+    let setup = WorkerSetup::new("stale", 2);
+    let (input, expected) = setup.traffic(73, 60);
+    produce(&setup.input, &scatter(&input, 2), 2);
+    let log = setup.state_dir.with_extension("commits.log");
+    let mut cmd = std::process::Command::new(waymark_bin());
+    cmd.arg("run").arg("--config").arg(&setup.config_path);
+    cmd.env("WAYMARK_FAILPOINT", "batch_offset_commit:1:fail").env("WAYMARK_LOG", "warn");
+    cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    let mut worker = cmd.spawn().unwrap();
+    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
+    let repartition = format!("{}-repartition", setup.group);
+    let topics = [(setup.input.as_str(), 2), (repartition.as_str(), 4)];
+    // No new input from here on; the worker's idle re-commit runs every 5 s.
+    let mut lag = group_lag(&setup.group, &topics);
+    for _ in 0..60 {
+        if lag == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        lag = group_lag(&setup.group, &topics);
+    }
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(30));
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(stderr.contains("offset commit failed (WAYMARK_FAILPOINT)"), "the failpoint never fired: {stderr}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+    let (distinct, _) = check_at_least_once(&output, &expected);
+    assert_eq!(lag, 0, "30 s after the last record the group still lags by {lag} records: failed batch commits were never retried");
+    println!("checked: every per-batch commit failed; {distinct} milestones delivered and the idle worker brought the group's lag to 0");
+}
