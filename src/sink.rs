@@ -21,8 +21,9 @@ pub enum SinkError {
     State(#[from] crate::error::StoreError),
     /// This member lost its partitions while the batch was in flight: another
     /// member may own them and have logged newer state, which an older value
-    /// written now would override. The worker abandons the batch's state.
-    #[error("this member lost its partitions while a batch was in flight; the batch's state must not be logged")]
+    /// written now would override, and a transaction's offset commit is refused
+    /// for good. The worker abandons the batch (nothing of it is claimed).
+    #[error("this member lost its partitions while a batch was in flight; the batch is abandoned")]
     Fenced,
 }
 

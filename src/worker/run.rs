@@ -297,6 +297,18 @@ fn failpoint_hit() -> u64 {
     HITS.fetch_add(1, Ordering::SeqCst) + 1
 }
 
+/// A batch abandoned because this member lost its partitions while it was in
+/// flight: its state is not written and its offsets are not advanced. The next
+/// poll takes the lost assignment back through a rebalance (state restored from
+/// the changelog, records re-read from the group's committed offsets).
+fn abandoned(records: usize) {
+    metrics::counter!("waymark_batches_abandoned_total").increment(1);
+    tracing::warn!(
+        records,
+        "this member lost its partitions while a batch was in flight (no poll for longer than max.poll.interval.ms, or the session timed out, e.g. during a broker outage); the batch is abandoned (nothing of it is claimed) and its partitions are re-assigned"
+    );
+}
+
 /// At-least-once: state is logged to the changelog only by a member that still
 /// owns its partitions. One that stalled in a send for longer than
 /// `max.poll.interval.ms` has been replaced; the new owner may already have
@@ -370,7 +382,14 @@ fn process_transactionally(
     failpoint("before_output");
     let mut state = output.state;
     let outputs = Outputs { upserts: &output.upserts, dead_letters: &output.dead_letters, routed: &output.routed };
-    sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout)?;
+    match sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout) {
+        Ok(()) => {}
+        Err(SinkError::Fenced) => {
+            abandoned(live.len());
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
     failpoint("after_output");
     // Only now may state claim the batch.
     deps.store.write(state)?;
@@ -398,16 +417,10 @@ fn process_and_commit(
     }) {
         Ok(_) => {}
         Err(batch::DeliverError::Sink(SinkError::Fenced)) => {
-            // Abandon the batch: its outputs are acknowledged, its state is
-            // neither logged nor written, its offsets are not advanced. The next
-            // poll takes the lost assignment back through a rebalance (restored
-            // from the changelog, re-read from the group's committed offsets), so
-            // whoever owns the partitions now re-runs the batch (identical upserts).
-            metrics::counter!("waymark_batches_abandoned_total").increment(1);
-            tracing::warn!(
-                records = envelopes.len(),
-                "this member lost its partitions while a batch was in flight (no poll for longer than max.poll.interval.ms, or the session timed out, e.g. during a broker outage); the batch's state is not logged or written, and its partitions are re-assigned"
-            );
+            // Its outputs are acknowledged (whoever owns the partitions now
+            // re-runs the batch: identical upserts), its state is neither logged
+            // nor written.
+            abandoned(envelopes.len());
             return Ok(());
         }
         Err(batch::DeliverError::Sink(e)) => return Err(e.into()),

@@ -94,13 +94,16 @@ impl TransactionalSink {
                 }
                 Err((reason, fate)) => {
                     if consumer.assignment_lost() {
-                        // The session timed out meanwhile: the group fences this
-                        // member's offset commits for good, and retrying without
-                        // polling never rejoins. Stop; a restart rejoins, restores
-                        // and re-processes the uncommitted batch.
-                        let total = outputs.len() + records.len();
-                        let reason = format!("{reason}; this member lost its partitions (session timed out) while committing: stopping so that a restart rejoins the group (nothing of the batch is claimed)");
-                        return Err(SinkError::Kafka { failed: total, total, reason, fate: Fate::Stop });
+                        // The session timed out or the member stopped polling for
+                        // longer than max.poll.interval.ms: the group refuses this
+                        // member's offset commits for good (unknown member), and
+                        // retrying without polling would never rejoin. Abandon the
+                        // batch: nothing of it is claimed, the next poll rejoins
+                        // and re-reads it from the group's committed offsets. A
+                        // commit whose outcome is unknown is still settled (the
+                        // producer re-created) before the next transaction begins.
+                        tracing::warn!(%reason, "the transaction cannot commit: this member lost its partitions");
+                        return Err(SinkError::Fenced);
                     }
                     if fate != Fate::Retry || retry.gave_up() {
                         let total = outputs.len() + records.len();

@@ -646,34 +646,53 @@ fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
 }
 
 /// A member that stops polling while a batch is in flight, for longer than
-/// `max.poll.interval.ms`, has been replaced when it wakes up: in at-least-once
+/// `max.poll.interval.ms`, has been replaced when it wakes up. In at-least-once
 /// mode it must not log the batch's state to the changelog (the new owner may
-/// have logged newer state, which an older value would override). It abandons
-/// the batch's state, gets its partitions back through a rebalance, and
-/// everything is delivered, with no status moving back.
-#[test]
-fn a_member_replaced_while_its_batch_was_in_flight_abandons_the_batchs_state() {
-    let setup = WorkerSetup::new("fence", 2);
+/// have logged newer state, which an older value would override); in
+/// exactly-once mode its transaction's offset commit is refused for good
+/// (unknown member), and retrying without polling would never rejoin. Either way
+/// it abandons the batch, gets its partitions back through a rebalance and
+/// carries on: everything is delivered, no status moves back, and exactly-once
+/// shows a read_committed reader no repeat.
+fn stalled_member_run(name: &str, pause_at: &str, extra: &[&str]) -> (usize, usize) {
+    let setup = WorkerSetup::new(name, 2);
     setup.configure("kafka.consumer_properties", "\"max.poll.interval.ms\" = \"7000\"");
     let (input, expected) = setup.traffic(71, 150);
     produce(&setup.input, &scatter(&input, 2), 2);
-    // The 2nd batch's outputs are acknowledged, then the worker stalls for 12 s.
+    // The 2nd batch reaches `pause_at`, then the worker stalls for 12 s.
     let log = setup.state_dir.with_extension("stalled.log");
     let mut cmd = std::process::Command::new(waymark_bin());
-    cmd.arg("run").arg("--config").arg(&setup.config_path);
-    cmd.env("WAYMARK_FAILPOINT", "after_output:2:pause=12").env("WAYMARK_LOG", "warn");
+    cmd.arg("run").arg("--config").arg(&setup.config_path).args(extra);
+    cmd.env("WAYMARK_FAILPOINT", format!("{pause_at}:2:pause=12")).env("WAYMARK_LOG", "warn");
     cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
     let mut worker = cmd.spawn().unwrap();
     let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
-    signal(&worker, "TERM");
+    let running = worker.try_wait().ok().flatten().is_none();
+    if running {
+        signal(&worker, "TERM");
+    }
     let status = wait_exit(&mut worker, Duration::from_secs(30));
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(stderr.contains("failpoint after_output reached, pausing"), "{stderr}");
+    assert!(stderr.contains(&format!("failpoint {pause_at} reached, pausing")), "{stderr}");
     assert!(stderr.contains("lost its partitions while a batch was in flight"), "the stalled member did not notice it was replaced: {stderr}");
+    assert!(running, "the stalled member exited instead of rejoining: {status:?}\n{stderr}");
     assert!(status.is_some_and(|s| s.success()), "SIGTERM must still exit 0: {status:?}\n{stderr}");
-    let (distinct, repeats) = check_at_least_once(&output, &expected);
     assert_no_status_moves_back(&output);
-    println!("checked: the stalled member abandoned its batch's state; {distinct} distinct of {} expected, {repeats} identical repeats", expected.len());
+    check_at_least_once(&output, &expected)
+}
+
+#[test]
+fn a_member_replaced_while_its_batch_was_in_flight_abandons_the_batchs_state() {
+    let (distinct, repeats) = stalled_member_run("fence", "after_output", &[]);
+    println!("checked: the stalled member abandoned its batch's state; {distinct} distinct milestones, {repeats} identical repeats");
+}
+
+#[test]
+fn an_exactly_once_member_replaced_while_its_transaction_was_open_abandons_the_batch() {
+    let txn = unique("it.fence-eos.txn");
+    let (distinct, repeats) = stalled_member_run("fence-eos", "before_output", &["--delivery", "exactly-once", "--transactional-id", &txn]);
+    assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones");
+    println!("checked: the stalled exactly-once member abandoned its batch and rejoined; {distinct} distinct milestones, no repeat");
 }
 
 /// Records the group has not committed: for every partition of `topics`, its
