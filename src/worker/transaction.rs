@@ -364,6 +364,30 @@ mod tests {
         assert!(sink.recreated > recreated_before, "an abort that times out must re-create the producer");
     }
 
+    /// Exactly-once without changelogs: a store that lags the group catches up
+    /// silently up to the group's committed offset. If that offset cannot be
+    /// read (the coordinator loading, or a pending transactional commit of the
+    /// previous owner), guessing "none" would process the records below it live
+    /// and emit committed milestones again: the worker must stop instead.
+    #[test]
+    fn exactly_once_stops_rather_than_guess_when_the_committed_offset_cannot_be_read() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["in", "out", "dlq"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let config = config_for(&cluster.bootstrap_servers());
+        let state = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(state.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
+        cluster.request_errors(RDKafkaApiKey::OffsetFetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 500]);
+        let consumer = joined_consumer(&config, store);
+        let fatal = crate::worker::partitions::lock(&consumer.context().partitions).take_fatal();
+        cluster.clear_request_errors(RDKafkaApiKey::OffsetFetch);
+        let Some(error) = fatal else {
+            panic!("the partition was assigned without its committed offset: records below it would be emitted again");
+        };
+        assert!(error.to_string().contains("cannot read the group's committed offset"), "{error}");
+    }
+
     #[test]
     fn a_shutdown_past_its_deadline_gives_up_without_claiming_the_batch() {
         let MockWorker { _state, cluster, consumer, mut sink, offsets } = MockWorker::new("mock-txn-2", Duration::from_secs(1));
