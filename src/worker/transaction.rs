@@ -33,17 +33,17 @@ pub struct TransactionalSink {
     timeout: Duration,
     /// How many times the producer was replaced after an indefinite error.
     recreated: u64,
-    /// A commit ended with an unknown outcome that is not settled yet: nothing
-    /// is sent until the group's offsets say whether it committed.
-    unsettled: bool,
-    /// The producer of that commit still has to be replaced.
-    recreate_pending: bool,
+    /// Whether a commit's outcome is still unknown (kept across batches).
+    settlement: Settlement,
 }
+
+/// Changelog offsets the delivery reports gave: (topic, partition) -> offset.
+type Positions = HashMap<(String, i32), i64>;
 
 impl TransactionalSink {
     pub fn new(config: &Config, transactional_id: &str) -> Result<TransactionalSink, KafkaError> {
         let (client, sink) = Self::open(config, transactional_id)?;
-        Ok(TransactionalSink { config: client, sink, timeout: TRANSACTION_TIMEOUT, recreated: 0, unsettled: false, recreate_pending: false })
+        Ok(TransactionalSink { config: client, sink, timeout: TRANSACTION_TIMEOUT, recreated: 0, settlement: Settlement::default() })
     }
 
     /// A sink on a fresh transactional producer (initialized: it fenced any
@@ -60,19 +60,10 @@ impl TransactionalSink {
         Ok(producer)
     }
 
-    /// Replace the producer: the new one's init fences the old and settles any
-    /// transaction it left open.
-    fn recreate(&mut self) -> Result<(), KafkaError> {
-        tracing::warn!("re-creating the transactional producer");
-        metrics::counter!("waymark_producer_recreated_total").increment(1);
-        self.recreated += 1;
-        self.sink.producer = Self::create(&self.config, self.timeout)?;
-        Ok(())
-    }
-
     /// Commit one batch's outputs and input offsets atomically, retrying until
     /// it is certain that they are committed exactly once, or the shutdown
-    /// deadline passes (then nothing of the batch is claimed).
+    /// deadline passes (then nothing of the batch is claimed). See
+    /// [`commit_batch`] for the protocol.
     pub fn commit(
         &mut self,
         consumer: &BaseConsumer<WorkerContext>,
@@ -84,111 +75,228 @@ impl TransactionalSink {
     ) -> Result<(), SinkError> {
         let records = self.sink.changelog_records(state)?;
         let mut retry = Retry::new(shutdown, deadline, Duration::from_millis(200));
-        loop {
-            match self.try_commit(consumer, outputs, &records, offsets) {
-                Ok(positions) => {
-                    if let Some(delivered) = positions {
-                        changelog::stage_positions(state, &records, &delivered);
-                    }
-                    return Ok(());
+        let mut settlement = std::mem::take(&mut self.settlement);
+        let mut transaction = KafkaTransaction { sink: self, consumer, expected: 0 };
+        let result = commit_batch(&mut transaction, &mut settlement, outputs, &records, offsets, &mut retry);
+        self.settlement = settlement;
+        if let Some(delivered) = result? {
+            changelog::stage_positions(state, &records, &delivered);
+        }
+        Ok(())
+    }
+
+    /// Replace the producer: the new one's init fences the old and settles any
+    /// transaction it left open.
+    fn recreate(&mut self) -> Result<(), KafkaError> {
+        tracing::warn!("re-creating the transactional producer");
+        metrics::counter!("waymark_producer_recreated_total").increment(1);
+        self.recreated += 1;
+        self.sink.producer = Self::create(&self.config, self.timeout)?;
+        Ok(())
+    }
+}
+
+/// The steps of one transaction as the commit protocol sees them: the
+/// transactional producer and the consumer group behind one seam, so that the
+/// protocol can be driven by scripted answers in tests (a real broker cannot be
+/// made to time out a commit after it wrote PrepareCommit on demand).
+trait TransactionOps {
+    fn begin(&mut self) -> Result<(), String>;
+    /// Enqueue the batch's records in the open transaction.
+    fn send(&mut self, outputs: Outputs<'_>, records: &[ChangelogRecord]) -> Result<(), SinkError>;
+    /// Add the consumed offsets to the open transaction (the group's metadata
+    /// fences a member the group has replaced).
+    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), String>;
+    /// `Ok(Some(positions))`: committed, with the changelog offsets the
+    /// delivery reports gave; `Ok(None)`: committed, positions unknown.
+    fn commit(&mut self) -> Result<Option<Positions>, CommitError>;
+    fn abort(&mut self) -> Result<(), String>;
+    /// A fresh producer with the same transactional id: its init fences the
+    /// old one and completes or aborts the transaction it left.
+    fn recreate(&mut self) -> Result<(), String>;
+    /// Are the group's committed offsets exactly `offsets`? An error is no answer.
+    fn is_committed(&mut self, offsets: &TopicPartitionList) -> Result<bool, String>;
+    /// The group took this member's partitions away (session timeout, or no
+    /// poll for longer than `max.poll.interval.ms`).
+    fn assignment_lost(&self) -> bool;
+}
+
+/// How a commit failed.
+#[derive(Debug)]
+enum CommitError {
+    /// Nothing of the transaction is committed; abort it and try again.
+    Abortable(String),
+    /// It may or may not have committed (a timeout, a coordinator failing over).
+    Unknown(String),
+}
+
+/// A commit's unknown outcome, remembered across attempts and batches.
+#[derive(Debug, Default)]
+struct Settlement {
+    /// A commit ended with an unknown outcome that is not settled yet: nothing
+    /// is sent until the group's offsets say whether it committed.
+    unsettled: bool,
+    /// The producer of that commit still has to be replaced.
+    recreate_pending: bool,
+}
+
+/// The commit protocol: attempts until one commits, the shutdown deadline
+/// passes, or this member loses its partitions ([`SinkError::Fenced`]: the
+/// batch is abandoned). A batch is never re-sent while an earlier attempt's
+/// outcome is unknown: after an indefinite commit error the only steps allowed
+/// are re-creating the producer and asking the group's committed offsets, and
+/// a new transaction begins only once they answered "not committed".
+fn commit_batch<T: TransactionOps>(
+    ops: &mut T,
+    settlement: &mut Settlement,
+    outputs: Outputs<'_>,
+    records: &[ChangelogRecord],
+    offsets: &TopicPartitionList,
+    retry: &mut Retry<'_>,
+) -> Result<Option<Positions>, SinkError> {
+    loop {
+        match attempt(ops, settlement, outputs, records, offsets) {
+            Ok(positions) => return Ok(positions),
+            Err((reason, fate)) => {
+                if ops.assignment_lost() {
+                    // The session timed out or the member stopped polling for
+                    // longer than max.poll.interval.ms: the group refuses this
+                    // member's offset commits for good (unknown member), and
+                    // retrying without polling would never rejoin. Abandon the
+                    // batch: nothing of it is claimed, the next poll rejoins and
+                    // re-reads it from the group's committed offsets. A commit
+                    // whose outcome is unknown stays unsettled: the producer is
+                    // re-created before the next transaction begins.
+                    tracing::warn!(%reason, "the transaction cannot commit: this member lost its partitions");
+                    return Err(SinkError::Fenced);
                 }
-                Err((reason, fate)) => {
-                    if consumer.assignment_lost() {
-                        // The session timed out or the member stopped polling for
-                        // longer than max.poll.interval.ms: the group refuses this
-                        // member's offset commits for good (unknown member), and
-                        // retrying without polling would never rejoin. Abandon the
-                        // batch: nothing of it is claimed, the next poll rejoins
-                        // and re-reads it from the group's committed offsets. A
-                        // commit whose outcome is unknown is still settled (the
-                        // producer re-created) before the next transaction begins.
-                        tracing::warn!(%reason, "the transaction cannot commit: this member lost its partitions");
-                        return Err(SinkError::Fenced);
-                    }
-                    if fate != Fate::Retry || retry.gave_up() {
-                        let total = outputs.len() + records.len();
-                        return Err(SinkError::Kafka { failed: total, total, reason, fate });
-                    }
-                    tracing::warn!(%reason, attempt = retry.attempt + 1, "transaction not committed; trying the batch again");
-                    metrics::counter!("waymark_transaction_retries_total").increment(1);
-                    retry.back_off();
+                if fate != Fate::Retry || retry.gave_up() {
+                    let total = outputs.len() + records.len();
+                    return Err(SinkError::Kafka { failed: total, total, reason, fate });
                 }
+                tracing::warn!(%reason, attempt = retry.attempt + 1, "transaction not committed; trying the batch again");
+                metrics::counter!("waymark_transaction_retries_total").increment(1);
+                retry.back_off();
             }
         }
     }
+}
 
-    /// One attempt. `Ok(Some(offsets))`: committed, with the changelog offsets
-    /// the delivery reports gave; `Ok(None)`: committed, offsets unknown.
-    fn try_commit(
-        &mut self,
-        consumer: &BaseConsumer<WorkerContext>,
-        outputs: Outputs<'_>,
-        records: &[ChangelogRecord],
-        offsets: &TopicPartitionList,
-    ) -> Result<Option<HashMap<(String, i32), i64>>, (String, Fate)> {
-        let retry = |reason: String| (reason, Fate::Retry);
-        let group = consumer.group_metadata().ok_or_else(|| retry("the consumer has no group metadata yet".into()))?;
-        if self.unsettled {
-            // An earlier attempt ended with an unknown outcome: settle it before
-            // anything is sent again. A fresh producer (its init fences the old
-            // one and completes or aborts its transaction), then a definite
-            // answer from the group's committed offsets; no answer, no re-send.
-            if self.recreate_pending {
-                self.recreate().map_err(|e| retry(format!("re-creating the producer after an unknown commit outcome: {e}")))?;
-                self.recreate_pending = false;
-            }
-            let committed = offsets_committed(consumer, offsets)
-                .map_err(|e| retry(format!("cannot tell whether the last transaction committed ({e}); asking again before re-sending")))?;
-            self.unsettled = false;
-            if committed {
-                tracing::info!("the transaction did commit before the error; not sending the batch again");
-                return Ok(None);
-            }
+/// One attempt of [`commit_batch`].
+fn attempt<T: TransactionOps>(
+    ops: &mut T,
+    settlement: &mut Settlement,
+    outputs: Outputs<'_>,
+    records: &[ChangelogRecord],
+    offsets: &TopicPartitionList,
+) -> Result<Option<Positions>, (String, Fate)> {
+    let retry = |reason: String| (reason, Fate::Retry);
+    if settlement.unsettled {
+        // An earlier attempt ended with an unknown outcome: settle it before
+        // anything is sent again. A fresh producer (its init fences the old
+        // one and completes or aborts its transaction), then a definite answer
+        // from the group's committed offsets; no answer, no re-send.
+        if settlement.recreate_pending {
+            ops.recreate().map_err(|e| retry(format!("re-creating the producer after an unknown commit outcome: {e}")))?;
+            settlement.recreate_pending = false;
         }
-        self.sink.reset_counts();
-        if let Err(e) = self.sink.producer.begin_transaction() {
-            self.recreate().map_err(|r| retry(format!("begin failed ({e}); re-creating the producer failed: {r}")))?;
-            return Err(retry(format!("begin_transaction: {e}")));
+        let committed = ops
+            .is_committed(offsets)
+            .map_err(|e| retry(format!("cannot tell whether the last transaction committed ({e}); asking again before re-sending")))?;
+        settlement.unsettled = false;
+        if committed {
+            tracing::info!("the transaction did commit before the error; not sending the batch again");
+            return Ok(None);
         }
-        let sent = (|| {
-            self.sink.enqueue_all(outputs)?;
-            self.sink.enqueue_changelog(records)?;
-            self.sink
-                .producer
-                .send_offsets_to_transaction(offsets, &group, self.timeout)
-                .map_err(|e| SinkError::Kafka { failed: 0, total: 0, reason: e.to_string(), fate: Fate::Retry })
-        })();
-        if let Err(e) = sent {
-            self.abort_or_recreate();
-            return Err((format!("sending the batch: {e}"), e.fate()));
+    }
+    if let Err(e) = ops.begin() {
+        ops.recreate().map_err(|r| retry(format!("begin failed ({e}); re-creating the producer failed: {r}")))?;
+        return Err(retry(format!("begin_transaction: {e}")));
+    }
+    let sent = ops.send(outputs, records).and_then(|()| {
+        ops.send_offsets(offsets).map_err(|reason| SinkError::Kafka { failed: 0, total: 0, reason, fate: Fate::Retry })
+    });
+    if let Err(e) = sent {
+        abort_or_recreate(ops);
+        return Err((format!("sending the batch: {e}"), e.fate()));
+    }
+    match ops.commit() {
+        Ok(positions) => Ok(positions),
+        Err(CommitError::Abortable(e)) => {
+            abort_or_recreate(ops);
+            Err(retry(format!("commit_transaction: {e} (aborted)")))
         }
-        match self.sink.producer.commit_transaction(self.timeout) {
+        Err(CommitError::Unknown(e)) => {
+            // Indefinite: it may or may not have committed. Never retry
+            // blindly: the next attempt settles the outcome first.
+            settlement.unsettled = true;
+            settlement.recreate_pending = true;
+            Err(retry(format!("commit_transaction: {e} (outcome unknown; settling it before anything is re-sent)")))
+        }
+    }
+}
+
+fn abort_or_recreate<T: TransactionOps>(ops: &mut T) {
+    if let Err(e) = ops.abort() {
+        tracing::warn!(error = %e, "abort_transaction failed");
+        if let Err(e) = ops.recreate() {
+            tracing::error!(error = %e, "re-creating the transactional producer failed; will retry");
+        }
+    }
+}
+
+/// [`TransactionOps`] on Kafka: the sink's transactional producer and the
+/// worker's consumer.
+struct KafkaTransaction<'a> {
+    sink: &'a mut TransactionalSink,
+    consumer: &'a BaseConsumer<WorkerContext>,
+    /// Records enqueued in the open transaction.
+    expected: usize,
+}
+
+impl TransactionOps for KafkaTransaction<'_> {
+    fn begin(&mut self) -> Result<(), String> {
+        self.sink.sink.reset_counts();
+        self.expected = 0;
+        self.sink.sink.producer.begin_transaction().map_err(|e| e.to_string())
+    }
+
+    fn send(&mut self, outputs: Outputs<'_>, records: &[ChangelogRecord]) -> Result<(), SinkError> {
+        self.expected = outputs.len() + records.len();
+        self.sink.sink.enqueue_all(outputs)?;
+        self.sink.sink.enqueue_changelog(records)
+    }
+
+    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), String> {
+        let group = self.consumer.group_metadata().ok_or("the consumer has no group metadata yet")?;
+        self.sink.sink.producer.send_offsets_to_transaction(offsets, &group, self.sink.timeout).map_err(|e| e.to_string())
+    }
+
+    fn commit(&mut self) -> Result<Option<Positions>, CommitError> {
+        match self.sink.sink.producer.commit_transaction(self.sink.timeout) {
             Ok(()) => {
-                let counts = self.sink.counts();
-                let all = outputs.len() + records.len();
-                Ok((counts.acked == all).then_some(counts.offsets))
+                let counts = self.sink.sink.counts();
+                Ok((counts.acked == self.expected).then_some(counts.offsets))
             }
-            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
-                self.abort_or_recreate();
-                Err(retry(format!("commit_transaction: {e} (aborted)")))
-            }
-            Err(e) => {
-                // Indefinite: it may or may not have committed. Never retry
-                // blindly: the next attempt settles the outcome first.
-                self.unsettled = true;
-                self.recreate_pending = true;
-                Err(retry(format!("commit_transaction: {e} (outcome unknown; settling it before anything is re-sent)")))
-            }
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => Err(CommitError::Abortable(e.to_string())),
+            Err(e) => Err(CommitError::Unknown(e.to_string())),
         }
     }
 
-    fn abort_or_recreate(&mut self) {
-        if let Err(e) = self.sink.producer.abort_transaction(self.timeout) {
-            tracing::warn!(error = %e, "abort_transaction failed");
-            if let Err(e) = self.recreate() {
-                tracing::error!(error = %e, "re-creating the transactional producer failed; will retry");
-            }
-        }
+    fn abort(&mut self) -> Result<(), String> {
+        self.sink.sink.producer.abort_transaction(self.sink.timeout).map_err(|e| e.to_string())
+    }
+
+    fn recreate(&mut self) -> Result<(), String> {
+        self.sink.recreate().map_err(|e| e.to_string())
+    }
+
+    fn is_committed(&mut self, offsets: &TopicPartitionList) -> Result<bool, String> {
+        offsets_committed(self.consumer, offsets).map_err(|e| e.to_string())
+    }
+
+    fn assignment_lost(&self) -> bool {
+        self.consumer.assignment_lost()
     }
 }
 
@@ -362,6 +470,212 @@ mod tests {
         sink.commit(&consumer, one_upsert(&upsert()), &mut StateBatch::default(), &offsets, &shutdown, Duration::from_secs(5))
             .expect("the batch commits after the abort path");
         assert!(sink.recreated > recreated_before, "an abort that times out must re-create the producer");
+    }
+
+    /// Scripted [`TransactionOps`]: each call takes the next step of a script,
+    /// which names the call it expects and the answer to give; a call the
+    /// script does not expect fails the test, so a test's script is the exact
+    /// sequence the protocol must follow.
+    struct Scripted {
+        script: std::collections::VecDeque<(&'static str, Answer)>,
+        calls: Vec<&'static str>,
+        assignment_lost: bool,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Answer {
+        Pass,
+        Fail,
+        Abortable,
+        Unknown,
+        Committed,
+        NotCommitted,
+    }
+
+    impl Scripted {
+        fn new(script: &[(&'static str, Answer)]) -> Scripted {
+            Scripted { script: script.iter().copied().collect(), calls: Vec::new(), assignment_lost: false }
+        }
+
+        fn next(&mut self, call: &'static str) -> Answer {
+            self.calls.push(call);
+            match self.script.pop_front() {
+                Some((expected, answer)) if expected == call => answer,
+                Some((expected, _)) => panic!("the protocol called {call}, the script expected {expected}; calls so far: {:?}", self.calls),
+                None => panic!("the protocol called {call} after the end of the script; calls: {:?}", self.calls),
+            }
+        }
+
+        fn unit(&mut self, call: &'static str) -> Result<(), String> {
+            match self.next(call) {
+                Answer::Pass => Ok(()),
+                other => Err(format!("{call}: scripted {other:?}")),
+            }
+        }
+    }
+
+    impl TransactionOps for Scripted {
+        fn begin(&mut self) -> Result<(), String> {
+            self.unit("begin")
+        }
+        fn send(&mut self, _: Outputs<'_>, _: &[ChangelogRecord]) -> Result<(), SinkError> {
+            self.unit("send").map_err(|reason| SinkError::Kafka { failed: 1, total: 1, reason, fate: Fate::Retry })
+        }
+        fn send_offsets(&mut self, _: &TopicPartitionList) -> Result<(), String> {
+            self.unit("send_offsets")
+        }
+        fn commit(&mut self) -> Result<Option<Positions>, CommitError> {
+            match self.next("commit") {
+                Answer::Pass => Ok(Some(Positions::new())),
+                Answer::Abortable => Err(CommitError::Abortable("scripted".into())),
+                _ => Err(CommitError::Unknown("scripted timeout".into())),
+            }
+        }
+        fn abort(&mut self) -> Result<(), String> {
+            self.unit("abort")
+        }
+        fn recreate(&mut self) -> Result<(), String> {
+            self.unit("recreate")
+        }
+        fn is_committed(&mut self, _: &TopicPartitionList) -> Result<bool, String> {
+            match self.next("is_committed") {
+                Answer::Committed => Ok(true),
+                Answer::NotCommitted => Ok(false),
+                other => Err(format!("scripted {other:?}")),
+            }
+        }
+        fn assignment_lost(&self) -> bool {
+            self.assignment_lost
+        }
+    }
+
+    /// Run the protocol over `ops` for one batch (no shutdown under way).
+    fn run_script(ops: &mut Scripted, settlement: &mut Settlement) -> Result<Option<Positions>, SinkError> {
+        let shutdown = AtomicBool::new(false);
+        let mut retry = Retry::new(&shutdown, Duration::from_secs(60), Duration::from_millis(1));
+        let upserts = upsert();
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        commit_batch(ops, settlement, one_upsert(&upserts), &[], &offsets, &mut retry)
+    }
+
+    fn sends(calls: &[&str]) -> usize {
+        calls.iter().filter(|c| **c == "send").count()
+    }
+
+    /// Review finding: a commit that timed out, a re-creation that timed out
+    /// too, then a begin on the old producer... must never lead to a re-send
+    /// before the group's offsets said "not committed". Here the re-creation
+    /// fails twice and the lookup fails once: the only calls in between are
+    /// re-creations and lookups, then the batch goes again, once.
+    #[test]
+    fn an_unknown_commit_outcome_is_settled_before_the_batch_is_sent_again() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[
+            ("begin", Pass),
+            ("send", Pass),
+            ("send_offsets", Pass),
+            ("commit", Unknown),
+            ("recreate", Fail),
+            ("recreate", Fail),
+            ("recreate", Pass),
+            ("is_committed", Fail),
+            ("is_committed", NotCommitted),
+            ("begin", Pass),
+            ("send", Pass),
+            ("send_offsets", Pass),
+            ("commit", Pass),
+        ]);
+        let mut settlement = Settlement::default();
+        let result = run_script(&mut ops, &mut settlement);
+        assert!(matches!(result, Ok(Some(_))), "{result:?}");
+        assert!(ops.script.is_empty(), "the protocol stopped early: {:?}", ops.calls);
+        assert_eq!(sends(&ops.calls), 2);
+        assert!(!settlement.unsettled && !settlement.recreate_pending);
+    }
+
+    /// The same, when the lost commit did go in: the batch is never sent again.
+    #[test]
+    fn a_commit_that_went_in_despite_its_error_is_not_sent_again() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[
+            ("begin", Pass),
+            ("send", Pass),
+            ("send_offsets", Pass),
+            ("commit", Unknown),
+            ("recreate", Pass),
+            ("is_committed", Fail),
+            ("is_committed", Fail),
+            ("is_committed", Committed),
+        ]);
+        let result = run_script(&mut ops, &mut Settlement::default());
+        assert!(matches!(result, Ok(None)), "committed, changelog positions unknown: {result:?}");
+        assert!(ops.script.is_empty(), "{:?}", ops.calls);
+        assert_eq!(sends(&ops.calls), 1, "a committed batch was sent again: {:?}", ops.calls);
+    }
+
+    /// An unknown outcome left by a batch that was abandoned (shutdown deadline,
+    /// lost partitions) is still settled before the next batch begins.
+    #[test]
+    fn an_unsettled_outcome_carries_over_to_the_next_batch() {
+        use Answer::*;
+        let mut settlement = Settlement { unsettled: true, recreate_pending: true };
+        let mut ops = Scripted::new(&[("recreate", Pass), ("is_committed", NotCommitted), ("begin", Pass), ("send", Pass), ("send_offsets", Pass), ("commit", Pass)]);
+        let result = run_script(&mut ops, &mut settlement);
+        assert!(matches!(result, Ok(Some(_))), "{result:?}");
+        assert!(ops.script.is_empty(), "{:?}", ops.calls);
+    }
+
+    /// An abortable error means nothing committed: abort (re-create when the
+    /// abort fails) and send again at once, no lookup needed.
+    #[test]
+    fn an_abortable_commit_is_aborted_and_sent_again() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[
+            ("begin", Pass),
+            ("send", Pass),
+            ("send_offsets", Pass),
+            ("commit", Abortable),
+            ("abort", Fail),
+            ("recreate", Pass),
+            ("begin", Pass),
+            ("send", Pass),
+            ("send_offsets", Pass),
+            ("commit", Pass),
+        ]);
+        let result = run_script(&mut ops, &mut Settlement::default());
+        assert!(matches!(result, Ok(Some(_))), "{result:?}");
+        assert!(ops.script.is_empty(), "{:?}", ops.calls);
+    }
+
+    /// Review finding: a member the group replaced gets "unknown member" from
+    /// send_offsets on every attempt; retrying without polling never rejoins (a
+    /// livelock). The protocol aborts and gives the batch up at once.
+    #[test]
+    fn a_member_that_lost_its_partitions_abandons_the_batch_instead_of_retrying() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[("begin", Pass), ("send", Pass), ("send_offsets", Fail), ("abort", Pass)]);
+        ops.assignment_lost = true;
+        let result = run_script(&mut ops, &mut Settlement::default());
+        assert!(matches!(result, Err(SinkError::Fenced)), "{result:?}");
+        assert!(ops.script.is_empty(), "{:?}", ops.calls);
+    }
+
+    /// Past the shutdown deadline the protocol gives up, claiming nothing, and
+    /// an unknown outcome stays unsettled for whoever commits next.
+    #[test]
+    fn a_shutdown_leaves_an_unknown_outcome_unsettled() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[("begin", Pass), ("send", Pass), ("send_offsets", Pass), ("commit", Unknown)]);
+        let shutdown = AtomicBool::new(true);
+        let mut retry = Retry::new(&shutdown, Duration::ZERO, Duration::from_millis(1));
+        let upserts = upsert();
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("in", 0, Offset::Offset(1)).unwrap();
+        let mut settlement = Settlement::default();
+        let result = commit_batch(&mut ops, &mut settlement, one_upsert(&upserts), &[], &offsets, &mut retry);
+        assert!(matches!(result, Err(SinkError::Kafka { .. })), "{result:?}");
+        assert!(settlement.unsettled && settlement.recreate_pending);
     }
 
     /// Exactly-once without changelogs: a store that lags the group catches up
