@@ -211,7 +211,11 @@ pub struct WorkerSection {
     /// Records per batch: one output flush and one state write per batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    /// Longest wait to fill a batch.
+    /// Longest wait to fill a batch once its first record is in. The default,
+    /// `0ms`, takes what has arrived and goes: under load the consumer's
+    /// prefetched records fill batches at once (and batches grow, see
+    /// `AdaptiveBatch`), and a quiet stream is not held back. A positive wait
+    /// trades latency for fewer, larger batches.
     #[serde(default = "default_batch_wait")]
     pub batch_wait: String,
     /// A batch also closes when its records' bodies reach this many bytes, so
@@ -248,7 +252,7 @@ fn default_batch_max_bytes() -> usize {
     16 << 20
 }
 fn default_batch_wait() -> String {
-    "100ms".into()
+    "0ms".into()
 }
 fn default_shutdown() -> String {
     "30s".into()

@@ -22,6 +22,10 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
             &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0],
         )?
         .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(BATCH_STAGE_SECONDS.into()),
+            &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+        )?
+        .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(STORE_LOOKUP_SECONDS.into()),
             &[0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.01],
         )?
@@ -37,6 +41,10 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(STORE_EXPIRED, "State entries dropped by compaction after their TTL");
     metrics::describe_histogram!(PROCESS_SECONDS, "Pipeline time per record (normalize, dedupe, order)");
     metrics::describe_histogram!(STORE_LOOKUP_SECONDS, "State store lookup latency, by operation and keyspace");
+    metrics::describe_histogram!(
+        BATCH_STAGE_SECONDS,
+        "Time of each stage of a batch: poll (waiting for and reading records), process, output (until acknowledged or committed), changelog, state"
+    );
     metrics::describe_gauge!(CONSUMER_LAG, "High watermark minus next offset, per input partition");
     metrics::describe_gauge!(REORDER_HELD, "Records held by the bounded reorder window, not yet processed or committed");
     Ok(handle)

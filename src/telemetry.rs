@@ -29,6 +29,7 @@ pub const STORE_KEYS: &str = "waymark_store_keys";
 pub const STORE_EXPIRED: &str = "waymark_store_expired_total";
 pub const STORE_LOOKUP_SECONDS: &str = "waymark_store_lookup_seconds";
 pub const PROCESS_SECONDS: &str = "waymark_process_seconds";
+pub const BATCH_STAGE_SECONDS: &str = "waymark_batch_stage_seconds";
 pub const CONSUMER_LAG: &str = "waymark_consumer_lag";
 pub const RECORDS: &str = "waymark_records_total";
 pub const REORDER_HELD: &str = "waymark_reorder_held_records";

@@ -181,7 +181,7 @@ impl KafkaSink {
 
     /// Wait until `total` records queued since the last reset are reported
     /// (acknowledged or failed), woken by each delivery report.
-    fn await_acks(&self, total: usize) -> Result<DeliveryCounts, SinkError> {
+    pub(super) fn await_acks(&self, total: usize) -> Result<DeliveryCounts, SinkError> {
         let tracker = self.producer.context();
         let deadline = Instant::now() + self.flush_timeout;
         let mut counts = tracker.state.lock().unwrap_or_else(|p| p.into_inner());

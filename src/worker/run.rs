@@ -30,7 +30,7 @@ use crate::routing::RoutedRecord;
 use crate::sink::{Sink, SinkError};
 use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
-use crate::telemetry::{Telemetry, LAST_PROGRESS, REORDER_HELD, STORE_KEYS};
+use crate::telemetry::{Telemetry, BATCH_STAGE_SECONDS, LAST_PROGRESS, REORDER_HELD, STORE_KEYS};
 
 /// Everything the worker loop needs, passed in (shutdown and clock included).
 pub struct WorkerDeps<'a> {
@@ -111,8 +111,12 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         if !stopping {
             consumer.context().restore_pending(&consumer);
         }
+        let polling = Instant::now();
         let mut envelopes =
             if stopping { Vec::new() } else { poll_batch(&consumer, config, batch_size.current, deps.shutdown, &partitions) };
+        if !envelopes.is_empty() {
+            stage_done("poll", polling);
+        }
         batch_size.observe(envelopes.len());
         if let Some(e) = lock(&partitions).take_fatal() {
             deps.health.failed.store(true, Ordering::SeqCst);
@@ -213,6 +217,11 @@ fn prepare_topics(config: &Config, stateful: &[String], shutdown: &AtomicBool) -
             .as_ref()
             .map(|settings| Restorer::new(base_config(config), &config.kafka.group_id, settings.restore_timeout)),
     ))
+}
+
+/// One stage of a batch took from `started` until now.
+fn stage_done(stage: &'static str, started: Instant) {
+    metrics::histogram!(BATCH_STAGE_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
 }
 
 /// A batch completed (or the worker started): liveness sees progress.
@@ -370,7 +379,9 @@ fn process_transactionally(
     if live.is_empty() {
         return Ok(());
     }
+    let processing = Instant::now();
     let output = process(pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
+    stage_done("process", processing);
     let mut offsets = TopicPartitionList::new();
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for e in &live {
@@ -382,6 +393,7 @@ fn process_transactionally(
     failpoint("before_output");
     let mut state = output.state;
     let outputs = Outputs { upserts: &output.upserts, dead_letters: &output.dead_letters, routed: &output.routed };
+    let committing = Instant::now();
     match sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout) {
         Ok(()) => {}
         Err(SinkError::Fenced) => {
@@ -390,9 +402,12 @@ fn process_transactionally(
         }
         Err(e) => return Err(e.into()),
     }
+    stage_done("output", committing);
     failpoint("after_output");
     // Only now may state claim the batch.
+    let writing = Instant::now();
     deps.store.write(state)?;
+    stage_done("state", writing);
     failpoint("after_state");
     lock(partitions).advance(&live);
     mark_progress(deps);
@@ -408,10 +423,19 @@ fn process_and_commit(
     pipeline: &Pipeline,
     process: Process,
 ) -> Result<(), WorkerError> {
+    let mut stage = Instant::now();
     let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
     let retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
     let mut fenced = FencedState { inner: retrying, consumer };
     match batch::deliver(&*deps.store, &mut fenced, output, &mut |point| {
+        let name = match point {
+            batch::Failpoint::BeforeOutput => "process",
+            batch::Failpoint::AfterOutput => "output",
+            batch::Failpoint::AfterChangelog => "changelog",
+            batch::Failpoint::AfterState => "state",
+        };
+        stage_done(name, stage);
+        stage = Instant::now();
         failpoint(point.name());
         false
     }) {

@@ -273,6 +273,18 @@ impl TransactionOps for KafkaTransaction<'_> {
     }
 
     fn commit(&mut self) -> Result<Option<Positions>, CommitError> {
+        // rust-rdkafka's commit_transaction first flushes, and its flush, while
+        // anything is still in flight, waits in a 100 ms poll of the event
+        // queue whose events the producer's own thread takes: at least 100 ms
+        // per transaction. So wait for the delivery reports here (woken by each
+        // one) and for the producer's queue to empty; the flush then returns at
+        // once. A failed delivery is left for commit_transaction to report (it
+        // makes the transaction abortable).
+        let _ = self.sink.sink.await_acks(self.expected);
+        let drained = std::time::Instant::now();
+        while self.sink.sink.producer.in_flight_count() > 0 && drained.elapsed() < Duration::from_millis(100) {
+            std::thread::sleep(Duration::from_micros(50));
+        }
         match self.sink.sink.producer.commit_transaction(self.sink.timeout) {
             Ok(()) => {
                 let counts = self.sink.sink.counts();

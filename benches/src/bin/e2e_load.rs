@@ -11,10 +11,17 @@
 //! 3. runs the worker on the same preloaded stream, from its first output to the
 //!    last expected milestone (a read_committed reader), sampling its RSS and
 //!    CPU from /proc;
-//! 4. runs the worker again with the input paced at half its measured rate for
-//!    `--latency-seconds` and reports end-to-end latency percentiles (input
-//!    send time to the output record's arrival at the reader, matched through
-//!    the upsert's `source` offset).
+//! 4. runs the worker again with the input paced at half its measured rate
+//!    (`--rate N` records/s instead) for `--latency-seconds` and reports
+//!    end-to-end latency percentiles (input send time to the output record's
+//!    arrival at the reader, matched through the upsert's `source` offset) and
+//!    the worker's RSS over the run (first and last minute's peaks for runs of
+//!    two minutes or more: `--latency-seconds 600` is the memory soak). The
+//!    reader is polling before anything is sent; the traffic is generated before
+//!    the worker starts (up to 600k records; a longer run generates the rest as
+//!    it goes); the clock starts once a first record's milestone came out, and
+//!    the first 2 s of paced traffic are not counted. `E2E_LATENCY_DUMP=FILE`
+//!    writes (seconds into the run, latency ms) per milestone.
 //!
 //! ```text
 //! cargo build --release --bin waymark
@@ -40,6 +47,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use waymark::synth::{generate, SynthCarrier, TrafficSpec};
 use waymark::Envelope;
 
+#[derive(Clone)]
 struct Args {
     brokers: String,
     waymark: String,
@@ -48,6 +56,8 @@ struct Args {
     keyed: bool,
     partitions: i32,
     latency_seconds: u64,
+    /// Records/s of the paced run (default: half the measured maximum).
+    rate: Option<f64>,
     modes: Vec<&'static str>,
     /// `home` (the default: the repartition hop) or `input` (the opt-out).
     routing: String,
@@ -62,6 +72,7 @@ fn args() -> Args {
         keyed: false,
         partitions: 4,
         latency_seconds: 20,
+        rate: None,
         modes: vec!["at-least-once", "exactly-once"],
         routing: "home".into(),
     };
@@ -75,6 +86,7 @@ fn args() -> Args {
             "--duplicates" => a.duplicates = value().parse().expect("--duplicates 0.3"),
             "--partitions" => a.partitions = value().parse().expect("--partitions N"),
             "--latency-seconds" => a.latency_seconds = value().parse().expect("--latency-seconds N"),
+            "--rate" => a.rate = Some(value().parse().expect("--rate RECORDS_PER_SECOND")),
             "--keyed" => a.keyed = true,
             "--routing" => a.routing = value(),
             "--mode" => {
@@ -101,6 +113,16 @@ fn unique(prefix: &str) -> String {
 
 /// The stream: EasyPost and DHL traffic interleaved, raw topic `topic`.
 fn traffic(args: &Args, topic: &str) -> (Vec<Envelope>, usize, usize) {
+    let (out, milestones) = chunk(args, topic, 0);
+    let pipeline = waymark::Pipeline::default();
+    let now = chrono::Utc::now();
+    let events = out.iter().filter_map(|e| pipeline.canonical_events(e, now).ok()).map(|(_, ev)| ev.len()).sum();
+    (out, events, milestones)
+}
+
+/// The `n`-th chunk of `args.shipments` shipments (chunks share no tracking
+/// number: each has its own seeds), and its distinct milestones.
+fn chunk(args: &Args, topic: &str, n: u64) -> (Vec<Envelope>, usize) {
     let spec = |seed, carrier| TrafficSpec {
         seed,
         shipments: args.shipments / 2,
@@ -109,8 +131,8 @@ fn traffic(args: &Args, topic: &str) -> (Vec<Envelope>, usize, usize) {
         redelivery: args.duplicates,
         ..TrafficSpec::default()
     };
-    let mut a = generate(&spec(7, SynthCarrier::EasyPost));
-    let b = generate(&spec(8, SynthCarrier::Dhl));
+    let mut a = generate(&spec(7 + 2 * n, SynthCarrier::EasyPost));
+    let b = generate(&spec(8 + 2 * n, SynthCarrier::Dhl));
     let milestones = a.distinct_events + b.distinct_events;
     a.envelopes.extend(b.envelopes);
     // Interleave deterministically: even positions from one, odd from the other.
@@ -121,10 +143,7 @@ fn traffic(args: &Args, topic: &str) -> (Vec<Envelope>, usize, usize) {
         out.extend(first.get(i).cloned());
         out.extend(second.get(i).cloned());
     }
-    let pipeline = waymark::Pipeline::default();
-    let now = chrono::Utc::now();
-    let events = out.iter().filter_map(|e| pipeline.canonical_events(e, now).ok()).map(|(_, ev)| ev.len()).sum();
-    (out, events, milestones)
+    (out, milestones)
 }
 
 fn tracking_of(envelope: &Envelope) -> String {
@@ -268,6 +287,12 @@ fn pass_through(args: &Args, mode: &str, input: &str, output: &str, total: usize
         if mode == "exactly-once" {
             let group = consumer.group_metadata().expect("group metadata");
             producer.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(30)).expect("send offsets");
+            // As the worker does: wait for the acknowledgements before the
+            // commit, whose flush would otherwise sit in a 100 ms poll (see
+            // KafkaTransaction::commit in src/worker/transaction.rs).
+            while producer.context().acked.load(Ordering::SeqCst) < before + batch.len() || producer.in_flight_count() > 0 {
+                std::thread::yield_now();
+            }
             producer.commit_transaction(Duration::from_secs(30)).expect("commit");
         } else {
             while producer.context().acked.load(Ordering::SeqCst) < before + batch.len() {
@@ -338,13 +363,41 @@ fn spawn_worker(args: &Args, mode: &str, input: &str, output: &str, dlq: &str) -
 }
 
 /// Read the output topic (read_committed) until `expected` distinct milestones
-/// arrived or `timeout`; returns (arrival per milestone's source, first, last).
-fn read_output(args: &Args, output: &str, expected: usize, timeout: Duration, pid: u32) -> (HashMap<(i32, i64), Instant>, Option<Instant>, Option<Instant>, Vec<(u64, f64)>) {
+/// arrived or `timeout`; returns (arrival per milestone's source, first, last,
+/// RSS and CPU samples of `pid` every 500 ms).
+fn read_output(args: &Args, output: &str, expected: usize, timeout: Duration, pid: u32) -> Output {
+    read_until(args, output, &Expected::fixed(expected), timeout, pid)
+}
+
+/// How many milestones a reader waits for: grows while a paced sender is still
+/// generating; `done` once it is final.
+#[derive(Default)]
+struct Expected {
+    count: AtomicUsize,
+    done: std::sync::atomic::AtomicBool,
+    /// Distinct milestones read so far.
+    seen: AtomicUsize,
+}
+
+impl Expected {
+    fn fixed(count: usize) -> Expected {
+        Expected { count: AtomicUsize::new(count), done: std::sync::atomic::AtomicBool::new(true), seen: AtomicUsize::new(0) }
+    }
+
+    fn reached(&self, seen: usize) -> bool {
+        self.done.load(Ordering::SeqCst) && seen >= self.count.load(Ordering::SeqCst)
+    }
+}
+
+type Output = (HashMap<(i32, i64), Instant>, Option<Instant>, Option<Instant>, Vec<(u64, f64)>);
+
+fn read_until(args: &Args, output: &str, expected: &Expected, timeout: Duration, pid: u32) -> Output {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", unique("bench-reader"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();
@@ -358,7 +411,7 @@ fn read_output(args: &Args, output: &str, expected: usize, timeout: Duration, pi
     let mut samples = Vec::new();
     let mut last_sample = Instant::now();
     let started = Instant::now();
-    while seen.len() < expected && started.elapsed() < timeout {
+    while !expected.reached(seen.len()) && started.elapsed() < timeout {
         if last_sample.elapsed() >= Duration::from_millis(500) {
             samples.extend(proc_sample(pid));
             last_sample = Instant::now();
@@ -368,6 +421,7 @@ fn read_output(args: &Args, output: &str, expected: usize, timeout: Duration, pi
             let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
             let id = value["milestone_id"].as_str().unwrap_or_default().to_string();
             if seen.insert(id, ()).is_none() {
+                expected.seen.fetch_add(1, Ordering::SeqCst);
                 first.get_or_insert(now);
                 last = Some(now);
                 let source = (value["source"]["partition"].as_i64().unwrap_or(-1) as i32, value["source"]["offset"].as_i64().unwrap_or(-1));
@@ -425,46 +479,146 @@ fn main() {
             rss_max >> 20
         );
 
-        // Latency at half the measured rate.
-        let paced = (rate / 2.0).max(1.0);
-        let worker = spawn_worker(&args, mode, &names[4], &names[5], &names[6]);
-        std::thread::sleep(Duration::from_secs(3));
-        let p = Arc::new(producer(&args.brokers, true));
-        let to_send: Vec<Envelope> = records.iter().take((paced * args.latency_seconds as f64) as usize).cloned().collect();
-        let sender = {
-            let (p, to_send, topic, keyed, partitions) = (p.clone(), to_send.clone(), names[4].clone(), args.keyed, args.partitions);
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                for (i, e) in to_send.iter().enumerate() {
-                    let due = start + Duration::from_secs_f64(i as f64 / paced);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    send(&p, &topic, e, keyed, partitions, i);
+        paced_run(&args, mode, &names[4..7], args.rate.unwrap_or(rate / 2.0).max(1.0));
+    }
+}
+
+/// The worker at a fixed input rate for about `--latency-seconds`: end-to-end
+/// latency percentiles (input send to the reader's receipt) and its RSS over
+/// the run. The reader is assigned and polling before anything is sent, and the
+/// clock starts only once a warm-up record's milestone has come out (the group
+/// has assigned the partitions, the repartition topic exists): start-up is not
+/// latency. Traffic is generated in whole chunks ahead of the sender (a queue
+/// of two), so a long run holds only a few chunks.
+/// Seconds of paced traffic before latencies count (the first batches of a
+/// fresh worker: connections, metadata, the first fetches of every partition).
+const PACED_WARM_UP_SECONDS: u64 = 2;
+
+/// Records of paced traffic generated before the run starts (about 1.6 KiB each).
+const PREGENERATED: usize = 600_000;
+
+fn paced_run(args: &Args, mode: &str, topics: &[String], paced: f64) {
+    let [input, output, dlq] = topics else { panic!("three topics") };
+    let worker = spawn_worker(args, mode, input, output, dlq);
+    let pid = worker.child.id();
+    let p = producer(&args.brokers, true);
+    let expected = Arc::new(Expected::default());
+    let reader = {
+        let (expected, output, args) = (expected.clone(), output.clone(), args.clone());
+        std::thread::spawn(move || read_until(&args, &output, &expected, Duration::from_secs(args.latency_seconds + 300), pid))
+    };
+    let target = (paced * (args.latency_seconds + PACED_WARM_UP_SECONDS) as f64) as usize;
+    // Generating traffic takes a core for a second or more per chunk: on two
+    // cores that would show up as the worker's latency. Up to PREGENERATED
+    // records are generated before the worker gets any; only longer runs
+    // (memory soaks) generate the rest while sending.
+    let ahead = target.min(PREGENERATED) / (args.shipments * 10).max(1) + 1;
+    let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<(Vec<Envelope>, usize)>(ahead);
+    let generated = Arc::new(AtomicUsize::new(0));
+    {
+        let (args, input, generated) = (args.clone(), input.clone(), generated.clone());
+        std::thread::spawn(move || {
+            let mut queued = 0usize;
+            for n in 1000.. {
+                let (records, milestones) = chunk(&args, &input, n);
+                queued += records.len();
+                generated.fetch_add(1, Ordering::SeqCst);
+                if chunks_tx.send((records, milestones)).is_err() || queued >= target {
+                    break;
                 }
-                p.flush(Duration::from_secs(60)).ok();
-            })
-        };
-        let expected = {
-            let pipeline = waymark::Pipeline::default();
-            let store = waymark::state::MemoryStore::default();
-            waymark::batch::process(&pipeline, &store, &to_send, chrono::Utc::now(), false, None).map(|o| o.upserts.len()).unwrap_or(0)
-        };
-        let (arrivals, _, _, _) = read_output(&args, &names[5], expected, Duration::from_secs(args.latency_seconds + 120), worker.child.id());
-        sender.join().ok();
-        drop(worker);
-        let sent = p.context().at.lock().unwrap().clone();
-        let mut latencies: Vec<f64> = arrivals
+            }
+            generated.store(usize::MAX, Ordering::SeqCst);
+        });
+    }
+    while generated.load(Ordering::SeqCst) < ahead {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Warm-up: the first record alone, until its milestone is read.
+    let (mut records, milestones) = chunks_rx.recv().expect("a first chunk");
+    expected.count.store(milestones, Ordering::SeqCst);
+    let warm_up = Instant::now();
+    send(&p, input, &records.remove(0), args.keyed, args.partitions, 0);
+    while expected.seen.load(Ordering::SeqCst) == 0 {
+        assert!(warm_up.elapsed() < Duration::from_secs(120), "the worker emitted no milestone within 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "[{mode}] warm-up: first milestone {:.1} s after the first record; pacing at {paced:.0} records/s, measuring after {PACED_WARM_UP_SECONDS} s",
+        warm_up.elapsed().as_secs_f64()
+    );
+    let pacing = Instant::now();
+    let clock = pacing + Duration::from_secs(PACED_WARM_UP_SECONDS);
+    let mut sent = 0usize;
+    loop {
+        for e in &records {
+            if let Some(wait) = (pacing + Duration::from_secs_f64(sent as f64 / paced)).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            send(&p, input, e, args.keyed, args.partitions, sent + 1);
+            sent += 1;
+        }
+        match chunks_rx.recv() {
+            Ok((next, milestones)) => {
+                records = next;
+                expected.count.fetch_add(milestones, Ordering::SeqCst);
+            }
+            Err(_) => break,
+        }
+    }
+    let sending = pacing.elapsed().as_secs_f64();
+    expected.done.store(true, Ordering::SeqCst);
+    p.flush(Duration::from_secs(60)).ok();
+    let (arrivals, _, _, samples) = reader.join().expect("reader");
+    drop(worker);
+    let read = expected.seen.load(Ordering::SeqCst);
+    let wanted = expected.count.load(Ordering::SeqCst);
+    let sent_at = p.context().at.lock().unwrap().clone();
+    let mut latencies: Vec<f64> = arrivals
+        .iter()
+        .filter_map(|(source, arrived)| sent_at.get(source).filter(|at| **at >= clock).map(|at| arrived.duration_since(*at).as_secs_f64() * 1000.0))
+        .collect();
+    if let Ok(path) = std::env::var("E2E_LATENCY_DUMP") {
+        // (seconds since the clock started, latency ms) per milestone, for plots.
+        let mut lines: Vec<(f64, f64)> = arrivals
             .iter()
-            .filter_map(|(source, arrived)| sent.get(source).map(|at| arrived.duration_since(*at).as_secs_f64() * 1000.0))
+            .filter_map(|(source, arrived)| {
+                let at = sent_at.get(source).filter(|at| **at >= clock)?;
+                Some((at.duration_since(clock).as_secs_f64(), arrived.duration_since(*at).as_secs_f64() * 1000.0))
+            })
             .collect();
-        latencies.sort_by(|a, b| a.total_cmp(b));
+        lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let text: String = lines.iter().map(|(t, l)| format!("{t:.3} {l:.1}\n")).collect();
+        std::fs::write(&path, text).expect("E2E_LATENCY_DUMP");
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "[{mode}] latency at {:.0} records/s ({sent} records over {sending:.0} s), {read} of {wanted} milestones read: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms, max {:.1} ms",
+        sent as f64 / sending.max(0.001),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    rss_report(mode, &samples);
+}
+
+/// RSS over a paced run, sampled every 500 ms: the first and the last minute's
+/// peaks for runs of two minutes or more (is memory flat?), else min and max.
+fn rss_report(mode: &str, samples: &[(u64, f64)]) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let peak = |s: &[(u64, f64)]| s.iter().map(|x| x.0).max().unwrap_or(0);
+    if samples.len() >= 240 {
+        let (first, last) = (peak(&samples[..120]), peak(&samples[samples.len() - 120..]));
         println!(
-            "[{mode}] latency at {paced:.0} records/s (half the max) over {} milestones: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
-            latencies.len(),
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-            percentile(&latencies, 0.999)
+            "[{mode}] RSS over {:.0} s: first minute peak {:.0} MiB, last minute peak {:.0} MiB ({:+.1}%), overall peak {:.0} MiB",
+            samples.len() as f64 / 2.0,
+            mib(first),
+            mib(last),
+            (last as f64 / first.max(1) as f64 - 1.0) * 100.0,
+            mib(peak(samples))
         );
+    } else {
+        let low = samples.iter().map(|x| x.0).min().unwrap_or(0);
+        println!("[{mode}] RSS over {:.0} s: {:.0} to {:.0} MiB", samples.len() as f64 / 2.0, mib(low), mib(peak(samples)));
     }
 }
