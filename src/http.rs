@@ -38,6 +38,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter output, by reason");
     metrics::describe_counter!(KEY_COLLISIONS, "Same composite key, different content hash");
     metrics::describe_gauge!(STORE_KEYS, "Estimated live keys per state keyspace");
+    metrics::describe_gauge!(STORE_MEMORY, "Memory the state store holds, by kind (memtables, block_cache, table_readers)");
     metrics::describe_counter!(STORE_EXPIRED, "State entries dropped by compaction after their TTL");
     metrics::describe_histogram!(PROCESS_SECONDS, "Pipeline time per record (normalize, dedupe, order)");
     metrics::describe_histogram!(STORE_LOOKUP_SECONDS, "State store lookup latency, by operation and keyspace");

@@ -183,6 +183,23 @@ impl RocksStore {
         Ok(self.db.property_int_value_cf(cf, "rocksdb.estimate-num-keys").map_err(io)?.unwrap_or(0))
     }
 
+    /// Memory RocksDB holds, by kind: memtables (all keyspaces, at most
+    /// `memtable_bytes` x 2 each), block cache (shared, at most
+    /// `block_cache_bytes`) and table readers (index and filter blocks of the
+    /// open SST files, which grow with the data).
+    pub fn memory_bytes(&self) -> Result<[(&'static str, u64); 3], StoreError> {
+        let (mut memtables, mut readers, mut cache) = (0, 0, 0);
+        for keyspace in Keyspace::ALL {
+            let cf = self.cf(keyspace)?;
+            let value = |name: &str| self.db.property_int_value_cf(cf, name).map_err(io).map(Option::unwrap_or_default);
+            memtables += value("rocksdb.cur-size-all-mem-tables")?;
+            readers += value("rocksdb.estimate-table-readers-mem")?;
+            // One cache shared by every keyspace: each reports the same usage.
+            cache = cache.max(value("rocksdb.block-cache-usage")?);
+        }
+        Ok([("memtables", memtables), ("block_cache", cache), ("table_readers", readers)])
+    }
+
     /// Total size of the keyspace's SST files on disk.
     pub fn disk_bytes(&self, keyspace: Keyspace) -> Result<u64, StoreError> {
         let cf = self.cf(keyspace)?;

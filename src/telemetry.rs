@@ -26,6 +26,7 @@ pub const OUT_OF_ORDER: &str = "waymark_out_of_order_total";
 pub const DEAD_LETTERS: &str = "waymark_dead_letter_total";
 pub const KEY_COLLISIONS: &str = "waymark_key_collisions_total";
 pub const STORE_KEYS: &str = "waymark_store_keys";
+pub const STORE_MEMORY: &str = "waymark_store_memory_bytes";
 pub const STORE_EXPIRED: &str = "waymark_store_expired_total";
 pub const STORE_LOOKUP_SECONDS: &str = "waymark_store_lookup_seconds";
 pub const PROCESS_SECONDS: &str = "waymark_process_seconds";

@@ -30,7 +30,7 @@ use crate::routing::RoutedRecord;
 use crate::sink::{Sink, SinkError};
 use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
-use crate::telemetry::{Telemetry, BATCH_STAGE_SECONDS, LAST_PROGRESS, REORDER_HELD, STORE_KEYS};
+use crate::telemetry::{Telemetry, BATCH_STAGE_SECONDS, LAST_PROGRESS, REORDER_HELD, STORE_KEYS, STORE_MEMORY};
 
 /// Everything the worker loop needs, passed in (shutdown and clock included).
 pub struct WorkerDeps<'a> {
@@ -235,6 +235,11 @@ fn update_gauges(store: &RocksStore) {
     for keyspace in [Keyspace::Keys, Keyspace::Hashes, Keyspace::Shipments] {
         if let Ok(n) = store.estimated_keys(keyspace) {
             metrics::gauge!(STORE_KEYS, "keyspace" => keyspace.name()).set(n as f64);
+        }
+    }
+    if let Ok(kinds) = store.memory_bytes() {
+        for (kind, bytes) in kinds {
+            metrics::gauge!(STORE_MEMORY, "kind" => kind).set(bytes as f64);
         }
     }
 }

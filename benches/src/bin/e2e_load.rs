@@ -608,6 +608,8 @@ fn rss_report(mode: &str, samples: &[(u64, f64)]) {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let peak = |s: &[(u64, f64)]| s.iter().map(|x| x.0).max().unwrap_or(0);
     if samples.len() >= 240 {
+        let minutes: Vec<String> = samples.chunks(120).map(|minute| format!("{:.0}", mib(peak(minute)))).collect();
+        println!("[{mode}] RSS peak per minute (MiB): {}", minutes.join(" "));
         let (first, last) = (peak(&samples[..120]), peak(&samples[samples.len() - 120..]));
         println!(
             "[{mode}] RSS over {:.0} s: first minute peak {:.0} MiB, last minute peak {:.0} MiB ({:+.1}%), overall peak {:.0} MiB",
