@@ -9,7 +9,13 @@ cd "$(dirname "$0")/.."
 
 started_here=0
 if [[ -z ${WAYMARK_TEST_BROKERS:-} ]]; then
-  eval "$(scripts/kafka.sh start)"
+  # `eval "$(...)"` would hide a failed start (an empty export line): check it.
+  exports=$(scripts/kafka.sh start) || {
+    echo "test.sh: the Kafka broker did not start (see the messages above); fix that, or point WAYMARK_TEST_BROKERS at a running broker" >&2
+    scripts/kafka.sh stop >/dev/null 2>&1 || true
+    exit 1
+  }
+  eval "$exports"
   started_here=1
 fi
 cleanup() {
