@@ -297,7 +297,10 @@ fn armed_failpoint() -> &'static Option<(String, u64, FailpointAction)> {
         let nth = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
         let action = match parts.next() {
             Some("fail") => FailpointAction::Fail,
-            Some(pause) => FailpointAction::Pause(pause.strip_prefix("pause=").and_then(|s| s.parse().ok()).unwrap_or(0)),
+            Some(other) => match other.strip_prefix("pause=").and_then(|s| s.parse().ok()) {
+                Some(seconds) => FailpointAction::Pause(seconds),
+                None => FailpointAction::Abort,
+            },
             None => FailpointAction::Abort,
         };
         Some((name, nth, action))

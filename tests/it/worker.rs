@@ -382,16 +382,22 @@ fn json_logs_carry_no_payload_or_secret_at_info() {
     println!("checked: {} JSON log lines, no payload, no property value", lines.len());
 }
 
-/// Commit `offset` for every partition of `topics` in `group`, as
-/// `kafka-consumer-groups.sh --reset-offsets --execute` does (no member active).
-fn reset_group_offsets(group: &str, topics: &[(&str, i32)], offset: i64) {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+/// A consumer of `group` that never joins it: reads and commits the group's
+/// offsets as Kafka's own tools do.
+fn group_client(group: &str) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Commit `offset` for every partition of `topics` in `group`, as
+/// `kafka-consumer-groups.sh --reset-offsets --execute` does (no member active).
+fn reset_group_offsets(group: &str, topics: &[(&str, i32)], offset: i64) {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    let consumer = group_client(group);
     let mut tpl = rdkafka::TopicPartitionList::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
@@ -698,13 +704,8 @@ fn an_exactly_once_member_replaced_while_its_transaction_was_open_abandons_the_b
 /// Records the group has not committed: for every partition of `topics`, its
 /// log end minus the group's committed offset (none committed counts from 0).
 fn group_lag(group: &str, topics: &[(&str, i32)]) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    use rdkafka::consumer::Consumer;
+    let consumer = group_client(group);
     let mut tpl = rdkafka::TopicPartitionList::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
