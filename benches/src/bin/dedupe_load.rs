@@ -13,6 +13,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The `waymark` binary's allocator (see src/main.rs), so the figures are the
+/// worker's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use chrono::Utc;
 use waymark::dedupe::{check_and_stage, DedupePolicy, Verdict};
 use waymark::state::{Keyspace, Scope, StateStore, Staged};
