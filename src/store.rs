@@ -697,6 +697,50 @@ mod tests {
     }
 
     #[test]
+    fn state_written_with_the_earlier_table_options_reads_the_same() {
+        // The earlier layout of the options: one skiplist memtable per keyspace, a
+        // fixed 24-byte prefix extractor on Keys and none elsewhere. Its files
+        // carry that extractor's name; RocksDB must not use their prefix filters
+        // with the new extractor, and every read must still find what they hold.
+        let dir = tempfile::tempdir().unwrap();
+        let key = [[7u8; 8].as_slice(), &[3u8; 16], &42i64.to_be_bytes()].concat();
+        let hash = [[7u8; 8].as_slice(), &[9u8; 32]].concat();
+        {
+            let mut db_options = Options::default();
+            db_options.create_if_missing(true);
+            db_options.create_missing_column_families(true);
+            let descriptors = Keyspace::ALL.map(|keyspace| {
+                let mut cf = Options::default();
+                let mut block = BlockBasedOptions::default();
+                block.set_bloom_filter(10.0, false);
+                cf.set_block_based_table_factory(&block);
+                if keyspace == Keyspace::Keys {
+                    cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(24));
+                }
+                ColumnFamilyDescriptor::new(keyspace.name(), cf)
+            });
+            let db = DB::open_cf_descriptors(&db_options, dir.path(), descriptors).unwrap();
+            db.put_cf(db.cf_handle("keys").unwrap(), &key, i64::MAX.to_be_bytes()).unwrap();
+            db.put_cf(db.cf_handle("hashes").unwrap(), &hash, i64::MAX.to_be_bytes()).unwrap();
+            for keyspace in Keyspace::ALL {
+                db.flush_cf(db.cf_handle(keyspace.name()).unwrap()).unwrap();
+            }
+        }
+        let store = RocksStore::open(dir.path(), &StoreOptions::default(), system_clock()).unwrap();
+        let (from, to) = ([&key[..24], &0i64.to_be_bytes()].concat(), [&key[..24], &100i64.to_be_bytes()].concat());
+        assert_eq!(store.scan(Keyspace::Keys, &from, &to).unwrap().len(), 1, "a key in an earlier file was missed");
+        assert!(store.get(Keyspace::Hashes, &hash).unwrap().is_some());
+        // New writes beside the old files, and a scan that finds both.
+        let mut batch = StateBatch::default();
+        batch.put(Keyspace::Keys, [&key[..24], &43i64.to_be_bytes()].concat(), i64::MAX.to_be_bytes().to_vec());
+        store.write(batch).unwrap();
+        assert_eq!(store.scan(Keyspace::Keys, &from, &to).unwrap().len(), 2);
+        store.flush().unwrap();
+        store.compact().unwrap();
+        assert_eq!(store.scan(Keyspace::Keys, &from, &to).unwrap().len(), 2);
+    }
+
+    #[test]
     fn every_lookup_is_timed_in_the_histogram_of_its_operation_and_keyspace() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
