@@ -6,7 +6,7 @@
 //! one atomic write. A crash before that write re-processes the batch from the
 //! stored progress, producing the identical upserts again.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -14,7 +14,7 @@ use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::sink::{Sink, SinkError};
 use crate::output::{DeadLetter, MilestoneUpsert};
-use crate::pipeline::{stage_progress, Pipeline, RecordResult};
+use crate::pipeline::{stage_progress, Pipeline, Prepared, RecordResult};
 use crate::routing::RoutedRecord;
 use crate::state::{StateBatch, StateStore, Staged};
 use crate::telemetry::Telemetry;
@@ -185,11 +185,27 @@ pub fn process<S: StateStore + ?Sized>(
     track_progress: bool,
     telemetry: Option<&Telemetry>,
 ) -> Result<BatchOutput, StoreError> {
-    let mut staged = Staged::new(store);
-    let mut output = BatchOutput::default();
     // Read and normalize on every thread the pipeline has, then dedupe and order
     // on this one, in input order.
-    for (envelope, (prepared, preparing)) in envelopes.iter().zip(pipeline.prepare_batch(envelopes, now)) {
+    let prepared = pipeline.prepare_batch(envelopes, now);
+    process_prepared(pipeline, store, envelopes, prepared, now, track_progress, telemetry)
+}
+
+/// The stateful half of [`process`]: `prepared` is what
+/// [`Pipeline::prepare_batch`] made of `envelopes` at the same `now` (possibly on
+/// another thread, while the previous batch was being applied).
+pub fn process_prepared<S: StateStore + ?Sized>(
+    pipeline: &Pipeline,
+    store: &S,
+    envelopes: &[Envelope],
+    prepared: Vec<(Prepared, Duration)>,
+    now: DateTime<Utc>,
+    track_progress: bool,
+    telemetry: Option<&Telemetry>,
+) -> Result<BatchOutput, StoreError> {
+    let mut staged = Staged::new(store);
+    let mut output = BatchOutput::default();
+    for (envelope, (prepared, preparing)) in envelopes.iter().zip(prepared) {
         let started = Instant::now();
         let result = pipeline.apply(envelope, prepared, now, &mut staged)?;
         account(pipeline, &mut output, &mut staged, envelope, result, preparing + started.elapsed(), track_progress, telemetry);

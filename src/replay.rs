@@ -19,11 +19,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use thiserror::Error;
 
-use crate::batch::{process, Summary};
+use crate::batch::{process, process_prepared, Summary};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::output::DeadLetter;
-use crate::pipeline::{stored_offset, Pipeline};
+use crate::pipeline::{stored_offset, Pipeline, Prepared};
 use crate::sink::{Sink, SinkError};
 use crate::state::StateStore;
 
@@ -129,10 +129,14 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// Replay one archive stream. With `resume`, lines an earlier run with the
     /// same archive name committed to this store are skipped (the store records
     /// the last committed line with each batch's state).
+    ///
+    /// Two stages overlap: while one batch is deduped, ordered and delivered on
+    /// this thread (in archive order, as always), the next batch's lines are
+    /// parsed and normalized on other threads (that half touches no state). At
+    /// most three batches are in memory: the one being read, the one being
+    /// prepared and the one being applied.
     pub fn stream(&mut self, reader: &mut dyn BufRead, archive_name: &str) -> Result<(), ReplayError> {
         let (store, resume) = (self.store, self.resume);
-        // Lines are collected as read and parsed per batch on the pipeline's
-        // threads (unescaping a body is as costly as normalizing it).
         let mut lines: Vec<(i64, String)> = Vec::with_capacity(BATCH);
         let mut line = String::new();
         let mut line_no: i64 = 0;
@@ -145,6 +149,7 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
         if resume_after > 0 {
             tracing::info!(archive = %archive_name, line = resume_after, "resuming after the last line an earlier run committed");
         }
+        let mut applying: Option<PreparedLines> = None;
         loop {
             line.clear();
             let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
@@ -155,51 +160,43 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
                 }
             }
             if lines.len() >= BATCH || (n == 0 && !lines.is_empty()) {
-                let (batch, malformed) = self.read_envelopes(&lines, archive_name);
+                let batch = std::mem::replace(&mut lines, Vec::with_capacity(BATCH));
                 let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
-                self.deliver(&batch, malformed, &done)?;
-                lines.clear();
+                let now = (self.now)();
+                let pipeline = self.pipeline;
+                // Prepare this batch while the previous one is applied.
+                let previous = applying.take();
+                let prepared = std::thread::scope(|scope| {
+                    let preparing = scope.spawn(move || PreparedLines::prepare(pipeline, batch, archive_name, now, done));
+                    let delivered = previous.map_or(Ok(()), |previous| self.deliver_prepared(previous));
+                    let prepared = preparing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    delivered.map(|()| prepared)
+                })?;
+                applying = Some(prepared);
             }
             if n == 0 {
-                return Ok(());
+                return applying.map_or(Ok(()), |last| self.deliver_prepared(last));
             }
         }
     }
 
-    /// A batch of archive lines as envelopes (parsed on the pipeline's threads),
-    /// and the dead letters of lines that are not envelopes, counted in the
-    /// summary as invalid records of an unknown carrier and tenant.
-    fn read_envelopes(&mut self, lines: &[(i64, String)], archive_name: &str) -> (Vec<Envelope>, Vec<DeadLetter>) {
-        let parsed = crate::parallel::map_ordered(lines, self.pipeline.threads, |(_, line)| Envelope::from_kcat_json(line.trim()));
-        let mut batch = Vec::with_capacity(lines.len());
-        let mut malformed = Vec::new();
-        for ((line_no, line), parsed) in lines.iter().zip(parsed) {
-            match parsed {
-                Ok(envelope) => batch.push(envelope),
-                Err(error) => {
-                    // Keep the line itself so nothing is silently dropped.
-                    let envelope = Envelope {
-                        topic: archive_name.to_string(),
-                        partition: -1,
-                        offset: *line_no,
-                        timestamp_ms: None,
-                        headers: Vec::new(),
-                        key: None,
-                        payload: line.trim().as_bytes().to_vec(),
-                    };
-                    let summary = &mut self.summary;
-                    summary.records += 1;
-                    summary.invalid += 1;
-                    for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
-                        counts.records += 1;
-                        counts.invalid += 1;
-                    }
-                    *summary.invalid_by_kind.entry(error.kind().to_string()).or_default() += 1;
-                    malformed.push(DeadLetter::new(&envelope, &error, None, None, (self.now)()));
-                }
+    /// A prepared batch of archive lines through the rest of the pipeline: its
+    /// unreadable lines counted as invalid records of an unknown carrier and
+    /// tenant (their dead letters keep the line itself, so nothing is silently
+    /// dropped), then dedupe, order and the commit order.
+    fn deliver_prepared(&mut self, batch: PreparedLines) -> Result<(), ReplayError> {
+        let summary = &mut self.summary;
+        for dead in &batch.malformed {
+            summary.records += 1;
+            summary.invalid += 1;
+            for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
+                counts.records += 1;
+                counts.invalid += 1;
             }
+            *summary.invalid_by_kind.entry(dead.error_kind.clone()).or_default() += 1;
         }
-        (batch, malformed)
+        let output = process_prepared(self.pipeline, self.store, &batch.envelopes, batch.prepared, batch.now, false, None)?;
+        self.commit(output, batch.malformed, &batch.done)
     }
 
     /// Replay a topic's retained history (all partitions, `read_committed`) through
@@ -322,7 +319,12 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// One batch through the pipeline and the commit order (outputs, then state);
     /// `done` are checkpoints (key, position) committed atomically with the state.
     fn deliver(&mut self, batch: &[Envelope], malformed: Vec<DeadLetter>, done: &[(Vec<u8>, i64)]) -> Result<(), ReplayError> {
-        let mut output = process(self.pipeline, self.store, batch, (self.now)(), false, None)?;
+        let output = process(self.pipeline, self.store, batch, (self.now)(), false, None)?;
+        self.commit(output, malformed, done)
+    }
+
+    /// A processed batch's outputs, then its state with the checkpoints `done`.
+    fn commit(&mut self, mut output: crate::batch::BatchOutput, malformed: Vec<DeadLetter>, done: &[(Vec<u8>, i64)]) -> Result<(), ReplayError> {
         for (key, position) in done {
             output.state.put(crate::state::Keyspace::Offsets, key.clone(), position.to_be_bytes().to_vec());
         }
@@ -343,6 +345,47 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
             Err(crate::batch::DeliverError::Crashed(point)) => unreachable!("the replay's crash hook aborts the process itself, it never reports a crash ({point:?})"),
         }
         Ok(())
+    }
+}
+
+/// A batch of archive lines read and normalized (no state touched yet).
+struct PreparedLines {
+    envelopes: Vec<Envelope>,
+    prepared: Vec<(Prepared, std::time::Duration)>,
+    /// Dead letters of the lines that are not envelopes.
+    malformed: Vec<DeadLetter>,
+    /// The instant the batch is processed at (one per batch, for both halves).
+    now: DateTime<Utc>,
+    /// Checkpoints committed with the batch's state.
+    done: Vec<(Vec<u8>, i64)>,
+}
+
+impl PreparedLines {
+    /// Parse the lines as envelopes and normalize them, on the pipeline's threads.
+    fn prepare(pipeline: &Pipeline, lines: Vec<(i64, String)>, archive_name: &str, now: DateTime<Utc>, done: Vec<(Vec<u8>, i64)>) -> PreparedLines {
+        let parsed = crate::parallel::map_ordered(&lines, pipeline.threads, |(_, line)| Envelope::from_kcat_json(line.trim()));
+        let mut envelopes = Vec::with_capacity(lines.len());
+        let mut malformed = Vec::new();
+        for ((line_no, line), parsed) in lines.iter().zip(parsed) {
+            match parsed {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(error) => {
+                    // Keep the line itself so nothing is silently dropped.
+                    let envelope = Envelope {
+                        topic: archive_name.to_string(),
+                        partition: -1,
+                        offset: *line_no,
+                        timestamp_ms: None,
+                        headers: Vec::new(),
+                        key: None,
+                        payload: line.trim().as_bytes().to_vec(),
+                    };
+                    malformed.push(DeadLetter::new(&envelope, &error, None, None, now));
+                }
+            }
+        }
+        let prepared = pipeline.prepare_batch(&envelopes, now);
+        PreparedLines { envelopes, prepared, malformed, now, done }
     }
 }
 
@@ -389,3 +432,67 @@ fn topic_checkpoints(batch: &[Envelope], checkpoint_of: &dyn Fn(i32) -> Vec<u8>)
     next.into_iter().map(|(partition, offset)| (checkpoint_of(partition), offset)).collect()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::MemorySink;
+    use crate::state::{MemoryStore, Staged};
+    use crate::synth::{generate, TrafficSpec};
+    use chrono::TimeZone;
+
+    /// Archive lines of a realistic stream over several batches, with lines that
+    /// are not envelopes and blank lines among them.
+    fn archive() -> (Vec<String>, usize) {
+        let traffic = generate(&TrafficSpec { seed: 7, shipments: 600, redelivery: 0.3, replay: 0.2, reorder: 0.2, ..TrafficSpec::default() });
+        let mut lines = Vec::new();
+        for (i, envelope) in traffic.envelopes.iter().enumerate() {
+            lines.push(envelope.to_kcat_json());
+            if i % 997 == 3 {
+                lines.push("{not an envelope".into());
+                lines.push(String::new());
+            }
+        }
+        assert!(lines.len() > 3 * BATCH, "the archive must span several batches: {}", lines.len());
+        (lines, traffic.distinct_events)
+    }
+
+    #[test]
+    fn a_stream_replays_exactly_as_its_batches_one_after_another() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let (lines, distinct) = archive();
+        let pipeline = Pipeline { threads: 2, ..Pipeline::default() };
+
+        // The overlapped stream.
+        let store = MemoryStore::default();
+        let mut sink = MemorySink::default();
+        let clock = move || now;
+        let mut progress = |_: &Summary| {};
+        let mut replay = Replay { pipeline: &pipeline, store: &store, sink: &mut sink, now: &clock, summary: Summary::default(), on_progress: &mut progress, resume: false };
+        let text = lines.join("\n");
+        replay.stream(&mut text.as_bytes(), "archive.ndjson").unwrap();
+        let summary = replay.summary.clone();
+
+        // The same batches, each read, processed and committed before the next.
+        let reference_store = MemoryStore::default();
+        let mut reference = Vec::new();
+        let mut invalid = 0;
+        let non_blank: Vec<&String> = lines.iter().filter(|l| !l.trim().is_empty()).collect();
+        for chunk in non_blank.chunks(BATCH) {
+            let envelopes: Vec<Envelope> = chunk.iter().filter_map(|l| Envelope::from_kcat_json(l.trim()).ok()).collect();
+            invalid += chunk.len() - envelopes.len();
+            let output = process(&pipeline, &reference_store, &envelopes, now, false, None).unwrap();
+            reference.extend(output.upserts);
+            reference_store.write(output.state).unwrap();
+        }
+
+        assert_eq!(sink.upserts.len(), distinct, "one upsert per distinct event");
+        assert_eq!(sink.upserts, reference, "the overlapped stream emitted other upserts, or in another order");
+        assert_eq!(sink.dead_letters.len(), invalid);
+        assert_eq!(summary.invalid as usize, invalid);
+        assert_eq!(summary.records as usize, non_blank.len());
+        // Both committed the same state.
+        let entries = |store: &MemoryStore| Staged::new(store).scan(crate::state::Keyspace::Keys, &[], &[0xff; 64]).unwrap();
+        assert_eq!(entries(&store), entries(&reference_store));
+    }
+}
