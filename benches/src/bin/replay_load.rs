@@ -53,6 +53,9 @@ fn write_archive(path: &PathBuf, target_events: u64) -> (u64, u64) {
         }
     }
     out.flush().expect("flush the archive");
+    // On disk before anything is timed, so the kernel's write-back of the fresh
+    // archive does not overlap the measured runs.
+    out.get_ref().sync_all().expect("sync the archive");
     (records, events)
 }
 
