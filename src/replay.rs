@@ -23,7 +23,7 @@ use crate::batch::{process, process_prepared, Summary};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::output::DeadLetter;
-use crate::pipeline::{stored_offset, Pipeline, Prepared};
+use crate::pipeline::{stored_offset, Pipeline, Prepared, RecordResult};
 use crate::sink::{Sink, SinkError};
 use crate::state::StateStore;
 
@@ -185,15 +185,9 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// tenant (their dead letters keep the line itself, so nothing is silently
     /// dropped), then dedupe, order and the commit order.
     fn deliver_prepared(&mut self, batch: PreparedLines) -> Result<(), ReplayError> {
-        let summary = &mut self.summary;
         for dead in &batch.malformed {
-            summary.records += 1;
-            summary.invalid += 1;
-            for counts in [summary.by_carrier.entry("unknown".into()).or_default(), summary.by_tenant.entry("unknown".into()).or_default()] {
-                counts.records += 1;
-                counts.invalid += 1;
-            }
-            *summary.invalid_by_kind.entry(dead.error_kind.clone()).or_default() += 1;
+            // A record without carrier or tenant: counted under `unknown`.
+            self.summary.add_result(&RecordResult { dead_letter: Some(dead.clone()), ..RecordResult::default() });
         }
         let output = process_prepared(self.pipeline, self.store, &batch.envelopes, batch.prepared, batch.now, false, None)?;
         self.commit(output, batch.malformed, &batch.done)
