@@ -58,7 +58,7 @@ pub enum DeliveryMode {
     AtLeastOnce,
     /// Outputs and consumer offsets in one Kafka transaction; state written after it
     /// commits and caught up from the input on assignment.
-    ExactlyOnce { transactional_id: String },
+    ExactlyOnce,
 }
 
 /// `[kafka]`
@@ -80,7 +80,8 @@ pub struct KafkaSection {
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions).
     #[serde(default = "default_delivery")]
     pub delivery: String,
-    /// transactional.id of this instance in `exactly-once` mode: stable across
+    /// transactional.id of this instance (`exactly-once` outputs, and the
+    /// changelog writes of `at-least-once` with state hand-over): stable across
     /// restarts of one instance, distinct between instances. Default:
     /// `waymark-<group_id>-<hostname>-<8 hex digits of the state directory>`.
     #[serde(default)]
@@ -467,6 +468,10 @@ pub struct Overrides {
 pub struct Config {
     pub kafka: KafkaSection,
     pub delivery: DeliveryMode,
+    /// This instance's transactional.id: the producer of `exactly-once`, and the
+    /// changelog producer of `at-least-once` with state hand-over (which fences a
+    /// member the group has replaced).
+    pub transactional_id: String,
     pub envelope: EnvelopeRules,
     pub state_dir: PathBuf,
     pub store: StoreOptions,
@@ -706,24 +711,23 @@ impl RawConfig {
         if self.limits.max_body_bytes == 0 {
             return Err(ConfigError::Invalid("limits.max_body_bytes must be at least 1".into()));
         }
+        let transactional_id = kafka.transactional_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            // The host alone can collide (host networking, two processes on
+            // one machine: they would fence each other forever); the state
+            // directory tells instances on one host apart and is stable
+            // across restarts of each.
+            let dir = blake3::hash(self.state.dir.to_string_lossy().as_bytes()).to_hex();
+            format!("waymark-{}-{host}-{}", kafka.group_id, &dir[..8])
+        });
         let delivery = match kafka.delivery.as_str() {
             "at-least-once" => DeliveryMode::AtLeastOnce,
-            "exactly-once" => DeliveryMode::ExactlyOnce {
-                transactional_id: kafka.transactional_id.clone().unwrap_or_else(|| {
-                    let host = std::env::var("HOSTNAME")
-                        .ok()
-                        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-                        .map(|h| h.trim().to_string())
-                        .filter(|h| !h.is_empty())
-                        .unwrap_or_else(|| "localhost".into());
-                    // The host alone can collide (host networking, two processes on
-                    // one machine: they would fence each other forever); the state
-                    // directory tells instances on one host apart and is stable
-                    // across restarts of each.
-                    let dir = blake3::hash(self.state.dir.to_string_lossy().as_bytes()).to_hex();
-                    format!("waymark-{}-{host}-{}", kafka.group_id, &dir[..8])
-                }),
-            },
+            "exactly-once" => DeliveryMode::ExactlyOnce,
             other => {
                 return Err(ConfigError::Invalid(format!(
                     "kafka.delivery = \"{other}\": write \"at-least-once\" or \"exactly-once\""
@@ -784,6 +788,7 @@ impl RawConfig {
             placement,
             repartition,
             delivery,
+            transactional_id,
             envelope: EnvelopeRules {
                 topic_carriers: self.topics,
                 require_tenant: self.tenancy.require_tenant,
@@ -992,15 +997,14 @@ mod tests {
     fn delivery_mode_is_a_type() {
         assert_eq!(RawConfig::default().validate().unwrap().delivery, DeliveryMode::AtLeastOnce);
         let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \"w-1\"").unwrap();
-        assert_eq!(raw.clone().validate().unwrap().delivery, DeliveryMode::ExactlyOnce { transactional_id: "w-1".into() });
-        // The default id: stable for one instance, distinct for two on one host.
+        let config = raw.clone().validate().unwrap();
+        assert_eq!((config.delivery, config.transactional_id.as_str()), (DeliveryMode::ExactlyOnce, "w-1"));
+        // The default id (both modes have one): stable for one instance,
+        // distinct for two on one host.
         let id = |dir: &str| {
-            let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"").unwrap();
+            let mut raw = RawConfig::default();
             raw.state.dir = dir.into();
-            match raw.validate().unwrap().delivery {
-                DeliveryMode::ExactlyOnce { transactional_id } => transactional_id,
-                other => panic!("{other:?}"),
-            }
+            raw.validate().unwrap().transactional_id
         };
         assert_eq!(id("/var/lib/waymark/a"), id("/var/lib/waymark/a"));
         assert_ne!(id("/var/lib/waymark/a"), id("/var/lib/waymark/b"));

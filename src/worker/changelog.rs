@@ -10,9 +10,12 @@
 //!   authoritative when a partition moves.
 //! - `exactly-once`: the changelog records are part of the batch's transaction, so
 //!   they commit atomically with the outputs and the input offsets.
-//!   `at-least-once`: they are produced after the outputs are acknowledged and
-//!   before the local state write, so neither the changelog nor the store ever
-//!   claims an event whose upserts were not acknowledged.
+//!   `at-least-once`: they commit in a transaction of their own with the batch's
+//!   input offsets, after the outputs are acknowledged and before the local
+//!   state write, so neither the changelog nor the store ever claims an event
+//!   whose upserts were not acknowledged, and a member the group has replaced
+//!   cannot append older state after the new owner's (its offsets are refused,
+//!   its records aborted).
 //! - On assignment of a partition, the worker first asks the group for its
 //!   committed offset (which, for a `read_committed` consumer, waits for pending
 //!   transactional commits), then replays the changelog partition into the store
@@ -181,9 +184,11 @@ pub struct ChangelogRecord {
 /// partition whose scope prefixes it; the batch's progress entries say which
 /// partitions those are (the worker always stages progress).
 ///
-/// Shipment states come first. In `at-least-once` mode a crash in the middle of
-/// sending them leaves a prefix of each partition's records on the changelog; a
-/// restore from it then holds a dedupe key only when every shipment state of the
+/// Shipment states come first. Both modes now write them in a transaction, so a
+/// crash leaves all of a batch or none of it to a `read_committed` restore; the
+/// order still matters for a changelog written by an earlier Waymark without
+/// one, where a crash in the middle of sending them could leave a prefix of each
+/// partition's records: a restore from it then holds a dedupe key only when every shipment state of the
 /// batch is there too, so re-processing the batch re-applies what is missing and
 /// ends every shipment where the uninterrupted run did. Keys first would let a
 /// restored key turn its event into a duplicate whose status never reaches the

@@ -49,7 +49,7 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 }
 
 /// [`producer_config`] with a transactional.id (the worker's exactly-once mode,
-/// `replay --to-topic --transactional-id`).
+/// its changelog writes in at-least-once mode, `replay --to-topic --transactional-id`).
 pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
     let mut client = producer_config(config);
     client.set("transactional.id", transactional_id);
@@ -70,11 +70,13 @@ pub fn validate(config: &Config) -> Result<(), String> {
         other => format!("the {side} cannot be created: {other}"),
     };
     consumer_config(config).create::<BaseConsumer>().map_err(|e| describe("consumer", e))?;
-    let producer = match &config.delivery {
-        crate::config::DeliveryMode::ExactlyOnce { transactional_id } => transactional_producer_config(config, transactional_id),
-        crate::config::DeliveryMode::AtLeastOnce => producer_config(config),
-    };
-    producer.create::<BaseProducer>().map_err(|e| describe("producer", e))?;
+    producer_config(config).create::<BaseProducer>().map_err(|e| describe("producer", e))?;
+    // Exactly-once's producer, and at-least-once's changelog producer.
+    if matches!(config.delivery, crate::config::DeliveryMode::ExactlyOnce) || config.changelog.is_some() {
+        transactional_producer_config(config, &config.transactional_id)
+            .create::<BaseProducer>()
+            .map_err(|e| describe("producer", e))?;
+    }
     Ok(())
 }
 

@@ -22,7 +22,9 @@
 //! 3. produce repartition records, upserts and dead letters with an idempotent
 //!    producer and wait until Kafka acknowledges every one (retrying the batch on
 //!    delivery failure);
-//! 4. log the state changes to the changelog (if on) and wait for it;
+//! 4. commit the state changes to the changelog (if on) in a transaction with
+//!    the batch's input offsets, whose group metadata makes the group refuse a
+//!    member it has replaced (the batch is then abandoned, nothing logged);
 //! 5. write dedupe keys, shipment states and the stateful partitions' next
 //!    offsets to RocksDB in one atomic batch (WAL on);
 //! 6. commit the offsets of every partition read to the consumer group.

@@ -261,19 +261,10 @@ impl Sink for KafkaSink {
         self.await_acks(total).map(|_| ())
     }
 
-    /// At-least-once: the changelog gets the state only after the outputs are
-    /// acknowledged, so a new owner never restores a claim on an unsent upsert.
-    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
-        let records = self.changelog_records(state)?;
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.reset_counts();
-        self.enqueue_changelog(&records)?;
-        let counts = self.await_acks(records.len())?;
-        changelog::stage_positions(state, &records, &counts.offsets);
-        Ok(())
-    }
+    // No `send_state`: this producer has no fence, so state changes never go
+    // to a changelog through it (a member the group has replaced could append
+    // them after the new owner's). They go through a transaction with the
+    // batch's offsets instead (`TransactionalSink`).
 }
 
 /// Re-sends a batch until Kafka acknowledges all of it. Gives up only when a
@@ -309,10 +300,6 @@ impl RetryingSink<'_> {
 impl Sink for RetryingSink<'_> {
     fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
         self.retrying("output", |sink| sink.send(upserts, dead_letters, routed))
-    }
-
-    fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
-        self.retrying("changelog", |sink| sink.send_state(state))
     }
 }
 

@@ -53,7 +53,7 @@ const KEYING_CHECK_CAPACITY: usize = 1_000_000;
 /// The consume-process-produce loop. Returns `Ok` after a clean shutdown.
 pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let config = deps.config;
-    let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce { .. });
+    let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce);
     let mut pipeline = deps.pipeline.clone();
     pipeline.placement = config.placement.clone();
     // Topics whose partitions own state, and the ones that only route.
@@ -90,9 +90,15 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let topics: Vec<&str> = stateless.iter().chain(&stateful).map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(WorkerError::Setup)?;
     let mut output = match &config.delivery {
-        DeliveryMode::AtLeastOnce => Output::AtLeastOnce(KafkaSink::new(config).map_err(WorkerError::Setup)?),
-        DeliveryMode::ExactlyOnce { transactional_id } => {
-            Output::ExactlyOnce(TransactionalSink::new(config, transactional_id).map_err(WorkerError::Setup)?)
+        DeliveryMode::AtLeastOnce => Output::AtLeastOnce {
+            outputs: KafkaSink::new(config).map_err(WorkerError::Setup)?,
+            changelog: match config.changelog {
+                Some(_) => Some(TransactionalSink::new(config, &config.transactional_id).map_err(WorkerError::Setup)?),
+                None => None,
+            },
+        },
+        DeliveryMode::ExactlyOnce => {
+            Output::ExactlyOnce(TransactionalSink::new(config, &config.transactional_id).map_err(WorkerError::Setup)?)
         }
     };
     deps.health.ready.store(true, Ordering::SeqCst);
@@ -148,7 +154,9 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         let unit_was_empty = unit.is_empty();
         if !unit_was_empty {
             match &mut output {
-                Output::AtLeastOnce(sink) => process_and_commit(&deps, &consumer, sink, &unit, &partitions, &pipeline, process)?,
+                Output::AtLeastOnce { outputs, changelog } => {
+                    process_and_commit(&deps, &consumer, outputs, changelog.as_mut(), &unit, &partitions, &pipeline, process)?
+                }
                 Output::ExactlyOnce(sink) => {
                     process_transactionally(&deps, &consumer, sink, unit, &partitions, &pipeline, process)?
                 }
@@ -247,8 +255,10 @@ fn update_gauges(store: &RocksStore) {
 /// Crash-test hook: `WAYMARK_FAILPOINT=<point>:<n>` makes the process abort (like
 /// `kill -9`: no destructors, no flush) the n-th time it reaches `<point>`, one of
 /// `before_output`, `after_output` (outputs acknowledged or transaction committed,
-/// state not written), `after_changelog` (at-least-once with changelogs: state
-/// logged, not written locally) and `after_state` (state written, offsets not committed in
+/// state not written), `before_changelog` (at-least-once: the member still owned
+/// its partitions a moment ago and is about to log a batch's state changes),
+/// `after_changelog` (at-least-once with changelogs: state logged, not written
+/// locally) and `after_state` (state written, offsets not committed in
 /// at-least-once mode). `<point>:<n>:pause=<seconds>` stalls there instead (a
 /// member that stops polling while a batch is in flight). `batch_offset_commit:<n>:fail`
 /// makes every per-batch offset commit from the n-th on fail, as commits do
@@ -326,29 +336,55 @@ fn abandoned(records: usize) {
     );
 }
 
-/// At-least-once: state is logged to the changelog only by a member that still
-/// owns its partitions. One that stalled in a send for longer than
-/// `max.poll.interval.ms` has been replaced; the new owner may already have
-/// logged newer state for the same shipments, and an older value logged after it
-/// would win compaction (a later restore would move statuses back). Such a
-/// member abandons the batch instead (see `process_and_commit`; exactly-once is
-/// fenced by its transactional id).
-struct FencedState<'a, S: Sink> {
-    inner: S,
+/// At-least-once: outputs through the idempotent producer (re-sent until
+/// acknowledged), then the batch's state changes logged to the changelog in a
+/// transaction with the batch's input offsets. A member that stalled for longer
+/// than `max.poll.interval.ms` has been replaced, and the new owner may already
+/// have logged newer state for the same shipments: an older value logged after
+/// it would win compaction (a later restore would move statuses back). The group
+/// refuses such a member's transactional offset commit, so its records are
+/// aborted and it abandons the batch (see `process_and_commit`). The ownership
+/// check first only spares a transaction that cannot commit; the fence is the
+/// broker's.
+struct AtLeastOnceSink<'a> {
+    outputs: RetryingSink<'a>,
+    /// `None`: changelogs off, state stays local.
+    changelog: Option<&'a mut TransactionalSink>,
     consumer: &'a BaseConsumer<WorkerContext>,
+    offsets: &'a TopicPartitionList,
 }
 
-impl<S: Sink> Sink for FencedState<'_, S> {
+impl Sink for AtLeastOnceSink<'_> {
     fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
-        self.inner.send(upserts, dead_letters, routed)
+        self.outputs.send(upserts, dead_letters, routed)
     }
 
     fn send_state(&mut self, state: &mut StateBatch) -> Result<(), SinkError> {
+        let Some(changelog) = self.changelog.as_deref_mut() else {
+            return Ok(());
+        };
         if self.consumer.assignment_lost() {
             return Err(SinkError::Fenced);
         }
-        self.inner.send_state(state)
+        if state.puts.iter().any(|(keyspace, _, _)| *keyspace != Keyspace::Offsets) {
+            failpoint("before_changelog");
+        }
+        changelog.log_state(self.consumer, state, self.offsets, self.outputs.shutdown, self.outputs.deadline)
     }
+}
+
+/// The offsets to commit after `envelopes`: per partition, one past the last.
+fn next_offsets(envelopes: &[Envelope]) -> TopicPartitionList {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for e in envelopes {
+        let offset = next.entry((e.topic.as_str(), e.partition)).or_insert(0);
+        *offset = (*offset).max(e.offset + 1);
+    }
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    offsets
 }
 
 /// How a unit of records is processed: `batch::process` (arrival order) or
@@ -357,7 +393,9 @@ type Process = fn(&Pipeline, &RocksStore, &[Envelope], DateTime<Utc>, bool, Opti
 
 /// The output side of the worker, by delivery mode.
 enum Output {
-    AtLeastOnce(KafkaSink),
+    /// Outputs through the idempotent producer; state changes (with changelogs
+    /// on) through the transactional one, with the batch's offsets.
+    AtLeastOnce { outputs: KafkaSink, changelog: Option<TransactionalSink> },
     ExactlyOnce(TransactionalSink),
 }
 
@@ -390,14 +428,7 @@ fn process_transactionally(
     let processing = Instant::now();
     let output = process(pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
     stage_done("process", processing);
-    let mut offsets = TopicPartitionList::new();
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    for e in &live {
-        next.insert((e.topic.clone(), e.partition), e.offset + 1);
-    }
-    for ((topic, partition), offset) in &next {
-        let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-    }
+    let offsets = next_offsets(&live);
     failpoint("before_output");
     let mut state = output.state;
     let outputs = Outputs { upserts: &output.upserts, dead_letters: &output.dead_letters, routed: &output.routed };
@@ -422,10 +453,12 @@ fn process_transactionally(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn process_and_commit(
     deps: &WorkerDeps<'_>,
     consumer: &BaseConsumer<WorkerContext>,
     sink: &mut KafkaSink,
+    changelog: Option<&mut TransactionalSink>,
     envelopes: &[Envelope],
     partitions: &SharedPartitions,
     pipeline: &Pipeline,
@@ -433,8 +466,9 @@ fn process_and_commit(
 ) -> Result<(), WorkerError> {
     let mut stage = Instant::now();
     let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
-    let retrying = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
-    let mut fenced = FencedState { inner: retrying, consumer };
+    let offsets = next_offsets(envelopes);
+    let outputs = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
+    let mut fenced = AtLeastOnceSink { outputs, changelog, consumer, offsets: &offsets };
     match batch::deliver(&*deps.store, &mut fenced, output, &mut |point| {
         let name = match point {
             batch::Failpoint::BeforeOutput => "process",

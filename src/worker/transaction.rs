@@ -1,7 +1,10 @@
 //! The transactional producer of `exactly-once` mode: a batch's repartition
 //! records, upserts, dead letters, changelog records and the offsets of every
 //! input it consumed (raw and repartition topics alike) commit in one Kafka
-//! transaction, or not at all.
+//! transaction, or not at all. In `at-least-once` mode with state hand-over the
+//! same producer logs each batch's state changes with its offsets
+//! ([`TransactionalSink::log_state`]): the outputs go first, through the
+//! idempotent producer.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -25,7 +28,8 @@ use crate::state::StateBatch;
 /// Timeout of each transactional call (init, send offsets, commit, abort).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The transactional producer of `exactly-once` mode.
+/// The transactional producer of `exactly-once` mode (and of the changelog in
+/// `at-least-once` mode).
 pub struct TransactionalSink {
     config: ClientConfig,
     sink: KafkaSink,
@@ -74,15 +78,56 @@ impl TransactionalSink {
         deadline: Duration,
     ) -> Result<(), SinkError> {
         let records = self.sink.changelog_records(state)?;
+        self.commit_records(consumer, outputs, &records, state, offsets, shutdown, deadline)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_records(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        outputs: Outputs<'_>,
+        records: &[ChangelogRecord],
+        state: &mut StateBatch,
+        offsets: &TopicPartitionList,
+        shutdown: &AtomicBool,
+        deadline: Duration,
+    ) -> Result<(), SinkError> {
         let mut retry = Retry::new(shutdown, deadline, Duration::from_millis(200));
         let mut settlement = std::mem::take(&mut self.settlement);
         let mut transaction = KafkaTransaction { sink: self, consumer, expected: 0 };
-        let result = commit_batch(&mut transaction, &mut settlement, outputs, &records, offsets, &mut retry);
+        let result = commit_batch(&mut transaction, &mut settlement, outputs, records, offsets, &mut retry);
         self.settlement = settlement;
         if let Some(delivered) = result? {
-            changelog::stage_positions(state, &records, &delivered);
+            changelog::stage_positions(state, records, &delivered);
         }
         Ok(())
+    }
+
+    /// At-least-once with state hand-over: log a batch's state changes to the
+    /// changelog in a transaction with the batch's input offsets, after its
+    /// outputs were acknowledged (by the idempotent producer). The offsets carry
+    /// the consumer's group metadata, so the group refuses the commit of a
+    /// member it has replaced: such a member's records are aborted, invisible to
+    /// the `read_committed` restores, and it abandons the batch
+    /// ([`SinkError::Fenced`]). A new owner's restore waits for a transaction
+    /// that is still open (its committed-offset fetch is stable), so it never
+    /// misses state a member logged just before it lost the partition. A batch
+    /// with no state changes commits nothing here (its offsets go to the group
+    /// as usual).
+    pub fn log_state(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        state: &mut StateBatch,
+        offsets: &TopicPartitionList,
+        shutdown: &AtomicBool,
+        deadline: Duration,
+    ) -> Result<(), SinkError> {
+        let records = self.sink.changelog_records(state)?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let nothing = Outputs { upserts: &[], dead_letters: &[], routed: &[] };
+        self.commit_records(consumer, nothing, &records, state, offsets, shutdown, deadline)
     }
 
     /// Replace the producer: the new one's init fences the old and settles any
@@ -105,8 +150,8 @@ trait TransactionOps {
     /// Enqueue the batch's records in the open transaction.
     fn send(&mut self, outputs: Outputs<'_>, records: &[ChangelogRecord]) -> Result<(), SinkError>;
     /// Add the consumed offsets to the open transaction (the group's metadata
-    /// fences a member the group has replaced).
-    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), String>;
+    /// fences a member the group has replaced: [`SinkError::Fenced`]).
+    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), SinkError>;
     /// `Ok(Some(positions))`: committed, with the changelog offsets the
     /// delivery reports gave; `Ok(None)`: committed, positions unknown.
     fn commit(&mut self) -> Result<Option<Positions>, CommitError>;
@@ -157,7 +202,11 @@ fn commit_batch<T: TransactionOps>(
     loop {
         match attempt(ops, settlement, outputs, records, offsets) {
             Ok(positions) => return Ok(positions),
-            Err((reason, fate)) => {
+            Err(AttemptError::Replaced) => {
+                tracing::warn!("the transaction cannot commit: the group has replaced this member");
+                return Err(SinkError::Fenced);
+            }
+            Err(AttemptError::Failed(reason, fate)) => {
                 if ops.assignment_lost() {
                     // The session timed out or the member stopped polling for
                     // longer than max.poll.interval.ms: the group refuses this
@@ -182,6 +231,15 @@ fn commit_batch<T: TransactionOps>(
     }
 }
 
+/// How one attempt of [`commit_batch`] failed.
+enum AttemptError {
+    /// The group refused this member's offsets (it has been replaced); the
+    /// transaction is aborted.
+    Replaced,
+    /// Anything else, with its fate.
+    Failed(String, Fate),
+}
+
 /// One attempt of [`commit_batch`].
 fn attempt<T: TransactionOps>(
     ops: &mut T,
@@ -189,8 +247,8 @@ fn attempt<T: TransactionOps>(
     outputs: Outputs<'_>,
     records: &[ChangelogRecord],
     offsets: &TopicPartitionList,
-) -> Result<Option<Positions>, (String, Fate)> {
-    let retry = |reason: String| (reason, Fate::Retry);
+) -> Result<Option<Positions>, AttemptError> {
+    let retry = |reason: String| AttemptError::Failed(reason, Fate::Retry);
     if settlement.unsettled {
         // An earlier attempt ended with an unknown outcome: settle it before
         // anything is sent again. A fresh producer (its init fences the old
@@ -213,12 +271,13 @@ fn attempt<T: TransactionOps>(
         ops.recreate().map_err(|r| retry(format!("begin failed ({e}); re-creating the producer failed: {r}")))?;
         return Err(retry(format!("begin_transaction: {e}")));
     }
-    let sent = ops.send(outputs, records).and_then(|()| {
-        ops.send_offsets(offsets).map_err(|reason| SinkError::Kafka { failed: 0, total: 0, reason, fate: Fate::Retry })
-    });
+    let sent = ops.send(outputs, records).and_then(|()| ops.send_offsets(offsets));
     if let Err(e) = sent {
         abort_or_recreate(ops);
-        return Err((format!("sending the batch: {e}"), e.fate()));
+        return Err(match e {
+            SinkError::Fenced => AttemptError::Replaced,
+            e => AttemptError::Failed(format!("sending the batch: {e}"), e.fate()),
+        });
     }
     match ops.commit() {
         Ok(positions) => Ok(positions),
@@ -267,9 +326,22 @@ impl TransactionOps for KafkaTransaction<'_> {
         self.sink.sink.enqueue_changelog(records)
     }
 
-    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), String> {
-        let group = self.consumer.group_metadata().ok_or("the consumer has no group metadata yet")?;
-        self.sink.sink.producer.send_offsets_to_transaction(offsets, &group, self.sink.timeout).map_err(|e| e.to_string())
+    fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), SinkError> {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let failed = |reason: String| SinkError::Kafka { failed: 0, total: 0, reason, fate: Fate::Retry };
+        let group = self.consumer.group_metadata().ok_or_else(|| failed("the consumer has no group metadata yet".into()))?;
+        match self.sink.sink.producer.send_offsets_to_transaction(offsets, &group, self.sink.timeout) {
+            Ok(()) => Ok(()),
+            // The group has moved on without this member (another member took
+            // its partitions while it was not polling): librdkafka may not have
+            // marked the assignment lost yet, but no retry can succeed before
+            // the member polls and rejoins.
+            Err(e) if matches!(e.rdkafka_error_code(), Some(Code::UnknownMemberId | Code::IllegalGeneration | Code::FencedInstanceId)) => {
+                tracing::warn!(error = %e, "the group refused this member's offsets: it has been replaced");
+                Err(SinkError::Fenced)
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
     }
 
     fn commit(&mut self) -> Result<Option<Positions>, CommitError> {
@@ -502,6 +574,8 @@ mod tests {
         Unknown,
         Committed,
         NotCommitted,
+        /// The group refused the member (unknown member, illegal generation).
+        Replaced,
     }
 
     impl Scripted {
@@ -533,8 +607,12 @@ mod tests {
         fn send(&mut self, _: Outputs<'_>, _: &[ChangelogRecord]) -> Result<(), SinkError> {
             self.unit("send").map_err(|reason| SinkError::Kafka { failed: 1, total: 1, reason, fate: Fate::Retry })
         }
-        fn send_offsets(&mut self, _: &TopicPartitionList) -> Result<(), String> {
-            self.unit("send_offsets")
+        fn send_offsets(&mut self, _: &TopicPartitionList) -> Result<(), SinkError> {
+            match self.next("send_offsets") {
+                Answer::Pass => Ok(()),
+                Answer::Replaced => Err(SinkError::Fenced),
+                other => Err(SinkError::Kafka { failed: 0, total: 0, reason: format!("send_offsets: scripted {other:?}"), fate: Fate::Retry }),
+            }
         }
         fn commit(&mut self) -> Result<Option<Positions>, CommitError> {
             match self.next("commit") {
@@ -668,6 +746,20 @@ mod tests {
         use Answer::*;
         let mut ops = Scripted::new(&[("begin", Pass), ("send", Pass), ("send_offsets", Fail), ("abort", Pass)]);
         ops.assignment_lost = true;
+        let result = run_script(&mut ops, &mut Settlement::default());
+        assert!(matches!(result, Err(SinkError::Fenced)), "{result:?}");
+        assert!(ops.script.is_empty(), "{:?}", ops.calls);
+    }
+
+    /// A member the group replaced while it was not polling (another member
+    /// joined and took its partitions) is refused by the group before
+    /// librdkafka marks its assignment lost. Retrying could never succeed
+    /// without a poll: the protocol aborts and gives the batch up at once.
+    #[test]
+    fn a_member_the_group_refuses_abandons_the_batch_before_its_assignment_is_marked_lost() {
+        use Answer::*;
+        let mut ops = Scripted::new(&[("begin", Pass), ("send", Pass), ("send_offsets", Replaced), ("abort", Pass)]);
+        assert!(!ops.assignment_lost);
         let result = run_script(&mut ops, &mut Settlement::default());
         assert!(matches!(result, Err(SinkError::Fenced)), "{result:?}");
         assert!(ops.script.is_empty(), "{:?}", ops.calls);

@@ -600,8 +600,13 @@ fn exported_entries(state_dir: &std::path::Path, topic: &str, partition: i32) ->
 
 /// Run the worker until it is ready (partitions assigned, so restored), then stop it.
 fn restore_and_stop(setup: &WorkerSetup, state_dir: &std::path::Path) {
+    restore_and_stop_with(setup, state_dir, &[]);
+}
+
+/// [`restore_and_stop`] with extra `waymark run` arguments.
+fn restore_and_stop_with(setup: &WorkerSetup, state_dir: &std::path::Path, extra: &[&str]) {
     let port = free_port();
-    let mut worker = setup.spawn(Some(state_dir), Some(port));
+    let mut worker = setup.spawn_with(Some(state_dir), Some(port), extra);
     let ready = (0..240).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
         http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
@@ -699,6 +704,105 @@ fn an_exactly_once_member_replaced_while_its_transaction_was_open_abandons_the_b
     let (distinct, repeats) = stalled_member_run("fence-eos", "before_output", &["--delivery", "exactly-once", "--transactional-id", &txn]);
     assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones");
     println!("checked: the stalled exactly-once member abandoned its batch and rejoined; {distinct} distinct milestones, no repeat");
+}
+
+/// The shipment states of a state directory (`state export`), key -> value (hex).
+fn shipment_states(state_dir: &std::path::Path) -> BTreeMap<String, String> {
+    let out = std::process::Command::new(waymark_bin()).args(["state", "export", "--state-dir"]).arg(state_dir).output().unwrap();
+    assert!(out.status.success(), "state export: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|entry| entry["keyspace"] == "shipments")
+        .map(|entry| (entry["key"].as_str().unwrap().to_string(), entry["value"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// A late writer: member A stalls in the middle of a batch (at-least-once: its
+/// ownership check passed, its state changes are about to be logged;
+/// exactly-once: its transaction is about to begin), for longer than
+/// `max.poll.interval.ms`. B joins, takes the partitions over, processes the
+/// rest of the stream (newer states of the same shipments) and logs them. When A
+/// wakes up, whatever it appends to the changelog lands after B's writes and
+/// would win every later restore (statuses that move back, dedupe keys that go
+/// missing); and retrying a commit the group refuses, without polling, would
+/// never end. A must be fenced, abandon the batch and rejoin; a new instance
+/// restoring from the changelog must end with exactly B's shipment states.
+fn late_writer_run(name: &str, pause_at: &str, extra: &[&str]) {
+    let setup = WorkerSetup::new(name, 2);
+    setup.configure("kafka.consumer_properties", "\"max.poll.interval.ms\" = \"7000\"");
+    let config = std::fs::read_to_string(&setup.config_path).unwrap();
+    std::fs::write(&setup.config_path, config.replace("batch_size = 200", "batch_size = 20")).unwrap();
+    let (input, expected) = setup.traffic(79, 120);
+    produce(&setup.input, &scatter(&input, 2), 2);
+    // A: its 3rd batch stalls for 40 s at `pause_at`. (Each instance has its
+    // own state directory, so its own default transactional id.)
+    let pause = Duration::from_secs(40);
+    let a_log = setup.state_dir.with_extension("a.log");
+    let mut a = std::process::Command::new(waymark_bin());
+    a.arg("run").arg("--config").arg(&setup.config_path).args(extra);
+    a.env("WAYMARK_FAILPOINT", format!("{pause_at}:3:pause={}", pause.as_secs())).env("WAYMARK_LOG", "warn,waymark=info");
+    a.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&a_log).unwrap());
+    let mut a = a.spawn().unwrap();
+    let reached = (0..240).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        a.try_wait().ok().flatten().is_none()
+            && std::fs::read_to_string(&a_log).unwrap_or_default().contains(&format!("failpoint {pause_at} reached, pausing"))
+    });
+    assert!(reached, "A never reached the failpoint: {}", std::fs::read_to_string(&a_log).unwrap_or_default());
+    let stalled = std::time::Instant::now();
+    // B joins; once A has been away for max.poll.interval.ms, B owns everything.
+    let b_dir = setup.state_dir.with_extension("b");
+    let mut b = setup.spawn_with(Some(&b_dir), Some(free_port()), extra);
+    let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
+    let (_, repeats) = check_at_least_once(&output, &expected);
+    if !extra.is_empty() {
+        assert_eq!(repeats, 0, "exactly-once: a read_committed reader saw {repeats} repeated milestones");
+    }
+    signal(&b, "TERM");
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).is_some_and(|s| s.success()), "B did not stop cleanly");
+    assert!(
+        stalled.elapsed() < pause,
+        "B needed {:?} to take over and finish, longer than A's stall: nothing to judge; raise the pause",
+        stalled.elapsed()
+    );
+    let new_owner = shipment_states(&b_dir);
+    // A wakes up, finishes (or abandons) its batch and polls again, which
+    // takes its partitions back: the first assignment after the stall.
+    let resumed = (0..(pause.as_secs() * 4 + 240)).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        let log = std::fs::read_to_string(&a_log).unwrap_or_default();
+        log.split_once("pausing").is_some_and(|(_, after)| after.contains("assigned;"))
+    });
+    signal(&a, "TERM");
+    let status = wait_exit(&mut a, Duration::from_secs(30));
+    let a_stderr = std::fs::read_to_string(&a_log).unwrap_or_default();
+    assert!(resumed, "A never took partitions again after its stall: {a_stderr}");
+    assert!(status.is_some_and(|s| s.success()), "A must still stop cleanly: {status:?}\n{a_stderr}");
+    // C restores every home from the changelog into an empty directory.
+    let c_dir = setup.state_dir.with_extension("c");
+    restore_and_stop_with(&setup, &c_dir, extra);
+    let restored = shipment_states(&c_dir);
+    assert!(!new_owner.is_empty(), "B holds no shipment state");
+    let stale: Vec<&String> = new_owner.keys().filter(|key| restored.get(*key) != new_owner.get(*key)).collect();
+    assert!(
+        stale.is_empty(),
+        "{} of {} shipments restore to a state other than the new owner's: the replaced member's changelog write landed after B's\n{a_stderr}",
+        stale.len(),
+        new_owner.len()
+    );
+    assert!(a_stderr.contains("lost its partitions while a batch was in flight"), "A should have abandoned its batch: {a_stderr}");
+    println!("checked: {} shipment states restore exactly as the new owner left them; the replaced member was fenced and rejoined", new_owner.len());
+}
+
+#[test]
+fn a_replaced_member_cannot_log_state_after_the_new_owner() {
+    late_writer_run("zombie", "before_changelog", &[]);
+}
+
+#[test]
+fn a_replaced_exactly_once_member_is_fenced_and_rejoins() {
+    late_writer_run("zombie-eos", "before_output", &["--delivery", "exactly-once"]);
 }
 
 /// Records the group has not committed: for every partition of `topics`, its
