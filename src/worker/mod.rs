@@ -90,6 +90,9 @@ pub enum WorkerError {
     /// The client configuration is wrong (a librdkafka property): fix it and restart.
     #[error("{0}")]
     Config(String),
+    /// An abandoned batch's partition could not be sought back to the batch.
+    #[error("cannot re-read the abandoned batch of {topic} [{partition}]: {reason} (restart the worker: it resumes from the group's committed offsets)")]
+    Rewind { topic: String, partition: i32, reason: String },
 }
 
 impl WorkerError {

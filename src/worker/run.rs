@@ -327,13 +327,44 @@ fn failpoint_hit() -> u64 {
 /// A batch abandoned because this member lost its partitions while it was in
 /// flight: its state is not written and its offsets are not advanced. The next
 /// poll takes the lost assignment back through a rebalance (state restored from
-/// the changelog, records re-read from the group's committed offsets).
-fn abandoned(records: usize) {
+/// the changelog, records re-read from the group's committed offsets). A
+/// partition librdkafka still counts as assigned (the group refused the member
+/// before librdkafka noticed, and a cooperative rebalance may give it back
+/// without a revocation) is sought back to the batch's first record, or its
+/// fetch position, already past the batch, would skip it for good. (The reorder
+/// window holds no record of these partitions: a unit with stateful records
+/// took the whole window.) A seek that fails stops the worker: a restart
+/// resumes from the group's committed offsets.
+fn abandon(consumer: &BaseConsumer<WorkerContext>, envelopes: &[Envelope]) -> Result<(), WorkerError> {
     metrics::counter!("waymark_batches_abandoned_total").increment(1);
     tracing::warn!(
-        records,
+        records = envelopes.len(),
         "this member lost its partitions while a batch was in flight (no poll for longer than max.poll.interval.ms, or the session timed out, e.g. during a broker outage); the batch is abandoned (nothing of it is claimed) and its partitions are re-assigned"
     );
+    rewind(consumer, envelopes)
+}
+
+/// Seek every partition of `envelopes` that the consumer still has assigned
+/// back to its first record in them.
+fn rewind(consumer: &BaseConsumer<WorkerContext>, envelopes: &[Envelope]) -> Result<(), WorkerError> {
+    let mut first: HashMap<(&str, i32), i64> = HashMap::new();
+    for e in envelopes {
+        let offset = first.entry((e.topic.as_str(), e.partition)).or_insert(e.offset);
+        *offset = (*offset).min(e.offset);
+    }
+    let assigned = consumer.assignment().unwrap_or_default();
+    for ((topic, partition), offset) in first {
+        if assigned.find_partition(topic, partition).is_none() {
+            continue;
+        }
+        consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| WorkerError::Rewind {
+            topic: topic.to_string(),
+            partition,
+            reason: e.to_string(),
+        })?;
+        tracing::info!(%topic, partition, offset, "sought back to the abandoned batch's first record");
+    }
+    Ok(())
 }
 
 /// At-least-once: outputs through the idempotent producer (re-sent until
@@ -435,10 +466,7 @@ fn process_transactionally(
     let committing = Instant::now();
     match sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout) {
         Ok(()) => {}
-        Err(SinkError::Fenced) => {
-            abandoned(live.len());
-            return Ok(());
-        }
+        Err(SinkError::Fenced) => return abandon(consumer, &live),
         Err(e) => return Err(e.into()),
     }
     stage_done("output", committing);
@@ -486,8 +514,7 @@ fn process_and_commit(
             // Its outputs are acknowledged (whoever owns the partitions now
             // re-runs the batch: identical upserts), its state is neither logged
             // nor written.
-            abandoned(envelopes.len());
-            return Ok(());
+            return abandon(consumer, envelopes);
         }
         Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
         Err(batch::DeliverError::Store(e)) => return Err(e.into()),
@@ -501,4 +528,60 @@ fn process_and_commit(
         commit_progress(consumer, partitions, CommitMode::Async);
     }
     Ok(())
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::Message;
+
+    /// An abandoned batch's partitions are still assigned when the group refused
+    /// the member before librdkafka noticed (or a cooperative rebalance hands
+    /// them back without a revocation). The fetch position is past the batch, so
+    /// without a seek back the next poll would go on after it and the batch's
+    /// records would never be processed.
+    #[test]
+    fn an_abandoned_batch_is_read_again_from_its_first_record() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("in", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        for i in 0..10 {
+            producer.send(BaseRecord::<(), str>::to("in").partition(0).payload(&format!("record {i}"))).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let toml = format!("[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"mock-group\"\ninput_topics = [\"in\"]\n[state]\nchangelog = false\n");
+        let config = RawConfig::from_toml(&toml).unwrap().validate().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let store = Arc::new(RocksStore::open(state.path(), &crate::store::StoreOptions::default(), crate::store::system_clock()).unwrap());
+        let context = WorkerContext {
+            health: Arc::default(),
+            store,
+            partitions: Default::default(),
+            stateless_topics: Default::default(),
+            transactional: false,
+            restorer: None,
+        };
+        let consumer: BaseConsumer<WorkerContext> = consumer_config(&config).create_with_context(context).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("in", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let next = |consumer: &BaseConsumer<WorkerContext>| -> Envelope {
+            let started = Instant::now();
+            loop {
+                assert!(started.elapsed() < Duration::from_secs(30), "no record from the mock cluster");
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                    return super::super::consumer::envelope_of(&message.detach());
+                }
+            }
+        };
+        let batch: Vec<Envelope> = (0..6).map(|_| next(&consumer)).collect();
+        assert_eq!(batch.iter().map(|e| e.offset).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+        // Records 3 to 5 were the batch in flight; the batch is abandoned.
+        rewind(&consumer, &batch[3..]).unwrap();
+        assert_eq!(next(&consumer).offset, 3, "the batch's first record must be read again");
+    }
 }

@@ -327,16 +327,11 @@ impl TransactionOps for KafkaTransaction<'_> {
     }
 
     fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), SinkError> {
-        use rdkafka::types::RDKafkaErrorCode as Code;
         let failed = |reason: String| SinkError::Kafka { failed: 0, total: 0, reason, fate: Fate::Retry };
         let group = self.consumer.group_metadata().ok_or_else(|| failed("the consumer has no group metadata yet".into()))?;
         match self.sink.sink.producer.send_offsets_to_transaction(offsets, &group, self.sink.timeout) {
             Ok(()) => Ok(()),
-            // The group has moved on without this member (another member took
-            // its partitions while it was not polling): librdkafka may not have
-            // marked the assignment lost yet, but no retry can succeed before
-            // the member polls and rejoins.
-            Err(e) if matches!(e.rdkafka_error_code(), Some(Code::UnknownMemberId | Code::IllegalGeneration | Code::FencedInstanceId)) => {
+            Err(e) if e.rdkafka_error_code().is_some_and(member_replaced) => {
                 tracing::warn!(error = %e, "the group refused this member's offsets: it has been replaced");
                 Err(SinkError::Fenced)
             }
@@ -382,6 +377,19 @@ impl TransactionOps for KafkaTransaction<'_> {
     fn assignment_lost(&self) -> bool {
         self.consumer.assignment_lost()
     }
+}
+
+/// Does the group's refusal of an offset commit mean it has replaced this
+/// member? Unknown member (removed from the group, e.g. it did not rejoin in
+/// time while another member took its partitions) or a fenced static instance:
+/// librdkafka may not have marked the assignment lost yet, but no retry can
+/// succeed before the member polls and rejoins. Not an illegal generation: that
+/// is a member the group still knows, in the middle of a rebalance that
+/// librdkafka completes in the background (a cooperative rebalance may leave it
+/// every partition), so the commit is retried.
+fn member_replaced(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(code, Code::UnknownMemberId | Code::FencedInstanceId)
 }
 
 /// Replay's exactly-once sink (`replay --to-topic --transactional-id`): each
@@ -763,6 +771,20 @@ mod tests {
         let result = run_script(&mut ops, &mut Settlement::default());
         assert!(matches!(result, Err(SinkError::Fenced)), "{result:?}");
         assert!(ops.script.is_empty(), "{:?}", ops.calls);
+    }
+
+    /// An illegal generation is a rebalance in progress, not a replacement: in
+    /// a cooperative rebalance the member may keep every partition, and a batch
+    /// abandoned then would be skipped (its records already fetched). Only an
+    /// unknown member (or a fenced static instance) ends the retries.
+    #[test]
+    fn only_an_unknown_member_counts_as_replaced() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        assert!(member_replaced(Code::UnknownMemberId));
+        assert!(member_replaced(Code::FencedInstanceId));
+        assert!(!member_replaced(Code::IllegalGeneration));
+        assert!(!member_replaced(Code::RebalanceInProgress));
+        assert!(!member_replaced(Code::CoordinatorNotAvailable));
     }
 
     /// Past the shutdown deadline the protocol gives up, claiming nothing, and
