@@ -535,7 +535,6 @@ mod tests {
     use crate::config::RawConfig;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use rdkafka::Message;
 
     /// An abandoned batch's partitions are still assigned when the group refused
     /// the member before librdkafka noticed (or a cooperative rebalance hands
