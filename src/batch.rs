@@ -185,28 +185,10 @@ pub fn process<S: StateStore + ?Sized>(
     track_progress: bool,
     telemetry: Option<&Telemetry>,
 ) -> Result<BatchOutput, StoreError> {
-    // Read and normalize on every thread the pipeline has; dedupe and order on
-    // this one, in input order, each chunk as soon as it is prepared (while
-    // the rest of the batch is still being prepared).
-    let mut staged = Staged::new(store);
-    let mut output = BatchOutput::default();
-    crate::parallel::prepare_and_apply(
-        envelopes,
-        pipeline.threads,
-        |envelope| {
-            let started = Instant::now();
-            (pipeline.prepare(envelope, now), started.elapsed())
-        },
-        |i, (prepared, preparing)| {
-            let envelope = &envelopes[i];
-            let started = Instant::now();
-            let result = pipeline.apply(envelope, prepared, now, &mut staged)?;
-            account(pipeline, &mut output, &mut staged, envelope, result, preparing + started.elapsed(), track_progress, telemetry);
-            Ok::<(), StoreError>(())
-        },
-    )?;
-    output.state = staged.take_batch();
-    Ok(output)
+    // Read and normalize on every thread the pipeline has, then dedupe and order
+    // on this one, in input order.
+    let prepared = pipeline.prepare_batch(envelopes, now);
+    process_prepared(pipeline, store, envelopes, prepared, now, track_progress, telemetry)
 }
 
 /// The stateful half of [`process`]: `prepared` is what

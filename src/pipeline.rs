@@ -193,7 +193,7 @@ impl Pipeline {
 
     /// Read one record: a repartition record's events (stage two), or a raw
     /// record normalized and then routed (stage one) or scoped by its home.
-    pub(crate) fn prepare(&self, envelope: &Envelope, now: DateTime<Utc>) -> Prepared {
+    fn prepare(&self, envelope: &Envelope, now: DateTime<Utc>) -> Prepared {
         if self.placement.is_repartition_topic(&envelope.topic) {
             return match routing::decode(&envelope.payload) {
                 Err(error) => Prepared::Done(RecordResult::rejected(envelope, Rejected { error, carrier: None, tenant_id: None }, now)),
