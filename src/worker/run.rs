@@ -347,13 +347,8 @@ fn abandon(consumer: &BaseConsumer<WorkerContext>, envelopes: &[Envelope]) -> Re
 /// Seek every partition of `envelopes` that the consumer still has assigned
 /// back to its first record in them.
 fn rewind(consumer: &BaseConsumer<WorkerContext>, envelopes: &[Envelope]) -> Result<(), WorkerError> {
-    let mut first: HashMap<(&str, i32), i64> = HashMap::new();
-    for e in envelopes {
-        let offset = first.entry((e.topic.as_str(), e.partition)).or_insert(e.offset);
-        *offset = (*offset).min(e.offset);
-    }
     let assigned = consumer.assignment().unwrap_or_default();
-    for ((topic, partition), offset) in first {
+    for ((topic, partition), offset) in offset_per_partition(envelopes, i64::min) {
         if assigned.find_partition(topic, partition).is_none() {
             continue;
         }
@@ -406,16 +401,21 @@ impl Sink for AtLeastOnceSink<'_> {
 
 /// The offsets to commit after `envelopes`: per partition, one past the last.
 fn next_offsets(envelopes: &[Envelope]) -> TopicPartitionList {
-    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-    for e in envelopes {
-        let offset = next.entry((e.topic.as_str(), e.partition)).or_insert(0);
-        *offset = (*offset).max(e.offset + 1);
-    }
     let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
-        let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(offset));
+    for ((topic, partition), last) in offset_per_partition(envelopes, i64::max) {
+        let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(last + 1));
     }
     offsets
+}
+
+/// Per partition of `envelopes`, their offsets folded with `pick` (the first
+/// with `i64::min`, the last with `i64::max`).
+fn offset_per_partition(envelopes: &[Envelope], pick: fn(i64, i64) -> i64) -> HashMap<(&str, i32), i64> {
+    let mut folded: HashMap<(&str, i32), i64> = HashMap::new();
+    for e in envelopes {
+        folded.entry((e.topic.as_str(), e.partition)).and_modify(|offset| *offset = pick(*offset, e.offset)).or_insert(e.offset);
+    }
+    folded
 }
 
 /// How a unit of records is processed: `batch::process` (arrival order) or

@@ -656,6 +656,17 @@ fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
     }
 }
 
+/// `waymark run` (with `extra`) and `WAYMARK_FAILPOINT=failpoint`, its log (at
+/// `log_filter`) written to a file named `log_name` beside the state directory.
+fn spawn_armed(setup: &WorkerSetup, extra: &[&str], failpoint: &str, log_filter: &str, log_name: &str) -> (std::process::Child, std::path::PathBuf) {
+    let log = setup.state_dir.with_extension(log_name);
+    let mut cmd = std::process::Command::new(waymark_bin());
+    cmd.arg("run").arg("--config").arg(&setup.config_path).args(extra);
+    cmd.env("WAYMARK_FAILPOINT", failpoint).env("WAYMARK_LOG", log_filter);
+    cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    (cmd.spawn().unwrap(), log)
+}
+
 /// A member that stops polling while a batch is in flight, for longer than
 /// `max.poll.interval.ms`, has been replaced when it wakes up. In at-least-once
 /// mode it must not log the batch's state to the changelog (the new owner may
@@ -671,12 +682,7 @@ fn stalled_member_run(name: &str, pause_at: &str, extra: &[&str]) -> (usize, usi
     let (input, expected) = setup.traffic(71, 150);
     produce(&setup.input, &scatter(&input, 2), 2);
     // The 2nd batch reaches `pause_at`, then the worker stalls for 12 s.
-    let log = setup.state_dir.with_extension("stalled.log");
-    let mut cmd = std::process::Command::new(waymark_bin());
-    cmd.arg("run").arg("--config").arg(&setup.config_path).args(extra);
-    cmd.env("WAYMARK_FAILPOINT", format!("{pause_at}:2:pause=12")).env("WAYMARK_LOG", "warn");
-    cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-    let mut worker = cmd.spawn().unwrap();
+    let (mut worker, log) = spawn_armed(&setup, extra, &format!("{pause_at}:2:pause=12"), "warn", "stalled.log");
     let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
     let running = worker.try_wait().ok().flatten().is_none();
     if running {
@@ -738,12 +744,7 @@ fn late_writer_run(name: &str, pause_at: &str, extra: &[&str]) {
     // A: its 3rd batch stalls for 40 s at `pause_at`. (Each instance has its
     // own state directory, so its own default transactional id.)
     let pause = Duration::from_secs(40);
-    let a_log = setup.state_dir.with_extension("a.log");
-    let mut a = std::process::Command::new(waymark_bin());
-    a.arg("run").arg("--config").arg(&setup.config_path).args(extra);
-    a.env("WAYMARK_FAILPOINT", format!("{pause_at}:3:pause={}", pause.as_secs())).env("WAYMARK_LOG", "warn,waymark=info");
-    a.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&a_log).unwrap());
-    let mut a = a.spawn().unwrap();
+    let (mut a, a_log) = spawn_armed(&setup, extra, &format!("{pause_at}:3:pause={}", pause.as_secs()), "warn,waymark=info", "a.log");
     let reached = (0..240).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
         a.try_wait().ok().flatten().is_none()
@@ -842,12 +843,7 @@ fn offsets_whose_batch_commits_failed_are_committed_once_the_worker_is_idle() {
     let setup = WorkerSetup::new("stale", 2);
     let (input, expected) = setup.traffic(73, 60);
     produce(&setup.input, &scatter(&input, 2), 2);
-    let log = setup.state_dir.with_extension("commits.log");
-    let mut cmd = std::process::Command::new(waymark_bin());
-    cmd.arg("run").arg("--config").arg(&setup.config_path);
-    cmd.env("WAYMARK_FAILPOINT", "batch_offset_commit:1:fail").env("WAYMARK_LOG", "warn");
-    cmd.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
-    let mut worker = cmd.spawn().unwrap();
+    let (mut worker, log) = spawn_armed(&setup, &[], "batch_offset_commit:1:fail", "warn", "commits.log");
     let output = read_all(&setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
     let repartition = format!("{}-repartition", setup.group);
     let topics = [(setup.input.as_str(), 2), (repartition.as_str(), 4)];
