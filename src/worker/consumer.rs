@@ -20,6 +20,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::changelog::{ChangelogError, Restorer};
+use super::in_flight::InFlight;
 use super::partitions::{lock, SharedPartitions};
 use crate::config::Config;
 use crate::envelope::Envelope;
@@ -40,6 +41,8 @@ pub struct WorkerContext {
     pub(super) transactional: bool,
     /// State hand-over: restore each assigned stateful partition from its changelog first.
     pub(super) restorer: Option<Restorer>,
+    /// The batch being delivered while the loop polls: a revocation waits for it.
+    pub(super) in_flight: Arc<InFlight>,
 }
 
 impl ClientContext for WorkerContext {
@@ -177,9 +180,15 @@ impl WorkerContext {
         }
     }
 
-    /// Everything processed is already in the store (batches complete between
-    /// polls); hand the group the same offsets before the partitions go.
-    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+    /// First the batch in flight (polled before this poll) is delivered or
+    /// abandoned (see [`InFlight`]); then everything processed is in the store,
+    /// and the group is handed the same offsets before the partitions go.
+    pub(super) fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        if self.in_flight.is_busy() {
+            let waiting = Instant::now();
+            self.in_flight.wait_idle();
+            tracing::debug!(waited_ms = waiting.elapsed().as_millis() as u64, "revocation waited for the batch in flight");
+        }
         let mut commit = TopicPartitionList::new();
         {
             let mut partitions = lock(&self.partitions);

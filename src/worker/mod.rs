@@ -15,10 +15,14 @@
 //! upserts of the batch that was in flight (a repeated first stage re-produces
 //! identical canonical events, which the second stage drops as duplicates).
 //!
-//! How: one thread owns a `BaseConsumer` (rebalance callbacks run inside its poll)
-//! and processes one batch at a time:
-//! 1. poll up to `worker.batch_size` records (or `worker.batch_wait`);
-//! 2. run them through the pipeline, staging state changes in memory;
+//! How: the worker thread owns a `BaseConsumer` (rebalance callbacks run inside
+//! its poll) and a delivery thread delivers one batch at a time:
+//! 1. poll up to `worker.batch_size` records (or `worker.batch_wait`) and
+//!    normalize them (on `worker.normalize_threads`), while the previous batch
+//!    is still being delivered;
+//! 2. once that batch is delivered, dedupe and order these records against the
+//!    state it wrote, staging state changes in memory; hand them to the
+//!    delivery thread, which runs 3 to 6 while the worker thread goes back to 1;
 //! 3. produce repartition records, upserts and dead letters with an idempotent
 //!    producer and wait until Kafka acknowledges every one (retrying the batch on
 //!    delivery failure);
@@ -28,12 +32,15 @@
 //! 5. write dedupe keys, shipment states and the stateful partitions' next
 //!    offsets to RocksDB in one atomic batch (WAL on);
 //! 6. commit the offsets of every partition read to the consumer group.
+//!
 //! On assignment a stateful partition is restored from its changelog and starts
 //! at the later of the group's offset and its stored progress; a raw partition
 //! starts at the group's committed offset. A kill between 3 and 5 re-runs the
 //! batch against the state it had, giving the identical upserts. On revocation
-//! the in-flight batch is already complete (processing happens between polls),
-//! and offsets are committed synchronously before the partitions go.
+//! the callback first waits for the batch in flight (see [`in_flight`]), and
+//! offsets are committed synchronously before the partitions go. An abandoned
+//! batch takes the records polled after it with it: every partition of them
+//! still assigned is sought back to the first record not delivered.
 //!
 //! Mode `exactly-once` (Kafka transactions): each batch's repartition records,
 //! upserts, dead letters, changelog records and the offsets of both topics are
@@ -48,7 +55,8 @@
 //! transaction), and the group's committed offsets tell whether the batch made
 //! it; only if not is it sent again.
 //!
-//! Files: [`run`] the loop, [`consumer`] the rebalance callbacks and polling,
+//! Files: [`run`] the loop and the delivery thread, [`in_flight`] the batch a
+//! revocation waits for, [`consumer`] the rebalance callbacks and polling,
 //! [`partitions`] what they share (one lock), [`producer`] acknowledgements and
 //! retries, [`transaction`] the exactly-once commit, [`reorder`] the bounded
 //! reorder window, [`changelog`] state hand-over, [`topics`] the internal topics,
@@ -57,6 +65,7 @@
 pub mod changelog;
 pub mod client;
 pub mod consumer;
+pub mod in_flight;
 pub mod partitions;
 pub mod producer;
 pub mod reorder;
@@ -90,6 +99,9 @@ pub enum WorkerError {
     /// The client configuration is wrong (a librdkafka property): fix it and restart.
     #[error("{0}")]
     Config(String),
+    /// The thread that delivers batches stopped unexpectedly (a bug: its panic is in the log).
+    #[error("the delivery thread stopped unexpectedly (see the panic above in the log; restart the worker: it resumes from the group's committed offsets)")]
+    DeliveryThread,
     /// An abandoned batch's partition could not be sought back to the batch.
     #[error("cannot re-read the abandoned batch of {topic} [{partition}]: {reason} (restart the worker: it resumes from the group's committed offsets)")]
     Rewind { topic: String, partition: i32, reason: String },

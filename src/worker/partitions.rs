@@ -2,8 +2,8 @@
 //! partitions this instance owns, which wait for their state's restore, and how
 //! far each is processed, behind ONE lock
 //! ([`SharedPartitions`]). Callbacks run inside the consumer's poll on the worker
-//! thread, so the lock is never contended; it exists because librdkafka hands
-//! the context to the callbacks by shared reference. Pure: no Kafka types.
+//! thread and the delivery thread advances progress after each batch; every
+//! holder keeps the lock for one map operation per partition. Pure: no Kafka types.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -74,6 +74,10 @@ impl Partitions {
         self.pending_restore.iter().any(|(t, p)| t == topic && *p == partition)
     }
 
+    pub fn has_pending_restore(&self) -> bool {
+        !self.pending_restore.is_empty()
+    }
+
     /// The next partition to restore, taken off the list.
     pub fn next_to_restore(&mut self) -> Option<TopicPartition> {
         (!self.pending_restore.is_empty()).then(|| self.pending_restore.remove(0))
@@ -106,10 +110,15 @@ impl Partitions {
         self.catch_up_to.get(&(envelope.topic.clone(), envelope.partition)).is_some_and(|bound| envelope.offset < *bound)
     }
 
-    /// These records are done.
+    /// These records are done. A partition no longer owned is not tracked
+    /// again: its progress must never reach a later offset commit, which would
+    /// overwrite the new owner's.
     pub fn advance(&mut self, envelopes: &[Envelope]) {
         for envelope in envelopes {
-            self.next.insert((envelope.topic.clone(), envelope.partition), envelope.offset + 1);
+            let tp = (envelope.topic.clone(), envelope.partition);
+            if self.owned.contains(&tp) {
+                self.next.insert(tp, envelope.offset + 1);
+            }
         }
     }
 
@@ -149,6 +158,9 @@ mod tests {
         assert_eq!(commits, vec![(("t".to_string(), 0), 5), (("t".to_string(), 1), 5)]);
         assert_eq!(p.revoke("t", 0), Some(5));
         assert!(!p.owns("t", 0) && !p.is_catch_up(&envelope(0, 8)));
+        assert_eq!(p.commit_list().len(), 1);
+        p.advance(&[envelope(0, 7)]);
+        assert_eq!(p.next("t", 0), None, "a revoked partition's progress is never committed again");
         assert_eq!(p.commit_list().len(), 1);
     }
 

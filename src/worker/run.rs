@@ -1,8 +1,10 @@
-//! The consume-process-produce loop: one thread, one consumer, one batch at a time.
+//! The consume-process-produce loop: one consumer on the worker thread, which
+//! polls, normalizes and dedupes; each batch's delivery on a second thread, one
+//! batch in flight while the next is polled and normalized (see `in_flight`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -12,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::changelog::{self, Restorer};
 use super::client::{base_config, consumer_config};
 use super::consumer::{commit_progress, poll_batch, AdaptiveBatch, WorkerContext};
+use super::in_flight::InFlight;
 use super::partitions::{lock, SharedPartitions};
 use super::producer::{KafkaSink, Outputs, Retry, RetryingSink};
 use super::reorder::ReorderBuffer;
@@ -23,7 +26,7 @@ use crate::config::{Config, DeliveryMode};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::http::Health;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Prepared};
 use crate::routing::{KeyingCheck, Placement};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::routing::RoutedRecord;
@@ -84,12 +87,13 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         stateless_topics: stateless.iter().cloned().collect::<HashSet<_>>(),
         transactional,
         restorer,
+        in_flight: Arc::default(),
     };
     let consumer: BaseConsumer<WorkerContext> =
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
     let topics: Vec<&str> = stateless.iter().chain(&stateful).map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(WorkerError::Setup)?;
-    let mut output = match &config.delivery {
+    let output = match &config.delivery {
         DeliveryMode::AtLeastOnce => Output::AtLeastOnce {
             outputs: KafkaSink::new(config).map_err(WorkerError::Setup)?,
             changelog: match config.changelog {
@@ -104,32 +108,66 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     deps.health.ready.store(true, Ordering::SeqCst);
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, placement = %config.placement.layout(), "worker started");
 
+    let in_flight = consumer.context().in_flight.clone();
+    std::thread::scope(|scope| {
+        // The delivery thread: one batch at a time, in order (see `in_flight`).
+        let (jobs, jobs_rx) = mpsc::sync_channel::<Job>(0);
+        let (done_tx, done) = mpsc::channel();
+        let (consumer, partitions, deps) = (&consumer, &partitions, &deps);
+        let delivery_in_flight = &*in_flight;
+        scope.spawn(move || deliver_batches(deps, consumer, output, partitions, jobs_rx, done_tx, delivery_in_flight));
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: false };
+        let result = consume(deps, consumer, &pipeline, partitions, &mut delivery);
+        if result.is_err() {
+            // A batch still in flight gives up its retries within
+            // `shutdown_timeout` rather than hold the exit.
+            deps.shutdown.store(true, Ordering::SeqCst);
+        }
+        result
+        // Leaving the scope drops the job channel: the delivery thread ends
+        // after the batch in flight, and the scope waits for it.
+    })
+}
+
+/// The poll-process loop of the worker thread; each processed batch goes to the
+/// delivery thread, and the next is polled and prepared while it is delivered.
+fn consume(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    pipeline: &Pipeline,
+    partitions: &SharedPartitions,
+    delivery: &mut Delivery<'_>,
+) -> Result<(), WorkerError> {
+    let config = deps.config;
+    let transactional = matches!(config.delivery, DeliveryMode::ExactlyOnce);
     let mut last_gauges = Instant::now();
     let mut window = ReorderBuffer::default();
     let mut batch_size = AdaptiveBatch::new(config.batch_size, config.batch_size.saturating_mul(MAX_BATCH_GROWTH));
-    // With the reorder window on, every unit is processed in hierarchy order.
-    let process: Process = if config.reorder.is_some() { batch::process_window } else { batch::process };
     loop {
         // After a shutdown request: no more polling, but a held window is still
         // processed and committed (in-flight work).
         let stopping = deps.shutdown.load(Ordering::SeqCst);
-        // Partitions assigned during the last poll: their state first.
+        // Partitions assigned during the last poll: their state first (after the
+        // batch in flight, so that restores and deliveries never interleave).
         if !stopping {
-            consumer.context().restore_pending(&consumer);
+            if lock(partitions).has_pending_restore() {
+                delivery.settle(consumer, &mut window, Vec::new())?;
+            }
+            consumer.context().restore_pending(consumer);
         }
         let polling = Instant::now();
         let mut envelopes =
-            if stopping { Vec::new() } else { poll_batch(&consumer, config, batch_size.current, deps.shutdown, &partitions) };
+            if stopping { Vec::new() } else { poll_batch(consumer, config, batch_size.current, deps.shutdown, partitions) };
         if !envelopes.is_empty() {
             stage_done("poll", polling);
         }
         batch_size.observe(envelopes.len());
-        if let Some(e) = lock(&partitions).take_fatal() {
+        if let Some(e) = lock(partitions).take_fatal() {
             deps.health.failed.store(true, Ordering::SeqCst);
             return Err(e.into());
         }
         {
-            let owned = lock(&partitions);
+            let owned = lock(partitions);
             envelopes.retain(|e| owned.owns(&e.topic, e.partition));
             // Held records of a partition revoked meanwhile are dropped, never
             // emitted: nothing of them was committed, the new owner reads them.
@@ -152,38 +190,167 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
             }
         };
         let unit_was_empty = unit.is_empty();
-        if !unit_was_empty {
-            match &mut output {
-                Output::AtLeastOnce { outputs, changelog } => {
-                    process_and_commit(&deps, &consumer, outputs, changelog.as_mut(), &unit, &partitions, &pipeline, process)?
-                }
-                Output::ExactlyOnce(sink) => {
-                    process_transactionally(&deps, &consumer, sink, unit, &partitions, &pipeline, process)?
+        if unit_was_empty {
+            delivery.settle_if_done(consumer, &mut window)?;
+        } else {
+            let now = (deps.clock)();
+            let preparing = Instant::now();
+            // Normalizing touches no state: it runs while the batch in flight is
+            // delivered. The reorder window's order needs the whole window, so
+            // it prepares inside `process_window`.
+            let prepared = config.reorder.is_none().then(|| pipeline.prepare_batch(&unit, now));
+            let prepare_time = preparing.elapsed();
+            // Deduping reads the state the batch in flight writes.
+            if let Some(unit) = delivery.settle(consumer, &mut window, unit)? {
+                let job = if transactional {
+                    process_transactionally(deps, pipeline, unit, prepared, now, partitions, prepare_time)?
+                } else {
+                    Some(process_at_least_once(deps, pipeline, unit, prepared, now, prepare_time)?)
+                };
+                if let Some(job) = job {
+                    delivery.submit(job);
                 }
             }
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
             update_gauges(&deps.store);
             last_gauges = Instant::now();
-            if !transactional && unit_was_empty {
+            if !transactional && unit_was_empty && !delivery.pending {
                 // Idle: hand the group our offsets again. A per-batch commit that
                 // failed during a rebalance is otherwise never retried once traffic
                 // stops, and the group's lag would stay above zero for good.
-                commit_progress(&consumer, &partitions, CommitMode::Sync);
+                commit_progress(consumer, partitions, CommitMode::Sync);
             }
         }
         if stopping {
+            delivery.settle(consumer, &mut window, Vec::new())?;
             break;
         }
     }
     tracing::info!("shutting down: in-flight batch done, committing offsets");
     deps.health.ready.store(false, Ordering::SeqCst);
     if !transactional {
-        commit_progress(&consumer, &partitions, CommitMode::Sync);
+        commit_progress(consumer, partitions, CommitMode::Sync);
     }
     deps.health.drained.store(true, Ordering::SeqCst);
     consumer.unsubscribe();
     Ok(())
+}
+
+/// A processed batch on its way out: its records and what they produced.
+struct Job {
+    envelopes: Vec<Envelope>,
+    output: batch::BatchOutput,
+}
+
+/// How the delivery of a batch ended, when it did not stop the worker.
+enum Delivered {
+    Done,
+    /// The group replaced this member while the batch was in flight; nothing
+    /// of it is claimed (its records are read again).
+    Abandoned(Vec<Envelope>),
+}
+
+/// The worker thread's end of the delivery thread: at most one batch in flight.
+struct Delivery<'a> {
+    jobs: mpsc::SyncSender<Job>,
+    done: mpsc::Receiver<Result<Delivered, WorkerError>>,
+    in_flight: &'a InFlight,
+    /// A batch was submitted whose result is not taken yet.
+    pending: bool,
+}
+
+impl Delivery<'_> {
+    fn submit(&mut self, job: Job) {
+        self.in_flight.start();
+        self.pending = true;
+        if self.jobs.send(job).is_err() {
+            // The delivery thread is gone (it panicked): `settle` reports it.
+            tracing::error!("the delivery thread has stopped");
+        }
+    }
+
+    /// Wait for the batch in flight. Returns `next` (the records polled after
+    /// it) when that batch was delivered; when it was abandoned, everything read
+    /// after it (`next` and the reorder window's held records) is dropped too,
+    /// and every partition of them that is still assigned is sought back to the
+    /// first record not delivered, so nothing read after an abandoned batch
+    /// overtakes it. An error of the batch in flight stops the worker.
+    fn settle(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        window: &mut ReorderBuffer,
+        next: Vec<Envelope>,
+    ) -> Result<Option<Vec<Envelope>>, WorkerError> {
+        if !self.pending {
+            return Ok(Some(next));
+        }
+        let waiting = Instant::now();
+        let result = self.done.recv().unwrap_or(Err(WorkerError::DeliveryThread));
+        stage_done("wait", waiting);
+        self.take(consumer, window, next, result)
+    }
+
+    /// Between batches with nothing to process: take the result of the batch
+    /// in flight if it is there, without waiting (an abandoned batch is then
+    /// read again at once, and the idle offset commit sees every batch).
+    fn settle_if_done(&mut self, consumer: &BaseConsumer<WorkerContext>, window: &mut ReorderBuffer) -> Result<(), WorkerError> {
+        if !self.pending {
+            return Ok(());
+        }
+        let result = match self.done.try_recv() {
+            Ok(result) => result,
+            Err(mpsc::TryRecvError::Empty) => return Ok(()),
+            Err(mpsc::TryRecvError::Disconnected) => Err(WorkerError::DeliveryThread),
+        };
+        self.take(consumer, window, Vec::new(), result).map(drop)
+    }
+
+    fn take(
+        &mut self,
+        consumer: &BaseConsumer<WorkerContext>,
+        window: &mut ReorderBuffer,
+        next: Vec<Envelope>,
+        result: Result<Delivered, WorkerError>,
+    ) -> Result<Option<Vec<Envelope>>, WorkerError> {
+        self.pending = false;
+        match result? {
+            Delivered::Done => Ok(Some(next)),
+            Delivered::Abandoned(mut unread) => {
+                unread.extend(next);
+                unread.extend(window.take());
+                abandon(consumer, &unread)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The delivery thread: each batch's outputs, changelog or transaction, state
+/// write and progress, one batch at a time in submission order.
+fn deliver_batches(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    mut output: Output,
+    partitions: &SharedPartitions,
+    jobs: mpsc::Receiver<Job>,
+    done: mpsc::Sender<Result<Delivered, WorkerError>>,
+    in_flight: &InFlight,
+) {
+    for job in jobs {
+        // Dropped after the result is sent: a revocation waiting for this batch
+        // then finds its progress advanced (or the batch abandoned).
+        let _delivering = in_flight.delivering();
+        let result = match &mut output {
+            Output::AtLeastOnce { outputs, changelog } => {
+                deliver_at_least_once(deps, consumer, outputs, changelog.as_mut(), job, partitions)
+            }
+            Output::ExactlyOnce(sink) => deliver_transactionally(deps, consumer, sink, job, partitions),
+        };
+        if done.send(result).is_err() {
+            return;
+        }
+    }
 }
 
 /// Create what is missing of the internal topics (the repartition topic, the
@@ -229,7 +396,11 @@ fn prepare_topics(config: &Config, stateful: &[String], shutdown: &AtomicBool) -
 
 /// One stage of a batch took from `started` until now.
 fn stage_done(stage: &'static str, started: Instant) {
-    metrics::histogram!(BATCH_STAGE_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
+    observe_stage(stage, started.elapsed());
+}
+
+fn observe_stage(stage: &'static str, elapsed: Duration) {
+    metrics::histogram!(BATCH_STAGE_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
 }
 
 /// A batch completed (or the worker started): liveness sees progress.
@@ -418,10 +589,6 @@ fn offset_per_partition(envelopes: &[Envelope], pick: fn(i64, i64) -> i64) -> Ha
     folded
 }
 
-/// How a unit of records is processed: `batch::process` (arrival order) or
-/// `batch::process_window` (the reorder window's hierarchy order).
-type Process = fn(&Pipeline, &RocksStore, &[Envelope], DateTime<Utc>, bool, Option<&Telemetry>) -> Result<batch::BatchOutput, StoreError>;
-
 /// The output side of the worker, by delivery mode.
 enum Output {
     /// Outputs through the idempotent producer; state changes (with changelogs
@@ -430,43 +597,99 @@ enum Output {
     ExactlyOnce(TransactionalSink),
 }
 
-/// One batch in `exactly-once` mode: silent catch-up first, then one transaction
-/// for outputs and offsets, then state.
+/// Dedupe and order a unit of records (prepared already, or, with the reorder
+/// window, in hierarchy order) and observe the batch's `process` stage.
+fn process_unit(
+    deps: &WorkerDeps<'_>,
+    pipeline: &Pipeline,
+    envelopes: &[Envelope],
+    prepared: Option<Vec<(Prepared, Duration)>>,
+    now: DateTime<Utc>,
+    telemetry: Option<&Telemetry>,
+) -> Result<batch::BatchOutput, StoreError> {
+    match prepared {
+        Some(prepared) => batch::process_prepared(pipeline, &*deps.store, envelopes, prepared, now, true, telemetry),
+        None => batch::process_window(pipeline, &*deps.store, envelopes, now, true, telemetry),
+    }
+}
+
+/// One unit in `at-least-once` mode, processed for the delivery thread.
+fn process_at_least_once(
+    deps: &WorkerDeps<'_>,
+    pipeline: &Pipeline,
+    envelopes: Vec<Envelope>,
+    prepared: Option<Vec<(Prepared, Duration)>>,
+    now: DateTime<Utc>,
+    prepare_time: Duration,
+) -> Result<Job, WorkerError> {
+    let processing = Instant::now();
+    let output = process_unit(deps, pipeline, &envelopes, prepared, now, Some(deps.telemetry))?;
+    observe_stage("process", prepare_time + processing.elapsed());
+    Ok(Job { envelopes, output })
+}
+
+/// One unit in `exactly-once` mode: silent catch-up first (state only, written
+/// at once), then the live records processed for the delivery thread (`None`:
+/// nothing live).
 fn process_transactionally(
     deps: &WorkerDeps<'_>,
-    consumer: &BaseConsumer<WorkerContext>,
-    sink: &mut TransactionalSink,
-    envelopes: Vec<Envelope>,
-    partitions: &SharedPartitions,
     pipeline: &Pipeline,
-    process: Process,
-) -> Result<(), WorkerError> {
-    let now = (deps.clock)();
-    let (silent, live): (Vec<Envelope>, Vec<Envelope>) = {
+    envelopes: Vec<Envelope>,
+    prepared: Option<Vec<(Prepared, Duration)>>,
+    now: DateTime<Utc>,
+    partitions: &SharedPartitions,
+    prepare_time: Duration,
+) -> Result<Option<Job>, WorkerError> {
+    let processing = Instant::now();
+    let catching_up: Vec<bool> = {
         let partitions = lock(partitions);
-        envelopes.into_iter().partition(|e| partitions.is_catch_up(e))
+        envelopes.iter().map(|e| partitions.is_catch_up(e)).collect()
+    };
+    let (mut silent, mut live) = (Vec::new(), Vec::with_capacity(envelopes.len()));
+    let (mut silent_prepared, mut live_prepared) = (Vec::new(), Vec::with_capacity(envelopes.len()));
+    let mut prepared = prepared.map(Vec::into_iter);
+    for (envelope, catching_up) in envelopes.into_iter().zip(catching_up) {
+        let prepared = prepared.as_mut().and_then(Iterator::next);
+        let (records, preparations) = if catching_up { (&mut silent, &mut silent_prepared) } else { (&mut live, &mut live_prepared) };
+        records.push(envelope);
+        preparations.extend(prepared);
+    }
+    let whole = |records: &Vec<Envelope>, preparations: Vec<(Prepared, Duration)>| {
+        (preparations.len() == records.len()).then_some(preparations)
     };
     if !silent.is_empty() {
         // Their outputs were committed before the crash; rebuild only the state.
-        let output = process(pipeline, &*deps.store, &silent, now, true, None)?;
+        let output = process_unit(deps, pipeline, &silent, whole(&silent, silent_prepared), now, None)?;
         deps.store.write(output.state)?;
         metrics::counter!("waymark_records_caught_up_total").increment(silent.len() as u64);
         lock(partitions).advance(&silent);
     }
     if live.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let processing = Instant::now();
-    let output = process(pipeline, &*deps.store, &live, now, true, Some(deps.telemetry))?;
-    stage_done("process", processing);
-    let offsets = next_offsets(&live);
+    let output = process_unit(deps, pipeline, &live, whole(&live, live_prepared), now, Some(deps.telemetry))?;
+    observe_stage("process", prepare_time + processing.elapsed());
+    Ok(Some(Job { envelopes: live, output }))
+}
+
+/// The output side of a batch in `exactly-once` mode, on the delivery thread:
+/// one transaction for outputs and offsets, then state.
+fn deliver_transactionally(
+    deps: &WorkerDeps<'_>,
+    consumer: &BaseConsumer<WorkerContext>,
+    sink: &mut TransactionalSink,
+    job: Job,
+    partitions: &SharedPartitions,
+) -> Result<Delivered, WorkerError> {
+    let Job { envelopes, output } = job;
+    let offsets = next_offsets(&envelopes);
     failpoint("before_output");
     let mut state = output.state;
     let outputs = Outputs { upserts: &output.upserts, dead_letters: &output.dead_letters, routed: &output.routed };
     let committing = Instant::now();
     match sink.commit(consumer, outputs, &mut state, &offsets, deps.shutdown, deps.config.shutdown_timeout) {
         Ok(()) => {}
-        Err(SinkError::Fenced) => return abandon(consumer, &live),
+        Err(SinkError::Fenced) => return Ok(Delivered::Abandoned(envelopes)),
         Err(e) => return Err(e.into()),
     }
     stage_done("output", committing);
@@ -476,35 +699,38 @@ fn process_transactionally(
     deps.store.write(state)?;
     stage_done("state", writing);
     failpoint("after_state");
-    lock(partitions).advance(&live);
+    lock(partitions).advance(&envelopes);
     mark_progress(deps);
-    Ok(())
+    Ok(Delivered::Done)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn process_and_commit(
+/// The output side of a batch in `at-least-once` mode, on the delivery thread:
+/// outputs acknowledged, state logged and written (`batch::deliver`), then the
+/// group's offsets.
+fn deliver_at_least_once(
     deps: &WorkerDeps<'_>,
     consumer: &BaseConsumer<WorkerContext>,
     sink: &mut KafkaSink,
     changelog: Option<&mut TransactionalSink>,
-    envelopes: &[Envelope],
+    job: Job,
     partitions: &SharedPartitions,
-    pipeline: &Pipeline,
-    process: Process,
-) -> Result<(), WorkerError> {
+) -> Result<Delivered, WorkerError> {
+    let Job { envelopes, output } = job;
     let mut stage = Instant::now();
-    let output = process(pipeline, &*deps.store, envelopes, (deps.clock)(), true, Some(deps.telemetry))?;
-    let offsets = next_offsets(envelopes);
+    let offsets = next_offsets(&envelopes);
     let outputs = RetryingSink { inner: sink, shutdown: deps.shutdown, deadline: deps.config.shutdown_timeout };
     let mut fenced = AtLeastOnceSink { outputs, changelog, consumer, offsets: &offsets };
     match batch::deliver(&*deps.store, &mut fenced, output, &mut |point| {
         let name = match point {
-            batch::Failpoint::BeforeOutput => "process",
-            batch::Failpoint::AfterOutput => "output",
-            batch::Failpoint::AfterChangelog => "changelog",
-            batch::Failpoint::AfterState => "state",
+            // Processing was observed on the worker thread.
+            batch::Failpoint::BeforeOutput => None,
+            batch::Failpoint::AfterOutput => Some("output"),
+            batch::Failpoint::AfterChangelog => Some("changelog"),
+            batch::Failpoint::AfterState => Some("state"),
         };
-        stage_done(name, stage);
+        if let Some(name) = name {
+            stage_done(name, stage);
+        }
         stage = Instant::now();
         failpoint(point.name());
         false
@@ -514,21 +740,22 @@ fn process_and_commit(
             // Its outputs are acknowledged (whoever owns the partitions now
             // re-runs the batch: identical upserts), its state is neither logged
             // nor written.
-            return abandon(consumer, envelopes);
+            return Ok(Delivered::Abandoned(envelopes));
         }
         Err(batch::DeliverError::Sink(e)) => return Err(e.into()),
         Err(batch::DeliverError::Store(e)) => return Err(e.into()),
         Err(batch::DeliverError::Crashed(point)) => unreachable!("no failpoint is armed in production ({point:?})"),
     }
-    lock(partitions).advance(envelopes);
+    lock(partitions).advance(&envelopes);
     mark_progress(deps);
     if failpoint_fails("batch_offset_commit") {
         tracing::warn!("offset commit failed (WAYMARK_FAILPOINT); the store's progress stays authoritative");
     } else {
         commit_progress(consumer, partitions, CommitMode::Async);
     }
-    Ok(())
+    Ok(Delivered::Done)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,20 +763,19 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-    /// An abandoned batch's partitions are still assigned when the group refused
-    /// the member before librdkafka noticed (or a cooperative rebalance hands
-    /// them back without a revocation). The fetch position is past the batch, so
-    /// without a seek back the next poll would go on after it and the batch's
-    /// records would never be processed.
-    #[test]
-    fn an_abandoned_batch_is_read_again_from_its_first_record() {
+    /// A consumer of topic `in` on a mock cluster: `partitions` partitions of
+    /// ten records each, all assigned from the beginning. The cluster must
+    /// outlive the consumer.
+    fn mock_consumer(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, BaseConsumer<WorkerContext>, tempfile::TempDir) {
         let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("in", 1, 1).unwrap();
+        cluster.create_topic("in", partitions, 1).unwrap();
         let brokers = cluster.bootstrap_servers();
         let producer: ThreadedProducer<DefaultProducerContext> =
             rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-        for i in 0..10 {
-            producer.send(BaseRecord::<(), str>::to("in").partition(0).payload(&format!("record {i}"))).unwrap();
+        for partition in 0..partitions {
+            for i in 0..10 {
+                producer.send(BaseRecord::<(), str>::to("in").partition(partition).payload(&format!("record {i}"))).unwrap();
+            }
         }
         producer.flush(Duration::from_secs(10)).unwrap();
         let toml = format!("[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"mock-group\"\ninput_topics = [\"in\"]\n[state]\nchangelog = false\n");
@@ -563,24 +789,116 @@ mod tests {
             stateless_topics: Default::default(),
             transactional: false,
             restorer: None,
+            in_flight: Default::default(),
         };
         let consumer: BaseConsumer<WorkerContext> = consumer_config(&config).create_with_context(context).unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("in", 0, Offset::Beginning).unwrap();
+        for partition in 0..partitions {
+            tpl.add_partition_offset("in", partition, Offset::Beginning).unwrap();
+        }
         consumer.assign(&tpl).unwrap();
-        let next = |consumer: &BaseConsumer<WorkerContext>| -> Envelope {
-            let started = Instant::now();
-            loop {
-                assert!(started.elapsed() < Duration::from_secs(30), "no record from the mock cluster");
-                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-                    return super::super::consumer::envelope_of(&message.detach());
-                }
+        (cluster, consumer, state)
+    }
+
+    /// The next record the consumer returns.
+    fn next(consumer: &BaseConsumer<WorkerContext>) -> Envelope {
+        let started = Instant::now();
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(30), "no record from the mock cluster");
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                return super::super::consumer::envelope_of(&message.detach());
             }
-        };
+        }
+    }
+
+    /// An abandoned batch's partitions are still assigned when the group refused
+    /// the member before librdkafka noticed (or a cooperative rebalance hands
+    /// them back without a revocation). The fetch position is past the batch, so
+    /// without a seek back the next poll would go on after it and the batch's
+    /// records would never be processed.
+    #[test]
+    fn an_abandoned_batch_is_read_again_from_its_first_record() {
+        let (_cluster, consumer, _state) = mock_consumer(1);
         let batch: Vec<Envelope> = (0..6).map(|_| next(&consumer)).collect();
         assert_eq!(batch.iter().map(|e| e.offset).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
         // Records 3 to 5 were the batch in flight; the batch is abandoned.
         rewind(&consumer, &batch[3..]).unwrap();
         assert_eq!(next(&consumer).offset, 3, "the batch's first record must be read again");
+    }
+
+    /// The batch in flight is abandoned after the next one was polled (and
+    /// records were held in the reorder window): those were read after it and
+    /// must not overtake it, so they are dropped and their partitions sought back
+    /// too, including partitions the abandoned batch did not have.
+    #[test]
+    fn records_polled_after_an_abandoned_batch_are_read_again_with_it() {
+        let (_cluster, consumer, _state) = mock_consumer(3);
+        let mut polled: Vec<Envelope> = (0..30).map(|_| next(&consumer)).collect();
+        polled.sort_by_key(|e| (e.partition, e.offset));
+        let of = |partition: i32, offsets: std::ops::Range<i64>| -> Vec<Envelope> {
+            polled.iter().filter(|e| e.partition == partition && offsets.contains(&e.offset)).cloned().collect()
+        };
+        // In flight: partition 0's records 2 to 4. Polled after it: partition 0's
+        // 5 to 6 and partition 1's 3 to 5; held in the window: partition 2's 4 to 7.
+        let in_flight_batch = of(0, 2..5);
+        let polled_after: Vec<Envelope> = of(0, 5..7).into_iter().chain(of(1, 3..6)).collect();
+        let mut window = ReorderBuffer::default();
+        window.extend(of(2, 4..8), Instant::now());
+        let in_flight = InFlight::default();
+        let (jobs, _jobs_rx) = mpsc::sync_channel(0);
+        let (_done_tx, done) = mpsc::channel();
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true };
+        let kept = delivery.take(&consumer, &mut window, polled_after, Ok(Delivered::Abandoned(in_flight_batch))).unwrap();
+        assert!(kept.is_none(), "records polled after an abandoned batch must not be processed");
+        assert!(window.take().is_empty(), "held records read after an abandoned batch must be dropped");
+        assert!(!delivery.pending);
+        let mut first_again = HashMap::new();
+        while first_again.len() < 3 {
+            let e = next(&consumer);
+            first_again.entry(e.partition).or_insert(e.offset);
+        }
+        assert_eq!(first_again, HashMap::from([(0, 2), (1, 3), (2, 4)]), "each partition re-reads from its first record not delivered");
+    }
+
+    /// A poll that revokes partitions may come while a batch of them is being
+    /// delivered: the revocation must wait for it, so the offsets it hands the
+    /// group (and the state the next owner restores) include that batch.
+    #[test]
+    fn a_revocation_waits_for_the_batch_in_flight_and_commits_its_offsets() {
+        let (_cluster, consumer, _state) = mock_consumer(1);
+        let context = consumer.context();
+        lock(&context.partitions).assign("in", 0, Some(0), None);
+        let in_flight_batch: Vec<Envelope> = (0..6).map(|_| next(&consumer)).collect();
+        context.in_flight.start();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _delivering = context.in_flight.delivering();
+                std::thread::sleep(Duration::from_millis(300));
+                lock(&context.partitions).advance(&in_flight_batch);
+            });
+            let mut revoked = TopicPartitionList::new();
+            revoked.add_partition("in", 0);
+            context.on_revoke(&consumer, &revoked);
+        });
+        let committed = super::super::consumer::committed_offset(&consumer, "in", 0, Duration::from_secs(10)).unwrap();
+        assert_eq!(committed, Some(6), "the revocation must hand the group the offsets of the batch that was in flight");
+        assert!(!lock(&context.partitions).owns("in", 0));
+    }
+
+    #[test]
+    fn a_delivered_batch_lets_the_next_one_through() {
+        let (_cluster, consumer, _state) = mock_consumer(1);
+        let in_flight = InFlight::default();
+        let (jobs, _jobs_rx) = mpsc::sync_channel(0);
+        let (done_tx, done) = mpsc::channel();
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true };
+        done_tx.send(Ok(Delivered::Done)).unwrap();
+        let next_batch = vec![next(&consumer)];
+        let kept = delivery.settle(&consumer, &mut ReorderBuffer::default(), next_batch).unwrap();
+        assert_eq!(kept.map(|k| k.len()), Some(1));
+        assert!(!delivery.pending);
+        drop(done_tx);
+        delivery.pending = true;
+        assert!(matches!(delivery.settle(&consumer, &mut ReorderBuffer::default(), Vec::new()), Err(WorkerError::DeliveryThread)));
     }
 }

@@ -493,6 +493,7 @@ mod tests {
             stateless_topics: Default::default(),
             transactional: true,
             restorer: None,
+            in_flight: Default::default(),
         };
         let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context).unwrap();
         consumer.subscribe(&["in"]).unwrap();
