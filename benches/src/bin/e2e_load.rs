@@ -162,6 +162,36 @@ fn create_topics(brokers: &str, names: &[&str], partitions: i32) {
     }
 }
 
+/// Delete every topic this process created (its inputs, outputs and the
+/// workers' internal topics, all named after `unique`), so that a series of
+/// runs does not fill the broker's disk.
+fn delete_own_topics(brokers: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let metadata = match admin.inner().fetch_metadata(None, Duration::from_secs(30)) {
+        Ok(metadata) => metadata,
+        Err(e) => return eprintln!("e2e-load: cannot list topics to delete them ({e}); `scripts/kafka.sh clean` removes them"),
+    };
+    let marker = format!(".{}.", std::process::id());
+    let own: Vec<String> =
+        metadata.topics().iter().map(|t| t.name().to_string()).filter(|n| n.starts_with("bench") && n.contains(&marker)).collect();
+    if own.is_empty() {
+        return;
+    }
+    let refs: Vec<&str> = own.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    match futures_executor::block_on(admin.delete_topics(&refs, &options)) {
+        Ok(results) => {
+            let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|(t, e)| format!("{t}: {e}"))).collect();
+            if failed.is_empty() {
+                println!("deleted this run's {} topics", own.len());
+            } else {
+                eprintln!("e2e-load: could not delete {} ({}); `scripts/kafka.sh clean` removes them", failed.join(", "), own.len());
+            }
+        }
+        Err(e) => eprintln!("e2e-load: cannot delete this run's topics ({e}); `scripts/kafka.sh clean` removes them"),
+    }
+}
+
 /// Delivery reports: count and remember each record's (partition, offset) send time.
 #[derive(Default)]
 struct Sent {
@@ -480,6 +510,7 @@ fn main() {
         );
 
         paced_run(&args, mode, &names[4..7], args.rate.unwrap_or(rate / 2.0).max(1.0));
+        delete_own_topics(&args.brokers);
     }
 }
 
