@@ -288,6 +288,23 @@ pub(crate) mod tests {
         assert_eq!(hex, "3b52d71f525ebf0cce3c9a4162a23fb4d6f52d504885bbf7cbd96f657abf2389");
     }
 
+    /// Every digest kept in state or sent downstream, pinned with a location
+    /// that is not plain ASCII and a long description (more than one blake3
+    /// chunk): a faster encoder must produce the very same bytes.
+    #[test]
+    fn golden_digests_are_pinned() {
+        let mut e = event("1Z", Status::InTransit, T0);
+        e.location = Location { city: Some(" straße ".into()), region: Some("fl".into()), postal_code: Some("32801".into()), country: None };
+        e.description = Some("Arrived at the sort facility; ".repeat(60));
+        e.shipment_ref = Some("ref-9".into());
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(&content_hash(&e)), "fb04e0885cbaede070e41186d308b6838dbff7b8c9a6937119e7d606e7a477a3");
+        assert_eq!(hex(&identity_digest(&e)), "4046856e2eb95ac93a59a2b067baee26");
+        assert_eq!(crate::output::milestone_id(&e), "5ea874654b4db93f39ce5ecc01ac5501592d913b7d73d0448f068af00684cafc");
+        let scope = Scope([7; 8]);
+        assert_eq!(hex(&crate::order::shipment_key(scope, "acme", "easypost", "1Z", Some("ref-9"))), "0707070707070707349f9c099c23d2a7fb81feee97061cc9");
+    }
+
     #[test]
     fn volatile_fields_do_not_change_the_hash() {
         let a = event("1Z", Status::InTransit, T0);
