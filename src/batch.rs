@@ -78,6 +78,15 @@ mod optional_time {
     }
 }
 
+/// The entry of `name`, allocating its key only the first time (this runs for
+/// every record and every new event).
+fn counter<'a, V: Default>(map: &'a mut std::collections::BTreeMap<String, V>, name: &str) -> &'a mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), V::default());
+    }
+    map.get_mut(name).expect("inserted above")
+}
+
 impl Counts {
     fn merge(&mut self, other: &Counts) {
         self.records += other.records;
@@ -110,7 +119,7 @@ impl Summary {
                 Verdict::New => {
                     self.new_milestones += 1;
                     counts.new_milestones += 1;
-                    *self.milestones_by_status.entry(event.status.as_str().to_string()).or_default() += 1;
+                    *counter(&mut self.milestones_by_status, event.status.as_str()) += 1;
                     self.regressions_prevented += event.applied.regression_prevented as u64;
                     self.out_of_order += event.applied.out_of_order as u64;
                 }
@@ -125,10 +134,8 @@ impl Summary {
                 }
             }
         }
-        let carrier = result.carrier.clone().unwrap_or_else(|| "unknown".into());
-        let tenant = result.tenant_id.clone().unwrap_or_else(|| "unknown".into());
-        self.by_carrier.entry(carrier).or_default().merge(&counts);
-        self.by_tenant.entry(tenant).or_default().merge(&counts);
+        counter(&mut self.by_carrier, result.carrier.as_deref().unwrap_or("unknown")).merge(&counts);
+        counter(&mut self.by_tenant, result.tenant_id.as_deref().unwrap_or("unknown")).merge(&counts);
     }
 
     pub fn merge(&mut self, other: &Summary) {

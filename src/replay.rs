@@ -137,8 +137,9 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// prepared and the one being applied.
     pub fn stream(&mut self, reader: &mut dyn BufRead, archive_name: &str) -> Result<(), ReplayError> {
         let (store, resume) = (self.store, self.resume);
-        let mut lines: Vec<(i64, String)> = Vec::with_capacity(BATCH);
-        let mut line = String::new();
+        // Raw lines: checking their UTF-8 is part of preparing, off this thread.
+        let mut lines: Vec<(i64, Vec<u8>)> = Vec::with_capacity(BATCH);
+        let mut line = Vec::new();
         let mut line_no: i64 = 0;
         // Resumable: the store remembers the last line whose batch it committed.
         let checkpoint = (archive_name != "stdin").then(|| checkpoint_key(&["archive", archive_name]));
@@ -152,11 +153,15 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
         let mut applying: Option<PreparedLines> = None;
         loop {
             line.clear();
-            let n = read_line_lossy(reader, &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
+            let n = reader.read_until(b'\n', &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
             if n > 0 {
                 line_no += 1;
-                if !line.trim().is_empty() && line_no > resume_after {
-                    lines.push((line_no, std::mem::take(&mut line)));
+                // Blank lines are not records and do not count towards a batch
+                // (lines of Unicode whitespace only are dropped when prepared).
+                if line_no > resume_after && !line.iter().all(u8::is_ascii_whitespace) {
+                    // The next line is likely about as long: one allocation, no regrowth.
+                    let capacity = line.len().max(256);
+                    lines.push((line_no, std::mem::replace(&mut line, Vec::with_capacity(capacity))));
                 }
             }
             if lines.len() >= BATCH || (n == 0 && !lines.is_empty()) {
@@ -356,7 +361,9 @@ struct PreparedLines {
 
 impl PreparedLines {
     /// Parse the lines as envelopes and normalize them, on the pipeline's threads.
-    fn prepare(pipeline: &Pipeline, lines: Vec<(i64, String)>, archive_name: &str, now: DateTime<Utc>, done: Vec<(Vec<u8>, i64)>) -> PreparedLines {
+    fn prepare(pipeline: &Pipeline, lines: Vec<(i64, Vec<u8>)>, archive_name: &str, now: DateTime<Utc>, done: Vec<(Vec<u8>, i64)>) -> PreparedLines {
+        let lines: Vec<(i64, String)> =
+            lines.into_iter().map(|(line_no, bytes)| (line_no, text_lossy(bytes))).filter(|(_, line)| !line.trim().is_empty()).collect();
         let parsed = crate::parallel::map_ordered(&lines, pipeline.threads, |(_, line)| Envelope::from_kcat_json(line.trim()));
         let mut envelopes = Vec::with_capacity(lines.len());
         let mut malformed = Vec::new();
@@ -383,13 +390,11 @@ impl PreparedLines {
     }
 }
 
-/// Read one line; invalid UTF-8 is kept (lossily) so the line still reaches the
-/// dead-letter output instead of aborting the replay.
-fn read_line_lossy(reader: &mut dyn BufRead, line: &mut String) -> std::io::Result<usize> {
-    let mut bytes = Vec::new();
-    let n = reader.read_until(b'\n', &mut bytes)?;
-    line.push_str(&String::from_utf8_lossy(&bytes));
-    Ok(n)
+/// An archive line as text; invalid UTF-8 is kept (lossily) so the line still
+/// reaches the dead-letter output instead of aborting the replay. A valid line
+/// (every line, normally) is not copied.
+fn text_lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Where a topic replay starts and stops.
@@ -488,5 +493,40 @@ mod tests {
         // Both committed the same state.
         let entries = |store: &MemoryStore| Staged::new(store).scan(crate::state::Keyspace::Keys, &[], &[0xff; 64]).unwrap();
         assert_eq!(entries(&store), entries(&reference_store));
+    }
+
+    /// Reading and checking lines moved off the applying thread: blank lines
+    /// (ASCII or Unicode whitespace) are still no records, and a line that is not
+    /// UTF-8 is still a dead letter that keeps the line (lossily), not an error
+    /// that stops the replay.
+    #[test]
+    fn blank_lines_are_skipped_and_lines_that_are_not_utf8_are_dead_letters() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let traffic = generate(&TrafficSpec { seed: 3, shipments: 5, ..TrafficSpec::default() });
+        let mut archive = Vec::new();
+        for line in [
+            traffic.envelopes[0].to_kcat_json().as_bytes(),
+            b"  \t ",
+            "\u{a0}\u{2003}".as_bytes(),
+            b"{\"topic\": \"t\", \"payload\": \"\xff\xfe\"}",
+            traffic.envelopes[1].to_kcat_json().as_bytes(),
+        ] {
+            archive.extend_from_slice(line);
+            archive.push(b'\n');
+        }
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let mut sink = MemorySink::default();
+        let clock = move || now;
+        let mut progress = |_: &Summary| {};
+        let mut replay = Replay { pipeline: &pipeline, store: &store, sink: &mut sink, now: &clock, summary: Summary::default(), on_progress: &mut progress, resume: false };
+        replay.stream(&mut archive.as_slice(), "archive.ndjson").unwrap();
+        let summary = replay.summary.clone();
+        assert_eq!(summary.records, 3, "two envelopes and one line that is not UTF-8");
+        assert_eq!(summary.invalid, 1);
+        assert_eq!(sink.dead_letters.len(), 1);
+        let kept = serde_json::to_string(&sink.dead_letters[0].envelope).unwrap();
+        assert!(kept.contains('\u{fffd}'), "the dead letter keeps the line, its invalid bytes replaced: {kept}");
+        assert_eq!(sink.dead_letters[0].envelope.offset, 4, "line numbers count every line read");
     }
 }
