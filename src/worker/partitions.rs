@@ -105,6 +105,11 @@ impl Partitions {
         self.next.get(&(topic.to_string(), partition)).copied()
     }
 
+    /// Is any partition catching up silently (see [`Partitions::is_catch_up`])?
+    pub fn is_catching_up(&self) -> bool {
+        !self.catch_up_to.is_empty()
+    }
+
     /// Was this record's output committed before a crash (state-only catch-up)?
     pub fn is_catch_up(&self, envelope: &Envelope) -> bool {
         self.catch_up_to.get(&(envelope.topic.clone(), envelope.partition)).is_some_and(|bound| envelope.offset < *bound)
@@ -151,6 +156,7 @@ mod tests {
         p.assign("t", 1, None, None);
         assert!(p.owns("t", 0) && p.owns("t", 1) && !p.owns("t", 2));
         assert!(p.is_catch_up(&envelope(0, 8)) && !p.is_catch_up(&envelope(0, 9)) && !p.is_catch_up(&envelope(1, 0)));
+        assert!(p.is_catching_up());
         p.advance(&[envelope(1, 3), envelope(1, 4)]);
         assert_eq!(p.next("t", 1), Some(5));
         let mut commits = p.commit_list();
@@ -158,6 +164,7 @@ mod tests {
         assert_eq!(commits, vec![(("t".to_string(), 0), 5), (("t".to_string(), 1), 5)]);
         assert_eq!(p.revoke("t", 0), Some(5));
         assert!(!p.owns("t", 0) && !p.is_catch_up(&envelope(0, 8)));
+        assert!(!p.is_catching_up(), "revoking the only partition catching up ends the catch-up");
         assert_eq!(p.commit_list().len(), 1);
         p.advance(&[envelope(0, 7)]);
         assert_eq!(p.next("t", 0), None, "a revoked partition's progress is never committed again");

@@ -202,12 +202,7 @@ fn consume(
             let prepare_time = preparing.elapsed();
             // Deduping reads the state the batch in flight writes.
             if let Some(unit) = delivery.settle(consumer, &mut window, unit)? {
-                let job = if transactional {
-                    process_transactionally(deps, pipeline, unit, prepared, now, partitions, prepare_time)?
-                } else {
-                    Some(process_at_least_once(deps, pipeline, unit, prepared, now, prepare_time)?)
-                };
-                if let Some(job) = job {
+                if let Some(job) = process_for_delivery(deps, pipeline, unit, prepared, now, partitions, prepare_time)? {
                     delivery.submit(job);
                 }
             }
@@ -597,13 +592,16 @@ enum Output {
     ExactlyOnce(TransactionalSink),
 }
 
+/// What `Pipeline::prepare_batch` made of a unit's records, one per record.
+type Preparations = Vec<(Prepared, Duration)>;
+
 /// Dedupe and order a unit of records (prepared already, or, with the reorder
 /// window, in hierarchy order) and observe the batch's `process` stage.
 fn process_unit(
     deps: &WorkerDeps<'_>,
     pipeline: &Pipeline,
     envelopes: &[Envelope],
-    prepared: Option<Vec<(Prepared, Duration)>>,
+    prepared: Option<Preparations>,
     now: DateTime<Utc>,
     telemetry: Option<&Telemetry>,
 ) -> Result<batch::BatchOutput, StoreError> {
@@ -613,36 +611,45 @@ fn process_unit(
     }
 }
 
-/// One unit in `at-least-once` mode, processed for the delivery thread.
-fn process_at_least_once(
+/// One unit, processed for the delivery thread (`None`: nothing left to
+/// deliver). Records of a partition that is catching up silently go first,
+/// state only, written at once: in `exactly-once` mode their outputs were
+/// committed before a crash left the store behind (never in `at-least-once`,
+/// where no partition catches up).
+fn process_for_delivery(
     deps: &WorkerDeps<'_>,
     pipeline: &Pipeline,
     envelopes: Vec<Envelope>,
-    prepared: Option<Vec<(Prepared, Duration)>>,
-    now: DateTime<Utc>,
-    prepare_time: Duration,
-) -> Result<Job, WorkerError> {
-    let processing = Instant::now();
-    let output = process_unit(deps, pipeline, &envelopes, prepared, now, Some(deps.telemetry))?;
-    observe_stage("process", prepare_time + processing.elapsed());
-    Ok(Job { envelopes, output })
-}
-
-/// One unit in `exactly-once` mode: silent catch-up first (state only, written
-/// at once), then the live records processed for the delivery thread (`None`:
-/// nothing live).
-fn process_transactionally(
-    deps: &WorkerDeps<'_>,
-    pipeline: &Pipeline,
-    envelopes: Vec<Envelope>,
-    prepared: Option<Vec<(Prepared, Duration)>>,
+    prepared: Option<Preparations>,
     now: DateTime<Utc>,
     partitions: &SharedPartitions,
     prepare_time: Duration,
 ) -> Result<Option<Job>, WorkerError> {
     let processing = Instant::now();
+    let (live, prepared) = catch_up_silently(deps, pipeline, envelopes, prepared, now, partitions)?;
+    if live.is_empty() {
+        return Ok(None);
+    }
+    let output = process_unit(deps, pipeline, &live, prepared, now, Some(deps.telemetry))?;
+    observe_stage("process", prepare_time + processing.elapsed());
+    Ok(Some(Job { envelopes: live, output }))
+}
+
+/// Process and write the unit's catch-up records (see `process_for_delivery`);
+/// returns the others with their preparations.
+fn catch_up_silently(
+    deps: &WorkerDeps<'_>,
+    pipeline: &Pipeline,
+    envelopes: Vec<Envelope>,
+    prepared: Option<Preparations>,
+    now: DateTime<Utc>,
+    partitions: &SharedPartitions,
+) -> Result<(Vec<Envelope>, Option<Preparations>), WorkerError> {
     let catching_up: Vec<bool> = {
         let partitions = lock(partitions);
+        if !partitions.is_catching_up() {
+            return Ok((envelopes, prepared));
+        }
         envelopes.iter().map(|e| partitions.is_catch_up(e)).collect()
     };
     let (mut silent, mut live) = (Vec::new(), Vec::with_capacity(envelopes.len()));
@@ -654,22 +661,18 @@ fn process_transactionally(
         records.push(envelope);
         preparations.extend(prepared);
     }
-    let whole = |records: &Vec<Envelope>, preparations: Vec<(Prepared, Duration)>| {
+    // Preparations come for every record or for none (the reorder window's).
+    let whole = |records: &Vec<Envelope>, preparations: Preparations| {
         (preparations.len() == records.len()).then_some(preparations)
     };
     if !silent.is_empty() {
-        // Their outputs were committed before the crash; rebuild only the state.
         let output = process_unit(deps, pipeline, &silent, whole(&silent, silent_prepared), now, None)?;
         deps.store.write(output.state)?;
         metrics::counter!("waymark_records_caught_up_total").increment(silent.len() as u64);
         lock(partitions).advance(&silent);
     }
-    if live.is_empty() {
-        return Ok(None);
-    }
-    let output = process_unit(deps, pipeline, &live, whole(&live, live_prepared), now, Some(deps.telemetry))?;
-    observe_stage("process", prepare_time + processing.elapsed());
-    Ok(Some(Job { envelopes: live, output }))
+    let live_prepared = whole(&live, live_prepared);
+    Ok((live, live_prepared))
 }
 
 /// The output side of a batch in `exactly-once` mode, on the delivery thread:
