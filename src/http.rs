@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,13 +46,20 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         BATCH_STAGE_SECONDS,
         "Time of each stage of a batch: poll (waiting for and reading records), process, output (until acknowledged or committed), changelog, state"
     );
-    metrics::describe_gauge!(CONSUMER_LAG, "High watermark minus next offset, per input partition");
+    metrics::describe_gauge!(CONSUMER_LAG, "Records not read yet, per assigned partition: its end for a read_committed reader (last stable offset) minus the consumer's own position");
+    metrics::describe_gauge!(INPUT_TOPIC_MISSING, "1 while an input topic is missing or not readable by this worker (nothing of it is consumed), else 0");
+    metrics::describe_counter!(TOPIC_RECREATED, "Topics found deleted and re-created under the worker (their records are read from the new start, none skipped)");
     metrics::describe_gauge!(REORDER_HELD, "Records held by the bounded reorder window, not yet processed or committed");
     Ok(handle)
 }
 
 /// Liveness and readiness, shared with the HTTP endpoint.
-#[derive(Debug, Default)]
+///
+/// Every time in here is on one clock: milliseconds since this `Health` was
+/// made, read from the monotonic clock. The wall clock never enters: a step of
+/// it (which the guarded clock of the pipeline refuses) must not make a worker
+/// look stalled, nor hide a stall.
+#[derive(Debug)]
 pub struct Health {
     /// The worker has its store open and its consumer subscribed.
     pub ready: AtomicBool,
@@ -60,36 +67,117 @@ pub struct Health {
     pub failed: AtomicBool,
     /// Partitions assigned to this instance right now.
     pub assigned: AtomicUsize,
+    /// Assigned partitions still waiting for their state's restore.
+    pub restoring: AtomicUsize,
+    /// Input topics the broker does not know (missing or misspelled), or that
+    /// this worker may not read.
+    pub missing_inputs: AtomicUsize,
     /// At least one broker connection is up (librdkafka's statistics).
     pub broker_up: AtomicBool,
-    /// Records behind the log end over the assigned partitions (statistics).
+    /// Records not read yet over the assigned partitions: each partition's end
+    /// minus the consumer's own position (statistics).
     pub lag: AtomicI64,
-    /// Wall-clock ms of the last completed batch (or of the start).
-    pub last_progress_ms: AtomicI64,
-    /// Liveness fails when there is lag and no batch completed for this long (ms; 0: never).
+    /// Liveness fails when the worker loop stood still, or there is lag and no
+    /// batch completed, for this long (ms; 0: never).
     pub stall_after_ms: AtomicI64,
     /// Shutdown: every in-flight batch is committed; only closing the consumer
     /// (leaving the group) remains, which a rebalance in progress can hold up.
     pub drained: AtomicBool,
+    epoch: Instant,
+    /// When the worker loop last turned (ms since `epoch`).
+    heartbeat_ms: AtomicI64,
+    /// When a batch last completed, a restore last moved, or the worker started.
+    progress_ms: AtomicI64,
+    /// When the batch now being delivered was handed over (-1: none is).
+    delivering_since_ms: AtomicI64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            ready: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            assigned: AtomicUsize::new(0),
+            restoring: AtomicUsize::new(0),
+            missing_inputs: AtomicUsize::new(0),
+            broker_up: AtomicBool::new(false),
+            lag: AtomicI64::new(0),
+            stall_after_ms: AtomicI64::new(0),
+            drained: AtomicBool::new(false),
+            epoch: Instant::now(),
+            heartbeat_ms: AtomicI64::new(0),
+            progress_ms: AtomicI64::new(0),
+            delivering_since_ms: AtomicI64::new(-1),
+        }
+    }
 }
 
 impl Health {
-    /// `Err(why)` when the worker is dead or stuck: it failed, or it has work
-    /// (lag) and has completed no batch for `stall_after_ms`.
-    pub fn liveness(&self, now_ms: i64) -> Result<(), String> {
+    /// Now, on this `Health`'s clock.
+    pub fn now_ms(&self) -> i64 {
+        self.epoch.elapsed().as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// The worker loop turned (it is not blocked).
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(self.now_ms(), Ordering::SeqCst);
+    }
+
+    /// A batch completed or a restore moved forward (or the worker started).
+    pub fn mark_progress(&self) {
+        let now = self.now_ms();
+        self.progress_ms.store(now, Ordering::SeqCst);
+        self.heartbeat_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// A batch was handed to the delivery thread (`true`), or its delivery
+    /// ended (`false`).
+    pub fn delivering(&self, started: bool) {
+        self.delivering_since_ms.store(if started { self.now_ms() } else { -1 }, Ordering::SeqCst);
+    }
+
+    /// `Err(why)` when the worker is dead or stuck: it failed; its loop has not
+    /// turned for `stall_after_ms`; a batch has been in delivery that long (a
+    /// delivery that cannot finish, while nothing new arrives to wait behind
+    /// it); or it has records to read (lag) and has completed no batch for
+    /// that long.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.liveness_at(self.now_ms())
+    }
+
+    /// [`Health::liveness`] at `now_ms` on this `Health`'s clock.
+    pub fn liveness_at(&self, now_ms: i64) -> Result<(), String> {
         if self.failed.load(Ordering::SeqCst) {
             return Err("failed".into());
         }
         let stall_after = self.stall_after_ms.load(Ordering::SeqCst);
+        if stall_after <= 0 {
+            return Ok(());
+        }
+        let stuck = now_ms.saturating_sub(self.heartbeat_ms.load(Ordering::SeqCst));
+        if stuck > stall_after {
+            return Err(format!(
+                "stuck: the worker loop has not turned for {} s (a batch's delivery cannot finish: see the log for the broker's answers)",
+                stuck / 1000
+            ));
+        }
+        let delivering_since = self.delivering_since_ms.load(Ordering::SeqCst);
+        if delivering_since >= 0 && now_ms.saturating_sub(delivering_since) > stall_after {
+            return Err(format!(
+                "stuck: a batch has been in delivery for {} s (the broker does not acknowledge it: see the log for its answers)",
+                now_ms.saturating_sub(delivering_since) / 1000
+            ));
+        }
         let lag = self.lag.load(Ordering::SeqCst);
-        let idle = now_ms.saturating_sub(self.last_progress_ms.load(Ordering::SeqCst));
-        if stall_after > 0 && lag > 0 && idle > stall_after {
+        let idle = now_ms.saturating_sub(self.progress_ms.load(Ordering::SeqCst));
+        if lag > 0 && idle > stall_after {
             return Err(format!("stalled: {lag} records to process and no batch completed for {} s", idle / 1000));
         }
         Ok(())
     }
 
-    /// `Err(why)` unless subscribed, with partitions assigned and a broker reachable.
+    /// `Err(why)` unless subscribed, with partitions assigned and restored, a
+    /// broker reachable and every input topic known.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.ready.load(Ordering::SeqCst) {
             return Err("not ready: starting or stopping".into());
@@ -97,8 +185,16 @@ impl Health {
         if !self.broker_up.load(Ordering::SeqCst) {
             return Err("not ready: no broker reachable".into());
         }
+        let missing = self.missing_inputs.load(Ordering::SeqCst);
+        if missing > 0 {
+            return Err(format!("not ready: {missing} input topic(s) missing or not readable (see waymark_input_topics_missing and the log)"));
+        }
         if self.assigned.load(Ordering::SeqCst) == 0 {
             return Err("not ready: no partitions assigned".into());
+        }
+        let restoring = self.restoring.load(Ordering::SeqCst);
+        if restoring > 0 {
+            return Err(format!("not ready: restoring the state of {restoring} partition(s)"));
         }
         Ok(())
     }
@@ -180,7 +276,7 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, h
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") => match health.liveness(chrono::Utc::now().timestamp_millis()) {
+        ("GET", "/healthz") => match health.liveness() {
             Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
@@ -247,16 +343,46 @@ mod tests {
     fn liveness_fails_only_when_there_is_work_and_no_progress() {
         let health = Health::default();
         health.stall_after_ms.store(60_000, Ordering::SeqCst);
-        health.last_progress_ms.store(1_000_000, Ordering::SeqCst);
-        assert!(health.liveness(1_000_000 + 3_600_000).is_ok(), "idle without lag is healthy");
+        health.mark_progress();
+        let t0 = health.now_ms();
+        // The loop keeps turning (heartbeats) in every case below but the last.
+        let at = |ms: i64| {
+            health.heartbeat_ms.store(ms, Ordering::SeqCst);
+            health.liveness_at(ms)
+        };
+        assert!(at(t0 + 3_600_000).is_ok(), "idle without lag is healthy");
         health.lag.store(617, Ordering::SeqCst);
-        assert!(health.liveness(1_000_000 + 60_000).is_ok(), "at the limit: still healthy");
-        let why = health.liveness(1_000_000 + 60_001).unwrap_err();
+        assert!(at(t0 + 60_000).is_ok(), "at the limit: still healthy");
+        let why = at(t0 + 60_001).unwrap_err();
         assert!(why.contains("617") && why.contains("60 s"), "{why}");
-        health.last_progress_ms.store(1_000_000 + 60_000, Ordering::SeqCst);
-        assert!(health.liveness(1_000_000 + 60_001).is_ok(), "progress resets the clock");
+        health.progress_ms.store(t0 + 60_000, Ordering::SeqCst);
+        assert!(at(t0 + 60_001).is_ok(), "progress resets the clock");
+        health.lag.store(0, Ordering::SeqCst);
+        health.delivering_since_ms.store(t0 + 60_001, Ordering::SeqCst);
+        assert!(at(t0 + 120_001).is_ok(), "a delivery of a minute is not stuck yet");
+        let why = at(t0 + 120_002).unwrap_err();
+        assert!(why.contains("in delivery"), "a delivery that never ends is stuck, though the loop turns and nothing is left to read: {why}");
+        health.delivering(false);
+        let why = health.liveness_at(t0 + 60_000 + 60_002).unwrap_err();
+        assert!(why.starts_with("stuck"), "a loop that stopped turning is stuck, whatever the last lag said: {why}");
         health.stall_after_ms.store(0, Ordering::SeqCst);
-        assert!(health.liveness(i64::MAX).is_ok(), "0 switches the check off");
+        assert!(health.liveness_at(i64::MAX).is_ok(), "0 switches the check off");
+    }
+
+    /// Progress and the check read one monotonic clock, this `Health`'s: the
+    /// wall clock (whose steps the pipeline's guarded clock refuses) never
+    /// enters, so a step neither makes a working worker look stalled nor hides
+    /// a stall.
+    #[test]
+    fn progress_and_liveness_share_one_monotonic_clock() {
+        let health = Health::default();
+        health.stall_after_ms.store(60_000, Ordering::SeqCst);
+        health.lag.store(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        health.mark_progress();
+        let marked = health.progress_ms.load(Ordering::SeqCst);
+        assert!((20..=health.now_ms()).contains(&marked), "progress at {marked} ms is not on the health clock");
+        assert!(health.liveness().is_ok());
     }
 
     #[test]

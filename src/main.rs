@@ -139,7 +139,7 @@ enum Command {
         transactional_id: Option<String>,
     },
     /// Put a kcat -J archive (file, .gz, directory, or - for stdin) back on Kafka
-    /// with its keys, headers and timestamps: re-drive dumps, backfills and dead letters.
+    /// with its keys and headers: re-drive dumps, backfills and dead letters.
     Produce {
         #[command(flatten)]
         config: ConfigArgs,
@@ -159,6 +159,11 @@ enum Command {
         /// record of each dead letter (to its own topic unless --topic).
         #[arg(long)]
         dead_letters: bool,
+        /// Keep the archive's record timestamps (default: the current time, so
+        /// the topic's retention cannot delete a backfill before it is read).
+        /// A record older than its topic's retention is refused (exit 2).
+        #[arg(long)]
+        keep_timestamps: bool,
         /// Any librdkafka property, as name=value (repeatable).
         #[arg(short = 'X', value_name = "NAME=VALUE")]
         kafka_property: Vec<String>,
@@ -365,19 +370,30 @@ fn main() -> ExitCode {
             load_config(config.config.as_deref(), overrides).and_then(run)
         }),
         Command::Replay { config, input, from_topic, since, until, output, dlq, state_dir, dry_run, report, to_topic, from_start, transactional_id } => {
-            load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
-                let source = match from_topic {
-                    Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
-                    None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
-                };
-                let target = ReplayTarget {
-                    output: &output,
-                    dlq: dlq.as_deref(),
-                    to_topic: to_topic.as_deref(),
-                    transactional_id: transactional_id.as_deref(),
-                };
-                replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref(), !from_start)
-            })
+            if from_topic.is_none() && (since.is_some() || until.is_some()) {
+                // An archive has no time index to cut by: a range there would be
+                // ignored and the whole archive replayed (and committed to state).
+                Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(
+                        "--since and --until select a range of a topic's history (with --from-topic); an archive is replayed whole. Cut the archive first (e.g. with jq on its \"ts\" field), or replay the topic it came from"
+                    ),
+                })
+            } else {
+                load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
+                    let source = match from_topic {
+                        Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
+                        None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
+                    };
+                    let target = ReplayTarget {
+                        output: &output,
+                        dlq: dlq.as_deref(),
+                        to_topic: to_topic.as_deref(),
+                        transactional_id: transactional_id.as_deref(),
+                    };
+                    replay_cmd(&c, source, target, state_dir.as_deref(), dry_run, report.as_deref(), !from_start)
+                })
+            }
         }
         Command::Normalize { config, carrier, tenant, file } => {
             load_config(config.config.as_deref(), Overrides::default()).and_then(|c| normalize(&c, &carrier, &tenant, &file))
@@ -390,10 +406,10 @@ fn main() -> ExitCode {
         Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
             .render(&mut std::io::stdout())
             .map_err(|e| anyhow::anyhow!("cannot write the man page: {e}").into()),
-        Command::Produce { config, input, topic, brokers, keep_partitions, dead_letters, kafka_property } => {
+        Command::Produce { config, input, topic, brokers, keep_partitions, dead_letters, keep_timestamps, kafka_property } => {
             parse_properties(&kafka_property).and_then(|kafka_properties| {
                 let overrides = Overrides { brokers, kafka_properties, ..Overrides::default() };
-                let options = waymark::produce::ProduceOptions { topic, keep_partitions, dead_letters };
+                let options = waymark::produce::ProduceOptions { topic, keep_partitions, dead_letters, keep_timestamps };
                 load_config(config.config.as_deref(), overrides).and_then(|c| produce_cmd(&c, &input, &options))
             })
         }
@@ -544,7 +560,8 @@ fn produce_cmd(config: &Config, input: &str, options: &waymark::produce::Produce
         readers.push((file.display().to_string(), replay::open_archive(&file).map_err(anyhow::Error::new)?));
     }
     for (name, mut reader) in readers {
-        let produced = waymark::produce::produce(&client, &mut *reader, options, &mut report).with_context(|| format!("archive {name}"))?;
+        let produced = waymark::produce::produce(&client, &mut *reader, options, &mut report)
+            .map_err(|e| Failure { code: e.exit_code(), error: anyhow::Error::new(e).context(format!("archive {name}")) })?;
         total.records += produced.records;
         total.bytes += produced.bytes;
         total.skipped_truncated.extend(produced.skipped_truncated.into_iter().map(|s| format!("{name} {s}")));
@@ -927,6 +944,30 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
                     "note: --local-only: the worker restores this partition from {changelog} at the next assignment; run `waymark state drop` without it while the broker is reachable to forget it for good"
                 );
             } else {
+                // A running group would not see the marker: the partition's
+                // owner reads its changelog on from its own writes, so it keeps
+                // the state while a later restore elsewhere drops it (instances
+                // that disagree: duplicates and statuses moving back). Only a
+                // stopped group can be dropped from.
+                let members = waymark::worker::topics::group_members(&waymark::worker::base_config(&config), &config.kafka.group_id, Duration::from_secs(15))
+                    .map_err(|e| Failure {
+                        code: 1,
+                        error: anyhow::anyhow!(
+                            "cannot tell whether group `{}` is running ({e}); nothing was dropped. Check kafka.brokers (--config, WAYMARK_KAFKA__BROKERS), or pass --local-only to drop only this directory's copy",
+                            config.kafka.group_id
+                        ),
+                    })?;
+                if !members.is_empty() {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!(
+                            "group `{}` has {} active member(s) ({}): stop every instance of the group first. Dropped while it runs, the marker lands among the partition owner's own changelog writes, which it never reads back: it keeps the state while later restores elsewhere drop it. Nothing was dropped",
+                            config.kafka.group_id,
+                            members.len(),
+                            members.join(", ")
+                        ),
+                    });
+                }
                 // Marker before the local drop: if the drop then fails, the next
                 // restore reads the marker and drops the local copy anyway.
                 let client = waymark::worker::client::producer_config(&config);

@@ -1,6 +1,10 @@
-//! `waymark produce`: put a `kcat -C -J` archive back on Kafka, keys, headers and
-//! timestamps included, so dumps, dead-letter topics and backfills can be
-//! re-driven with one command. Bodies that are not UTF-8 travel in the archive as
+//! `waymark produce`: put a `kcat -C -J` archive back on Kafka, keys and headers
+//! included, so dumps, dead-letter topics and backfills can be re-driven with
+//! one command. Records get the current time by default: an archive's own
+//! times are often older than the topic's retention, and the broker would
+//! delete such records before the worker reads them. `--keep-timestamps`
+//! keeps them, and refuses a record its topic's retention would delete on
+//! arrival. Bodies that are not UTF-8 travel in the archive as
 //! `payload_base64` and are produced as the original bytes.
 //!
 //! With `dead_letters`, each line is a record of the dead-letter topic (its value
@@ -30,6 +34,18 @@ pub enum ProduceError {
     Kafka(String),
     #[error("{failed} of {total} records were not acknowledged: {reason}")]
     Unacknowledged { failed: usize, total: usize, reason: String },
+    #[error("line {line}: the record's timestamp ({at}) is older than topic `{topic}` keeps records (retention.ms = {retention_ms}): the broker would delete it before anyone reads it. Drop --keep-timestamps (records then get the current time), or raise the topic's retention.ms; {sent} earlier records were produced")]
+    OutsideRetention { line: u64, at: String, topic: String, retention_ms: i64, sent: u64 },
+}
+
+impl ProduceError {
+    /// Exit code: 2 when the command line or a topic setting must change.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProduceError::OutsideRetention { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Where records go.
@@ -40,6 +56,8 @@ pub struct ProduceOptions {
     pub keep_partitions: bool,
     /// Lines are dead letters: produce the original record each carries.
     pub dead_letters: bool,
+    /// Keep each record's archived timestamp (else the current time).
+    pub keep_timestamps: bool,
 }
 
 /// What a run produced.
@@ -72,6 +90,33 @@ fn record_of(line: &str, line_no: u64, options: &ProduceOptions) -> Result<Optio
     dead.envelope.to_envelope().map(Some).map_err(|e| bad(format!("its original record cannot be rebuilt: {e}")))
 }
 
+/// Each target topic's `retention.ms`, asked once (`None`: unlimited, or
+/// unknown: the broker could not say, and the record goes as it is).
+#[derive(Default)]
+struct Retention {
+    topics: BTreeMap<String, Option<i64>>,
+    admin: Option<crate::worker::topics::Admin>,
+}
+
+impl Retention {
+    fn of(&mut self, client: &ClientConfig, topic: &str) -> Option<i64> {
+        if let Some(known) = self.topics.get(topic) {
+            return *known;
+        }
+        if self.admin.is_none() {
+            self.admin = crate::worker::topics::Admin::new(client, Duration::from_secs(10)).ok();
+        }
+        let retention = self
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.config_value(topic, "retention.ms"))
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|ms| *ms >= 0);
+        self.topics.insert(topic.to_string(), retention);
+        retention
+    }
+}
+
 /// Produce every line of `reader`; `progress` is told the running count.
 pub fn produce(
     client: &ClientConfig,
@@ -82,6 +127,7 @@ pub fn produce(
     let producer: ThreadedProducer<DeliveryTracker> =
         client.create_with_context(DeliveryTracker::default()).map_err(|e| ProduceError::Kafka(e.to_string()))?;
     let mut produced = Produced::default();
+    let mut retention = Retention::default();
     let mut line = Vec::new();
     let mut line_no = 0u64;
     loop {
@@ -108,12 +154,21 @@ pub fn produce(
         if let Some(key) = &envelope.key {
             record = record.key(&key[..]);
         }
-        if let Some(ts) = envelope.timestamp_ms {
+        if let Some(ts) = envelope.timestamp_ms.filter(|_| options.keep_timestamps) {
+            if let Some(retention_ms) = retention.of(client, &topic) {
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                if ts < now_ms.saturating_sub(retention_ms) {
+                    let at = chrono::DateTime::from_timestamp_millis(ts).map_or_else(|| ts.to_string(), |t| t.to_rfc3339());
+                    producer.flush(Duration::from_secs(120)).map_err(|e| ProduceError::Kafka(e.to_string()))?;
+                    return Err(ProduceError::OutsideRetention { line: line_no, at, topic, retention_ms, sent: produced.records });
+                }
+            }
             record = record.timestamp(ts);
         }
         if options.keep_partitions && envelope.partition >= 0 {
             record = record.partition(envelope.partition);
         }
+        let mut record = crate::worker::producer::numbered(record, 0);
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -37,6 +37,8 @@ pub const REORDER_HELD: &str = "waymark_reorder_held_records";
 pub const LAST_PROGRESS: &str = "waymark_last_progress_timestamp_seconds";
 pub const KEYING_CONFLICTS: &str = "waymark_shipment_partition_conflicts_total";
 pub const ROUTED: &str = "waymark_repartition_records_total";
+pub const INPUT_TOPIC_MISSING: &str = "waymark_input_topic_missing";
+pub const TOPIC_RECREATED: &str = "waymark_topic_recreated_total";
 
 /// Turns pipeline outcomes into metrics.
 #[derive(Debug, Default)]

@@ -91,10 +91,17 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<(Keyspace, Vec<u8>, Vec<u8>), 
     Ok((keyspace, state_key.to_vec(), value.to_vec()))
 }
 
-/// Can this value be a state entry of its keyspace (it carries an expiry where
-/// one belongs)? A tombstone (empty value) or a foreign value cannot.
+/// Can this value be a state entry of its keyspace? Dedupe entries need their
+/// expiry (readers take the first 8 bytes, and the content hash after it when
+/// present); a shipment state must decode exactly as the pipeline will read it,
+/// or the first event of that shipment would stop the worker, and every member
+/// that restored it after (a crash loop across the group). A tombstone (empty
+/// value) or a foreign value is not restorable.
 pub fn restorable(keyspace: Keyspace, value: &[u8]) -> bool {
-    keyspace.expiry(value).is_some()
+    match keyspace {
+        Keyspace::Shipments => crate::order::ShipmentState::decode(value).is_ok(),
+        Keyspace::Keys | Keyspace::Hashes | Keyspace::Offsets => keyspace.expiry(value).is_some(),
+    }
 }
 
 /// Key of the marker `waymark state drop` writes to a changelog partition. No
@@ -135,7 +142,7 @@ pub fn write_drop_marker(
     }
     let value = serde_json::json!({"kind": "state_dropped", "topic": input_topic, "partition": partition, "at": at}).to_string();
     producer
-        .send(BaseRecord::<[u8], String>::to(&changelog).partition(partition).key(DROP_MARKER_KEY).payload(&value))
+        .send(super::producer::numbered(BaseRecord::<[u8], String>::to(&changelog).partition(partition).key(DROP_MARKER_KEY).payload(&value), 0))
         .map_err(|(e, _)| failed(e.to_string()))?;
     producer.flush(timeout).map_err(|e| failed(e.to_string()))?;
     match producer.context().outcome() {
@@ -271,6 +278,9 @@ pub fn ensure_topics(admin: &Admin, group_id: &str, stateful_topics: &[String], 
                 ),
                 None => tracing::debug!(topic = %changelog, "could not read the changelog topic's cleanup.policy"),
             }
+            // Every entry must outlive its TTL in the changelog: a TTL raised
+            // since the topic was created raises its retention now.
+            admin.ensure_retention(&changelog, retention).map_err(setup)?;
         }
         if have > 0 && have < wanted {
             admin.grow(&changelog, wanted).map_err(setup)?;
@@ -299,8 +309,22 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 pub struct Restorer {
     client: ClientConfig,
     group_id: String,
-    /// Longest a single restore may take before the worker gives up (and stops).
+    /// Longest a restore may go without progress (no record read, the group's
+    /// committed offset not readable, the partition not startable) before the
+    /// worker gives up and stops. A long restore that keeps reading is never cut.
     pub timeout: Duration,
+}
+
+/// How a restore ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restored {
+    /// The store holds the changelog up to its end; this many entries were applied.
+    Done(u64),
+    /// This store's changelog position lies beyond the changelog's end: the
+    /// changelog topic was deleted and re-created (or emptied). The store keeps
+    /// its state (nothing in the new changelog is newer); later writes go on in
+    /// the new topic, and the position follows them.
+    Recreated { position: i64, end: i64 },
 }
 
 impl Restorer {
@@ -319,93 +343,182 @@ impl Restorer {
     }
 
     /// Bring the store's state of one input partition up to the end of its
-    /// changelog. Returns the number of entries applied.
-    pub fn restore(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<u64, ChangelogError> {
+    /// changelog, in one go (a tool's restore; the worker restores in slices
+    /// with [`Restorer::begin`] and [`RestoreSession::step`]).
+    pub fn restore(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<Restored, ChangelogError> {
+        let mut session = self.begin(store, input_topic, partition)?;
+        loop {
+            if let Some(restored) = session.step(store, Duration::from_secs(1))? {
+                return Ok(restored);
+            }
+        }
+    }
+
+    /// Start restoring one input partition: the changelog's end is read now,
+    /// the records come with [`RestoreSession::step`].
+    pub fn begin(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<RestoreSession, ChangelogError> {
         let failed = |reason: String| ChangelogError::Restore { topic: input_topic.to_string(), partition, reason };
         let changelog = topic_for(&self.group_id, input_topic);
-        let started = Instant::now();
         let consumer: BaseConsumer<QuietEof> = self.client.create_with_context(QuietEof).map_err(|e| failed(e.to_string()))?;
         let (_, high) = consumer.fetch_watermarks(&changelog, partition, self.timeout).map_err(|e| failed(e.to_string()))?;
         let from = stored_position(store, input_topic, partition)?;
-        if from.is_some_and(|from| from >= high) || high == 0 {
-            return Ok(0);
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&changelog, partition, from.map_or(Offset::Beginning, Offset::Offset))
-            .map_err(|e| failed(e.to_string()))?;
-        consumer.assign(&tpl).map_err(|e| failed(e.to_string()))?;
-        let position = position_key(input_topic, partition);
-        let mut batch = StateBatch::default();
-        let mut applied = 0u64;
-        let mut skipped = 0u64;
-        let mut next: Option<i64> = None;
-        let flush = |batch: &mut StateBatch, next: Option<i64>| -> Result<(), StoreError> {
-            if let Some(next) = next {
-                batch.put(Keyspace::Offsets, position.clone(), next.to_be_bytes().to_vec());
-            }
-            if batch.is_empty() {
-                return Ok(());
-            }
-            store.write(std::mem::take(batch))
+        let mut session = RestoreSession {
+            consumer,
+            changelog,
+            input_topic: input_topic.to_string(),
+            partition,
+            position: position_key(input_topic, partition),
+            timeout: self.timeout,
+            batch: StateBatch::default(),
+            applied: 0,
+            skipped: 0,
+            next: None,
+            started: Instant::now(),
+            last_read: Instant::now(),
+            finished: None,
         };
-        loop {
-            if started.elapsed() > self.timeout {
+        match from {
+            Some(from) if from > high => session.finished = Some(Restored::Recreated { position: from, end: high }),
+            Some(from) if from == high => session.finished = Some(Restored::Done(0)),
+            _ if high == 0 => session.finished = Some(Restored::Done(0)),
+            _ => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&session.changelog, partition, from.map_or(Offset::Beginning, Offset::Offset))
+                    .map_err(|e| failed(e.to_string()))?;
+                session.consumer.assign(&tpl).map_err(|e| failed(e.to_string()))?;
+            }
+        }
+        Ok(session)
+    }
+}
+
+/// One partition's restore in progress: read in slices, so that the worker
+/// polls its group consumer between them (a restore longer than
+/// `max.poll.interval.ms` must not cost the member its membership).
+pub struct RestoreSession {
+    consumer: BaseConsumer<QuietEof>,
+    changelog: String,
+    input_topic: String,
+    partition: i32,
+    position: Vec<u8>,
+    timeout: Duration,
+    batch: StateBatch,
+    applied: u64,
+    skipped: u64,
+    next: Option<i64>,
+    started: Instant,
+    /// The last time a record (or an empty fetch that was not the end) came.
+    last_read: Instant,
+    finished: Option<Restored>,
+}
+
+impl RestoreSession {
+    /// Entries applied so far.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Read for at most `budget`. `Some` when the restore is complete (its state
+    /// is in the store); `None` when there is more to read. Fails when nothing
+    /// could be read for the restorer's timeout.
+    pub fn step(&mut self, store: &RocksStore, budget: Duration) -> Result<Option<Restored>, ChangelogError> {
+        if let Some(finished) = self.finished {
+            return Ok(Some(self.finish(store, finished)?));
+        }
+        let slice = Instant::now();
+        let (input_topic, partition) = (self.input_topic.clone(), self.partition);
+        let failed = |reason: String| ChangelogError::Restore { topic: input_topic.clone(), partition, reason };
+        while slice.elapsed() < budget {
+            if self.last_read.elapsed() > self.timeout {
                 return Err(failed(format!(
-                    "not at the end after {:?} ({applied} entries applied; raise worker.restore_timeout for large state)",
-                    self.timeout
+                    "no changelog record could be read for {:?} ({} entries applied; check the brokers, or raise worker.restore_timeout)",
+                    self.timeout, self.applied
                 )));
             }
-            match consumer.poll(Duration::from_millis(100)) {
+            match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    // The consumer's position is past any trailing transaction markers.
+                    let at_end = self
+                        .consumer
+                        .position()
+                        .ok()
+                        .and_then(|p| p.find_partition(&self.changelog, self.partition).map(|e| e.offset()))
+                        .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None });
+                    self.next = at_end.or(self.next);
+                    return Ok(Some(self.finish(store, Restored::Done(self.applied))?));
+                }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, topic = %changelog, partition, "changelog read error; retrying");
+                    tracing::warn!(error = %e, topic = %self.changelog, partition, "changelog read error; retrying");
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Some(Ok(message)) => {
-                    next = Some(message.offset() + 1);
+                    self.last_read = Instant::now();
+                    self.next = Some(message.offset() + 1);
                     if message.key() == Some(DROP_MARKER_KEY) {
                         // `waymark state drop` was here: what came before is gone,
                         // in this store too (its earlier restores included).
-                        batch = StateBatch::default();
-                        store.drop_scope(Scope::of(input_topic, partition))?;
+                        self.batch = StateBatch::default();
+                        store.drop_scope(Scope::of(&self.input_topic, partition))?;
                         metrics::counter!("waymark_changelog_drops_applied_total").increment(1);
-                        tracing::info!(topic = %changelog, partition, offset = message.offset(), "the partition's state was dropped here (waymark state drop): forgetting what came before");
+                        tracing::info!(topic = %self.changelog, partition, offset = message.offset(), "the partition's state was dropped here (waymark state drop): forgetting what came before");
                         continue;
                     }
                     let value = message.payload().unwrap_or_default();
                     match decode(message.key().unwrap_or_default(), value) {
                         Ok((keyspace, key, value)) if restorable(keyspace, &value) => {
-                            batch.put(keyspace, key, value);
-                            applied += 1;
+                            self.batch.put(keyspace, key, value);
+                            self.applied += 1;
                         }
                         // A record no Waymark of this version wrote (a tombstone an
                         // operator produced, another version's entry, garbage): one
                         // bad record must not make the partition unrestorable.
                         Ok(_) | Err(_) => {
-                            skipped += 1;
+                            self.skipped += 1;
                             metrics::counter!("waymark_changelog_skipped_total").increment(1);
-                            tracing::warn!(topic = %changelog, partition, offset = message.offset(), "skipping a changelog record that is not a state entry of this Waymark");
+                            tracing::warn!(topic = %self.changelog, partition, offset = message.offset(), "skipping a changelog record that is not a state entry of this Waymark");
                         }
                     }
-                    if batch.puts.len() >= 10_000 {
-                        flush(&mut batch, next)?;
-                        tracing::info!(topic = %input_topic, partition, applied, "restoring state from the changelog");
+                    if self.batch.puts.len() >= 10_000 {
+                        self.flush(store)?;
+                        tracing::info!(topic = %self.input_topic, partition, applied = self.applied, "restoring state from the changelog");
                     }
                 }
             }
         }
-        // The consumer's position is past any trailing transaction markers.
-        let at_end = consumer
-            .position()
-            .ok()
-            .and_then(|p| p.find_partition(&changelog, partition).map(|e| e.offset()))
-            .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None });
-        flush(&mut batch, at_end.or(next))?;
-        metrics::counter!("waymark_changelog_restored_total").increment(applied);
-        metrics::histogram!("waymark_changelog_restore_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(topic = %input_topic, partition, applied, skipped, seconds = started.elapsed().as_secs_f64(), "state restored from the changelog");
-        Ok(applied)
+        // Whatever this slice read is in the store: a restart resumes after it.
+        self.flush(store)?;
+        Ok(None)
+    }
+
+    fn flush(&mut self, store: &RocksStore) -> Result<(), StoreError> {
+        if let Some(next) = self.next {
+            self.batch.put(Keyspace::Offsets, self.position.clone(), next.to_be_bytes().to_vec());
+        }
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        store.write(std::mem::take(&mut self.batch))
+    }
+
+    fn finish(&mut self, store: &RocksStore, restored: Restored) -> Result<Restored, ChangelogError> {
+        self.flush(store)?;
+        let (topic, partition, seconds) = (&self.input_topic, self.partition, self.started.elapsed().as_secs_f64());
+        match restored {
+            Restored::Done(applied) => {
+                metrics::counter!("waymark_changelog_restored_total").increment(applied);
+                metrics::histogram!("waymark_changelog_restore_seconds").record(seconds);
+                tracing::info!(%topic, partition, applied, skipped = self.skipped, seconds, "state restored from the changelog");
+            }
+            Restored::Recreated { position, end } => {
+                metrics::counter!(crate::telemetry::TOPIC_RECREATED, "topic" => self.changelog.clone()).increment(1);
+                tracing::error!(
+                    changelog = %self.changelog, partition, position, end,
+                    "the changelog topic ends before what this store already read from it: it was deleted and re-created. This store keeps its state and logs new changes to the new topic, but another instance taking this partition over can only restore what was logged since; to give every instance the whole state again, stop the group, run `waymark state drop` for the partition on every instance, and replay the raw history (see the README's backfill procedure)"
+                );
+            }
+        }
+        Ok(restored)
     }
 }
 
@@ -494,6 +607,18 @@ mod tests {
         assert!(!restorable(Keyspace::Hashes, &[0; 4]), "too short to carry an expiry");
         assert!(restorable(Keyspace::Hashes, &[0; 8]));
         assert!(restorable(Keyspace::Shipments, &[0; 18]));
+    }
+
+    /// A shipment state of another length (a newer Waymark's encoding, met
+    /// during a downgrade) would fail to decode on its shipment's next event
+    /// and stop every member that restored it: it is skipped at restore.
+    #[test]
+    fn a_shipment_state_the_pipeline_cannot_decode_is_not_restorable() {
+        assert!(!restorable(Keyspace::Shipments, &[0; 19]), "one byte too long");
+        assert!(!restorable(Keyspace::Shipments, &[0; 17]), "one byte too short");
+        let mut unknown_status = [0u8; 18];
+        unknown_status[0] = 200;
+        assert!(!restorable(Keyspace::Shipments, &unknown_status), "a status index this version does not know");
     }
 
     #[test]

@@ -19,6 +19,16 @@ fn with_user_properties<'a>(mut client: ClientConfig, properties: impl Iterator<
     client
 }
 
+/// Connection properties of the changelog restore consumer: a consumer like the
+/// worker's, so the user's consumer properties (security settings among them)
+/// apply to it too. It joins no group; the [`super::changelog::Restorer`] sets
+/// what it needs over these.
+pub fn restore_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    with_user_properties(client, config.kafka.properties.iter().chain(&config.kafka.consumer_properties))
+}
+
 /// librdkafka properties for the consumer: ours first, then the user's.
 pub fn consumer_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
@@ -29,7 +39,12 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Partitions added to an input topic are found at the next metadata
+        // refresh (then the group rebalances to hand them out): librdkafka's
+        // default of 5 minutes left their records unread and unseen in the lag
+        // for that long. One small metadata request every 10 s costs nothing.
+        .set("topic.metadata.refresh.interval.ms", "10000");
     with_user_properties(client, config.kafka.properties.iter().chain(&config.kafka.consumer_properties))
 }
 

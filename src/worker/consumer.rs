@@ -10,16 +10,16 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::changelog::{ChangelogError, Restorer};
+use super::changelog::{ChangelogError, RestoreSession, Restored, Restorer};
 use super::in_flight::InFlight;
 use super::partitions::{lock, SharedPartitions};
 use crate::config::Config;
@@ -43,26 +43,50 @@ pub struct WorkerContext {
     pub(super) restorer: Option<Restorer>,
     /// The batch being delivered while the loop polls: a revocation waits for it.
     pub(super) in_flight: Arc<InFlight>,
+    /// The partition whose state the loop is restoring, one slice per turn.
+    pub(super) restoring: Mutex<Option<Restoring>>,
 }
 
 impl ClientContext for WorkerContext {
-    /// librdkafka's statistics (every `statistics.interval.ms`) carry the lag of
-    /// each assigned partition: publishing it here costs the poll loop nothing.
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry each
+    /// assigned partition's end and position: publishing the lag here costs the
+    /// poll loop nothing. The lag is computed from the consumer's own position,
+    /// not librdkafka's `consumer_lag`, which counts from the group's committed
+    /// offset as *this consumer* last committed or fetched it: in exactly-once
+    /// mode the consumer never commits (offsets go in transactions), so that
+    /// figure only grows, and on a transactional topic it stays at least 1 (the
+    /// commit marker after the last record). The position librdkafka reports is
+    /// past markers it has read.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let mut total_lag = 0i64;
         for (topic, stats) in statistics.topics {
             for (partition, p) in stats.partitions {
-                if partition >= 0 && p.consumer_lag >= 0 && lock(&self.partitions).owns(&topic, partition) {
-                    total_lag += p.consumer_lag;
-                    metrics::gauge!(CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
+                if partition < 0 || !lock(&self.partitions).owns(&topic, partition) {
+                    continue;
                 }
+                let Some(lag) = own_lag(&p) else { continue };
+                total_lag += lag;
+                metrics::gauge!(CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string()).set(lag as f64);
             }
         }
         self.health.lag.store(total_lag, Ordering::SeqCst);
         let broker_up = statistics.brokers.values().any(|b| b.state == "UP" && b.nodeid >= 0);
         self.health.broker_up.store(broker_up, Ordering::SeqCst);
     }
+}
+
+/// Records of one partition this consumer has not read yet: its end for a
+/// `read_committed` reader (the last stable offset) minus where it reads next
+/// (the position past what it returned, else the committed offset it started
+/// from, else the log start, where `auto.offset.reset = earliest` begins).
+/// `None` while the end is not known yet.
+pub(super) fn own_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+    if end < 0 {
+        return None;
+    }
+    let position = [p.app_offset, p.committed_offset, p.lo_offset].into_iter().find(|o| *o >= 0)?;
+    Some((end - position).max(0))
 }
 
 impl ConsumerContext for WorkerContext {
@@ -74,7 +98,15 @@ impl ConsumerContext for WorkerContext {
                 self.health.assigned.store(lock(&self.partitions).owned_count(), Ordering::SeqCst);
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = result {
-                    tracing::error!(error = %e, "assigning partitions failed");
+                    // The partitions would count as owned and never be fetched
+                    // (a silent stall until the next rebalance): stop, and a
+                    // restart joins the group afresh.
+                    tracing::error!(error = %e, "assigning partitions failed; stopping");
+                    lock(&self.partitions).fail(ChangelogError::Restore {
+                        topic: "(assignment)".into(),
+                        partition: -1,
+                        reason: format!("librdkafka refused the group's assignment: {e}"),
+                    });
                 }
                 // Partitions whose state the loop restores are paused before
                 // anything of them is fetched; the loop resumes them once restored.
@@ -205,65 +237,184 @@ impl WorkerContext {
         }
     }
 
-    /// Restore the state of every partition assigned since the last call, one
-    /// after the other, then seek each to where it starts and resume it. Called
-    /// by the loop between batches; a failure stops the worker (through
-    /// [`Partitions::fail`]), since a partition must not be processed with state
-    /// it could not restore.
-    pub(super) fn restore_pending(&self, consumer: &BaseConsumer<Self>) {
+    /// Restore, for at most `budget`, the state of the partitions assigned
+    /// since the last calls, one after the other; seek each restored partition
+    /// to where it starts and resume it. Called by the loop between polls, so a
+    /// restore of any length keeps the member in its group (the partitions wait
+    /// paused meanwhile, and the others are processed). A partition's restore
+    /// waits, without failing, while the group's committed offset cannot be
+    /// read yet (a transaction of a member that died is still open) and while
+    /// librdkafka has not started the partition (a seek then fails with "Local:
+    /// Erroneous state"): both are transient during a fail-over. It fails, and
+    /// stops the worker through [`Partitions::fail`], only when it has made no
+    /// progress for `worker.restore_timeout`. Returns whether it moved forward.
+    pub(super) fn restore_pending(&self, consumer: &BaseConsumer<Self>, budget: Duration) -> bool {
         let Some(restorer) = &self.restorer else {
-            return;
+            return false;
         };
+        let deadline = Instant::now() + budget;
+        let mut moved = false;
+        let mut current = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let Some((topic, partition)) = lock(&self.partitions).next_to_restore() else {
-                return;
-            };
-            let started = self.restore_then_start(consumer, restorer, &topic, partition).and_then(|start| {
-                let failed = |what: &str, e: KafkaError| ChangelogError::Restore { topic: topic.clone(), partition, reason: format!("{what}: {e}") };
-                if let Some(start) = start {
-                    consumer.seek(&topic, partition, Offset::Offset(start), restorer.timeout).map_err(|e| failed("cannot seek to the start offset", e))?;
+            let job = match current.as_mut() {
+                Some(job) => job,
+                None => {
+                    let Some((topic, partition)) = lock(&self.partitions).first_pending_restore() else {
+                        return moved;
+                    };
+                    current.insert(Restoring::new(topic, partition))
                 }
-                lock(&self.partitions).assign(&topic, partition, start, None);
-                let mut resume = TopicPartitionList::new();
-                resume.add_partition(&topic, partition);
-                consumer.resume(&resume).map_err(|e| failed("cannot resume the partition", e))?;
-                Ok(start)
-            });
-            match started {
-                Ok(Some(_)) => {}
-                Ok(None) => tracing::info!(%topic, partition, "restored; no progress anywhere, starting at auto.offset.reset"),
+            };
+            if !lock(&self.partitions).is_pending_restore(&job.topic, job.partition) {
+                // Revoked meanwhile: whatever was restored stays (a later
+                // restore of it reads on from there).
+                *current = None;
+                continue;
+            }
+            match self.advance_restore(consumer, restorer, job, deadline) {
+                Ok(Step::Started) => {
+                    moved = true;
+                    *current = None;
+                    if Instant::now() >= deadline {
+                        return moved;
+                    }
+                }
+                Ok(Step::Moved) => return true,
+                Ok(Step::Waiting) => return moved,
                 Err(e) => {
-                    tracing::error!(%topic, partition, error = %e, "cannot restore the partition's state; stopping");
+                    tracing::error!(topic = %job.topic, partition = job.partition, error = %e, "cannot restore the partition's state; stopping");
+                    *current = None;
                     lock(&self.partitions).fail(e);
-                    return;
+                    return moved;
                 }
             }
         }
     }
 
-    /// Changelog mode: the group's committed offset first (for a read_committed
-    /// consumer it waits until no transactional commit is pending, so the
-    /// changelog's end below is at least as new as that offset), then the
-    /// changelog replayed into the store, then the offset to start at: the
-    /// group's committed offset (an operator's reset with Kafka's tools is
-    /// followed; records the state already holds come out as duplicates, never
-    /// as milestones), or the store's progress when the group has none.
-    fn restore_then_start(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        restorer: &Restorer,
-        topic: &str,
-        partition: i32,
-    ) -> Result<Option<i64>, ChangelogError> {
-        let restore_failed = |reason: String| ChangelogError::Restore { topic: topic.to_string(), partition, reason };
-        let committed = committed_offset(consumer, topic, partition, restorer.timeout)
-            .map_err(|e| restore_failed(format!("cannot read the group's committed offset: {e}")))?;
-        let applied = restorer.restore(&*self.store, topic, partition)?;
-        let stored = stored_progress(&*self.store, topic, partition)?;
-        let start = committed.or(stored);
-        tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
-        Ok(start)
+    /// One restore, as far as `deadline` allows: the group's committed offset
+    /// (for a `read_committed` consumer it is only answered once no
+    /// transactional commit is pending, so the changelog's end read after it is
+    /// at least as new as that offset), then the changelog replayed into the
+    /// store, then the partition started at the group's committed offset (an
+    /// operator's reset with Kafka's tools is followed; records the state
+    /// already holds come out as duplicates, never as milestones), or at the
+    /// store's progress when the group has none.
+    fn advance_restore(&self, consumer: &BaseConsumer<Self>, restorer: &Restorer, job: &mut Restoring, deadline: Instant) -> Result<Step, ChangelogError> {
+        let (topic, partition) = (job.topic.clone(), job.partition);
+        let restore_failed = |reason: String| ChangelogError::Restore { topic: topic.clone(), partition, reason };
+        let mut moved = false;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(if moved { Step::Moved } else { Step::Waiting });
+            }
+            match &mut job.phase {
+                RestorePhase::Committed => match committed_offset(consumer, &topic, partition, remaining.min(Duration::from_millis(500))) {
+                    Ok(committed) => {
+                        let session = restorer.begin(&self.store, &topic, partition)?;
+                        job.phase = RestorePhase::Reading { session, committed };
+                        job.since = Instant::now();
+                    }
+                    Err(e) if job.since.elapsed() < restorer.timeout => {
+                        job.note_wait("the group's committed offset is not readable yet (a transaction of a member that left may still be open); waiting", &e);
+                        return Ok(if moved { Step::Moved } else { Step::Waiting });
+                    }
+                    Err(e) => return Err(restore_failed(format!("cannot read the group's committed offset for {:?}: {e}", restorer.timeout))),
+                },
+                RestorePhase::Reading { session, committed } => {
+                    let before = session.applied();
+                    let step = session.step(&self.store, remaining)?;
+                    moved |= session.applied() > before || step.is_some();
+                    let Some(restored) = step else {
+                        return Ok(if moved { Step::Moved } else { Step::Waiting });
+                    };
+                    let stored = stored_progress(&*self.store, &topic, partition)?;
+                    let start = committed.or(stored);
+                    let applied = match restored {
+                        Restored::Done(applied) => applied,
+                        Restored::Recreated { .. } => 0,
+                    };
+                    tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
+                    job.phase = RestorePhase::Starting { start };
+                    job.since = Instant::now();
+                }
+                RestorePhase::Starting { start } => {
+                    let start = *start;
+                    let started = (|| -> Result<(), KafkaError> {
+                        if let Some(start) = start {
+                            consumer.seek(&topic, partition, Offset::Offset(start), Duration::from_secs(1))?;
+                        }
+                        let mut resume = TopicPartitionList::new();
+                        resume.add_partition(&topic, partition);
+                        consumer.resume(&resume)
+                    })();
+                    match started {
+                        Ok(()) => {
+                            let mut partitions = lock(&self.partitions);
+                            partitions.restore_done(&topic, partition);
+                            partitions.assign(&topic, partition, start, None);
+                            if start.is_none() {
+                                tracing::info!(%topic, partition, "restored; no progress anywhere, starting at auto.offset.reset");
+                            }
+                            return Ok(Step::Started);
+                        }
+                        Err(e) if job.since.elapsed() < restorer.timeout => {
+                            job.note_wait("the partition is not started yet (librdkafka is still fetching its committed offset); retrying", &e);
+                            return Ok(if moved { Step::Moved } else { Step::Waiting });
+                        }
+                        Err(e) => return Err(restore_failed(format!("cannot start the partition at {start:?} for {:?}: {e}", restorer.timeout))),
+                    }
+                }
+            }
+        }
     }
+}
+
+/// How far one call moved a restore.
+enum Step {
+    /// The partition is restored, started and resumed.
+    Started,
+    /// Entries were applied (or a phase ended); more to do.
+    Moved,
+    /// Nothing moved: waiting for the group or for librdkafka.
+    Waiting,
+}
+
+/// A partition's restore in progress (see [`WorkerContext::restore_pending`]).
+pub(super) struct Restoring {
+    topic: String,
+    partition: i32,
+    phase: RestorePhase,
+    /// When the current phase began: the progress deadline of the waits.
+    since: Instant,
+    /// A wait was logged already (once per restore, not once per turn).
+    wait_logged: bool,
+}
+
+enum RestorePhase {
+    Committed,
+    Reading { session: RestoreSession, committed: Option<i64> },
+    Starting { start: Option<i64> },
+}
+
+impl Restoring {
+    fn new(topic: String, partition: i32) -> Restoring {
+        Restoring { topic, partition, phase: RestorePhase::Committed, since: Instant::now(), wait_logged: false }
+    }
+
+    fn note_wait(&mut self, what: &str, error: &KafkaError) {
+        if !self.wait_logged {
+            self.wait_logged = true;
+            metrics::counter!("waymark_restore_waits_total").increment(1);
+            tracing::warn!(topic = %self.topic, partition = self.partition, %error, "{what}");
+        }
+    }
+}
+
+/// Did a seek fail only because librdkafka has not started the partition's
+/// fetcher yet (its committed offset is still being fetched)?
+pub(super) fn not_started(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Seek(reason) if *reason == RDKafkaErrorCode::State.to_string())
 }
 
 /// The group's committed offset of one partition (`Ok(None)`: the group has none).
@@ -330,9 +481,12 @@ pub(super) fn poll_batch(
                 std::thread::sleep(Duration::from_millis(200));
             }
             Some(Ok(message)) => {
-                if lock(partitions).next(message.topic(), message.partition()).is_some_and(|next| message.offset() < next) {
-                    metrics::counter!("waymark_records_skipped_total").increment(1);
-                    continue;
+                let next = lock(partitions).next(message.topic(), message.partition());
+                if let Some(next) = next.filter(|next| message.offset() < *next) {
+                    if !log_restarted_below(consumer, partitions, message.topic(), message.partition(), message.offset(), next) {
+                        metrics::counter!("waymark_records_skipped_total").increment(1);
+                        continue;
+                    }
                 }
                 bytes += message.payload_len();
                 envelopes.push(envelope_of(&message));
@@ -340,6 +494,39 @@ pub(super) fn poll_batch(
         }
     }
     envelopes
+}
+
+/// A record came below the progress kept for its partition. Either it is a
+/// stale record (processed already: skipped), or the partition's log now ends
+/// below that progress: the topic was deleted and re-created (teams do it to
+/// purge poison data) and librdkafka, finding the old position out of range,
+/// reset to the new log's start. Its records are new and must all be
+/// processed: the progress restarts at this record, loudly (an error line and
+/// `waymark_topic_recreated_total`). Returns whether the record is kept.
+fn log_restarted_below(
+    consumer: &BaseConsumer<WorkerContext>,
+    partitions: &SharedPartitions,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    next: i64,
+) -> bool {
+    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+        Ok((_, end)) if end < next => {
+            metrics::counter!(crate::telemetry::TOPIC_RECREATED, "topic" => topic.to_string()).increment(1);
+            tracing::error!(
+                %topic, partition, progress = next, end, restart = offset,
+                "the partition's log ends before this worker's progress: the topic was deleted and re-created; processing the new topic's records from its start (nothing of it is skipped)"
+            );
+            lock(partitions).restart_at(topic, partition, offset);
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(%topic, partition, offset, progress = next, error = %e, "a record below the partition's progress, and its log end cannot be read to tell whether the topic was re-created; skipping it as processed");
+            false
+        }
+    }
 }
 
 /// A consumed record as an [`Envelope`] (the one conversion: the worker and

@@ -13,40 +13,52 @@
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-/// Whether a batch is being delivered, and a wait for the end of it.
+/// How many batches were handed to the delivery thread and how many of them
+/// are done, and a wait for the two to meet. Counts, not a flag: the delivery
+/// thread finishes batch N (its guard drops) only after it sent N's result, and
+/// by then the worker thread may already have handed it batch N+1. A flag
+/// cleared by N's guard would say "idle" while N+1 is being delivered, and a
+/// revocation would not wait for it.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    busy: Mutex<bool>,
+    counts: Mutex<Counts>,
     idle: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    submitted: u64,
+    finished: u64,
 }
 
 impl InFlight {
     /// A batch was handed to the delivery thread. Paired with the guard of
     /// [`InFlight::delivering`] on that thread.
     pub fn start(&self) {
-        *self.lock() = true;
+        self.lock().submitted += 1;
     }
 
     /// The delivery thread's guard for one batch: when dropped (the batch's
-    /// result is sent, or the thread unwinds) the batch is no longer in flight.
+    /// result is sent, or the thread unwinds) that batch is no longer in flight.
     pub fn delivering(&self) -> Delivering<'_> {
         Delivering { in_flight: self }
     }
 
-    /// Block until no batch is in flight.
+    /// Block until every batch handed over so far is done.
     pub fn wait_idle(&self) {
-        let mut busy = self.lock();
-        while *busy {
-            busy = self.idle.wait(busy).unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.lock();
+        while counts.finished < counts.submitted {
+            counts = self.idle.wait(counts).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     pub fn is_busy(&self) -> bool {
-        *self.lock()
+        let counts = self.lock();
+        counts.finished < counts.submitted
     }
 
-    fn lock(&self) -> MutexGuard<'_, bool> {
-        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -57,7 +69,11 @@ pub struct Delivering<'a> {
 
 impl Drop for Delivering<'_> {
     fn drop(&mut self) {
-        *self.in_flight.lock() = false;
+        let mut counts = self.in_flight.lock();
+        // Never past what was handed over (a guard taken without `start`, as
+        // some tests do, must not make a later batch look done).
+        counts.finished = (counts.finished + 1).min(counts.submitted);
+        drop(counts);
         self.in_flight.idle.notify_all();
     }
 }
@@ -107,5 +123,37 @@ mod tests {
         let in_flight = InFlight::default();
         in_flight.wait_idle();
         assert!(!in_flight.is_busy());
+    }
+
+    /// The delivery thread drops batch 1's guard only after sending its result;
+    /// the worker thread may hand it batch 2 before that. Batch 2 is then in
+    /// flight, and a revocation must wait for it.
+    #[test]
+    fn the_previous_batchs_guard_does_not_end_the_next_batch() {
+        use std::sync::mpsc;
+        let in_flight = InFlight::default();
+        let (result_tx, result_rx) = mpsc::channel::<()>();
+        let (second_tx, second_rx) = mpsc::channel::<()>();
+        let (guard_dropped_tx, guard_dropped_rx) = mpsc::channel::<()>();
+        in_flight.start();
+        std::thread::scope(|scope| {
+            let in_flight = &in_flight;
+            scope.spawn(move || {
+                let first = in_flight.delivering();
+                result_tx.send(()).unwrap();
+                // The worker thread hands over batch 2 before this guard drops.
+                second_rx.recv().unwrap();
+                drop(first);
+                guard_dropped_tx.send(()).unwrap();
+            });
+            result_rx.recv().unwrap();
+            in_flight.start();
+            second_tx.send(()).unwrap();
+            guard_dropped_rx.recv().unwrap();
+            assert!(in_flight.is_busy(), "batch 2 was handed over and is not delivered: it is in flight");
+            let second = in_flight.delivering();
+            drop(second);
+            assert!(!in_flight.is_busy());
+        });
     }
 }

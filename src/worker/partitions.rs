@@ -74,13 +74,23 @@ impl Partitions {
         self.pending_restore.iter().any(|(t, p)| t == topic && *p == partition)
     }
 
+    pub fn pending_restore_count(&self) -> usize {
+        self.pending_restore.len()
+    }
+
     pub fn has_pending_restore(&self) -> bool {
         !self.pending_restore.is_empty()
     }
 
-    /// The next partition to restore, taken off the list.
-    pub fn next_to_restore(&mut self) -> Option<TopicPartition> {
-        (!self.pending_restore.is_empty()).then(|| self.pending_restore.remove(0))
+    /// The next partition to restore (it stays pending until
+    /// [`Partitions::restore_done`], so a revocation meanwhile is seen).
+    pub fn first_pending_restore(&self) -> Option<TopicPartition> {
+        self.pending_restore.first().cloned()
+    }
+
+    /// A partition's state is restored and the partition started.
+    pub fn restore_done(&mut self, topic: &str, partition: i32) {
+        self.pending_restore.retain(|(t, p)| !(t == topic && *p == partition));
     }
 
     /// A partition was revoked: forget it; returns its next offset to hand the group.
@@ -124,6 +134,17 @@ impl Partitions {
             if self.owned.contains(&tp) {
                 self.next.insert(tp, envelope.offset + 1);
             }
+        }
+    }
+
+    /// The partition's log was deleted and re-created under this member (its
+    /// end lies below the progress kept for it): its records start again at
+    /// `offset`, and the old progress means nothing for them.
+    pub fn restart_at(&mut self, topic: &str, partition: i32, offset: i64) {
+        let tp = (topic.to_string(), partition);
+        self.catch_up_to.remove(&tp);
+        if self.owned.contains(&tp) {
+            self.next.insert(tp, offset);
         }
     }
 
@@ -182,8 +203,12 @@ mod tests {
         assert!(p.commit_list().is_empty());
         assert_eq!(p.revoke("h", 1), None);
         assert!(!p.is_pending_restore("h", 1));
-        assert_eq!(p.next_to_restore(), Some(("h".to_string(), 3)));
-        assert_eq!(p.next_to_restore(), Some(("h".to_string(), 2)));
-        assert_eq!(p.next_to_restore(), None);
+        assert_eq!(p.first_pending_restore(), Some(("h".to_string(), 3)));
+        assert!(p.is_pending_restore("h", 3), "a partition stays pending while it is being restored");
+        p.restore_done("h", 3);
+        assert_eq!(p.first_pending_restore(), Some(("h".to_string(), 2)));
+        p.restore_done("h", 2);
+        assert_eq!(p.first_pending_restore(), None);
+        assert!(!p.has_pending_restore());
     }
 }

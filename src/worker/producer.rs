@@ -38,10 +38,16 @@ impl Outputs<'_> {
     }
 }
 
-/// Delivery results of the producer, counted per batch. The producer's own
+/// Delivery results of the producer, counted per attempt. The producer's own
 /// thread reports each delivery and wakes whoever waits for a batch
 /// ([`KafkaSink::await_acks`]): a batch counts as sent the moment its last
 /// acknowledgement arrives, with no polling interval to sit out.
+///
+/// Each record carries the number of the attempt that enqueued it (its
+/// delivery opaque), and only the current attempt's reports count: an attempt
+/// that timed out leaves records in flight (librdkafka's `message.timeout.ms`
+/// outlasts the wait), and their late reports must not complete the next
+/// attempt's count while some of its own records are unacknowledged.
 #[derive(Default)]
 pub struct DeliveryTracker {
     state: Mutex<DeliveryCounts>,
@@ -50,6 +56,10 @@ pub struct DeliveryTracker {
 
 #[derive(Default, Debug, Clone)]
 pub(super) struct DeliveryCounts {
+    /// The attempt these counts are for (see [`KafkaSink::reset_counts`]).
+    attempt: usize,
+    /// Reports of earlier attempts that arrived during this one (ignored).
+    pub(super) stale: usize,
     pub(super) acked: usize,
     failed: usize,
     last_error: Option<String>,
@@ -70,30 +80,49 @@ impl DeliveryTracker {
 impl ClientContext for DeliveryTracker {}
 
 impl ProducerContext for DeliveryTracker {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(message) => {
-                counts.acked += 1;
-                let highest = counts.offsets.entry((message.topic().to_string(), message.partition())).or_insert(-1);
-                *highest = (*highest).max(message.offset());
+    fn delivery(&self, result: &DeliveryResult<'_>, attempt: usize) {
+        let report = match result {
+            Ok(message) => Ok((message.topic(), message.partition(), message.offset())),
+            Err((e, _)) => Err(e),
+        };
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).observe(attempt, report);
+        self.delivered.notify_all();
+    }
+}
+
+impl DeliveryCounts {
+    /// Start counting a new attempt from zero.
+    fn next_attempt(&mut self) {
+        let attempt = self.attempt.wrapping_add(1);
+        *self = DeliveryCounts { attempt, ..DeliveryCounts::default() };
+    }
+
+    /// Count one delivery report of a record enqueued by `attempt`.
+    fn observe(&mut self, attempt: usize, report: Result<(&str, i32, i64), &KafkaError>) {
+        if attempt != self.attempt {
+            self.stale += 1;
+            return;
+        }
+        match report {
+            Ok((topic, partition, offset)) => {
+                self.acked += 1;
+                let highest = self.offsets.entry((topic.to_string(), partition)).or_insert(-1);
+                *highest = (*highest).max(offset);
             }
-            Err((e, _)) => {
-                counts.failed += 1;
-                counts.last_error = Some(e.to_string());
+            Err(e) => {
+                self.failed += 1;
+                self.last_error = Some(e.to_string());
                 let fate = produce_fate(e);
                 if fate == Fate::Stop {
-                    counts.last_error = Some(format!("{e} ({UNFIXABLE})"));
+                    self.last_error = Some(format!("{e} ({UNFIXABLE})"));
                 }
-                if counts.fate != Some(Fate::Stop) {
-                    counts.fate = Some(fate);
+                if self.fate != Some(Fate::Stop) {
+                    self.fate = Some(fate);
                 }
             }
         }
-        drop(counts);
-        self.delivered.notify_all();
     }
 }
 
@@ -171,8 +200,13 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// A new attempt: its records are numbered apart from every earlier one's.
     pub(super) fn reset_counts(&self) {
-        *self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()) = DeliveryCounts::default();
+        self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).next_attempt();
+    }
+
+    fn attempt(&self) -> usize {
+        self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).attempt
     }
 
     pub(super) fn counts(&self) -> DeliveryCounts {
@@ -230,7 +264,7 @@ impl KafkaSink {
     }
 
     fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>) -> Result<(), SinkError> {
-        let mut record = record;
+        let mut record = numbered(record, self.attempt());
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -246,6 +280,19 @@ impl KafkaSink {
                 }
             }
         }
+    }
+}
+
+/// `record`, carrying the attempt that enqueues it (see [`DeliveryTracker`]).
+pub(crate) fn numbered<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(record: BaseRecord<'a, K, P>, attempt: usize) -> BaseRecord<'a, K, P, usize> {
+    BaseRecord {
+        topic: record.topic,
+        partition: record.partition,
+        payload: record.payload,
+        key: record.key,
+        timestamp: record.timestamp,
+        headers: record.headers,
+        delivery_opaque: attempt,
     }
 }
 
@@ -345,5 +392,29 @@ mod tests {
         for code in [Code::RequestTimedOut, Code::NotLeaderForPartition, Code::BrokerTransportFailure, Code::MessageTimedOut] {
             assert_eq!(produce_fate(&KafkaError::MessageProduction(code)), Fate::Retry, "{code:?}");
         }
+    }
+
+    /// Attempt 1 of a batch (a1..a5 to a slow partition, b1 to one that is
+    /// down) timed out and was retried as attempt 2 (six records again). The
+    /// late acknowledgements of a1..a5 and of a1' make six: counted by number,
+    /// the batch would pass while b1' is unacknowledged, and its offsets and
+    /// state would move past a record that is later lost.
+    #[test]
+    fn late_reports_of_an_earlier_attempt_do_not_count() {
+        let mut counts = DeliveryCounts::default();
+        counts.next_attempt();
+        let first = counts.attempt;
+        counts.next_attempt();
+        let second = counts.attempt;
+        for offset in 0..5 {
+            counts.observe(first, Ok(("out", 1, offset)));
+        }
+        counts.observe(second, Ok(("out", 1, 5)));
+        assert_eq!(counts.acked, 1, "only the current attempt's acknowledgements count");
+        assert_eq!(counts.stale, 5);
+        let timed_out = KafkaError::MessageProduction(Code::MessageTimedOut);
+        counts.observe(first, Err(&timed_out));
+        assert_eq!(counts.failed, 0, "an earlier attempt's failure is not this attempt's");
+        assert_eq!(counts.offsets.get(&("out".to_string(), 1)), Some(&5));
     }
 }

@@ -33,7 +33,7 @@ use crate::routing::RoutedRecord;
 use crate::sink::{Sink, SinkError};
 use crate::state::{Keyspace, StateBatch, StateStore};
 use crate::store::RocksStore;
-use crate::telemetry::{Telemetry, BATCH_STAGE_SECONDS, LAST_PROGRESS, REORDER_HELD, STORE_KEYS, STORE_MEMORY};
+use crate::telemetry::{Telemetry, BATCH_STAGE_SECONDS, INPUT_TOPIC_MISSING, LAST_PROGRESS, REORDER_HELD, STORE_KEYS, STORE_MEMORY};
 
 /// Everything the worker loop needs, passed in (shutdown and clock included).
 pub struct WorkerDeps<'a> {
@@ -49,6 +49,11 @@ pub struct WorkerDeps<'a> {
 /// Under load a batch may grow to this many times `worker.batch_size` (fewer
 /// round trips to the broker and fsyncs per record; see `AdaptiveBatch`).
 const MAX_BATCH_GROWTH: usize = 8;
+
+/// Longest the loop restores partitions' state before it polls again (the
+/// member must poll within `max.poll.interval.ms`, and the partitions already
+/// restored keep being processed meanwhile).
+const RESTORE_SLICE: Duration = Duration::from_millis(500);
 
 /// How many shipments the keying check of `routing.mode = "input"` remembers.
 const KEYING_CHECK_CAPACITY: usize = 1_000_000;
@@ -88,6 +93,7 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         transactional,
         restorer,
         in_flight: Arc::default(),
+        restoring: Default::default(),
     };
     let consumer: BaseConsumer<WorkerContext> =
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
@@ -116,7 +122,7 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         let (consumer, partitions, deps) = (&consumer, &partitions, &deps);
         let delivery_in_flight = &*in_flight;
         scope.spawn(move || deliver_batches(deps, consumer, output, partitions, jobs_rx, done_tx, delivery_in_flight));
-        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: false };
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: false, health: &deps.health };
         let result = consume(deps, consumer, &pipeline, partitions, &mut delivery);
         if result.is_err() {
             // A batch still in flight gives up its retries within
@@ -147,13 +153,18 @@ fn consume(
         // After a shutdown request: no more polling, but a held window is still
         // processed and committed (in-flight work).
         let stopping = deps.shutdown.load(Ordering::SeqCst);
-        // Partitions assigned during the last poll: their state first (after the
-        // batch in flight, so that restores and deliveries never interleave).
+        deps.health.beat();
+        // Partitions assigned during the last polls: their state first (after the
+        // batch in flight, so that restores and deliveries never interleave), a
+        // slice per turn, so that the poll below keeps the member in its group.
         if !stopping {
             if lock(partitions).has_pending_restore() {
                 delivery.settle(consumer, &mut window, Vec::new())?;
+                if consumer.context().restore_pending(consumer, RESTORE_SLICE) {
+                    deps.health.mark_progress();
+                }
             }
-            consumer.context().restore_pending(consumer);
+            deps.health.restoring.store(lock(partitions).pending_restore_count(), Ordering::SeqCst);
         }
         let polling = Instant::now();
         let mut envelopes =
@@ -209,6 +220,7 @@ fn consume(
         }
         if last_gauges.elapsed() > Duration::from_secs(5) {
             update_gauges(&deps.store);
+            check_input_topics(consumer, &config.kafka.input_topics, &deps.health);
             last_gauges = Instant::now();
             if !transactional && unit_was_empty && !delivery.pending {
                 // Idle: hand the group our offsets again. A per-batch commit that
@@ -253,11 +265,14 @@ struct Delivery<'a> {
     in_flight: &'a InFlight,
     /// A batch was submitted whose result is not taken yet.
     pending: bool,
+    /// Liveness watches how long a batch is in delivery.
+    health: &'a Health,
 }
 
 impl Delivery<'_> {
     fn submit(&mut self, job: Job) {
         self.in_flight.start();
+        self.health.delivering(true);
         self.pending = true;
         if self.jobs.send(job).is_err() {
             // The delivery thread is gone (it panicked): `settle` reports it.
@@ -309,6 +324,7 @@ impl Delivery<'_> {
         result: Result<Delivered, WorkerError>,
     ) -> Result<Option<Vec<Envelope>>, WorkerError> {
         self.pending = false;
+        self.health.delivering(false);
         match result? {
             Delivered::Done => Ok(Some(next)),
             Delivered::Abandoned(mut unread) => {
@@ -385,7 +401,7 @@ fn prepare_topics(config: &Config, stateful: &[String], shutdown: &AtomicBool) -
         config
             .changelog
             .as_ref()
-            .map(|settings| Restorer::new(base_config(config), &config.kafka.group_id, settings.restore_timeout)),
+            .map(|settings| Restorer::new(super::client::restore_config(config), &config.kafka.group_id, settings.restore_timeout)),
     ))
 }
 
@@ -398,11 +414,51 @@ fn observe_stage(stage: &'static str, elapsed: Duration) {
     metrics::histogram!(BATCH_STAGE_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
 }
 
-/// A batch completed (or the worker started): liveness sees progress.
+/// A batch completed (or the worker started): liveness sees progress. The
+/// gauge is for Prometheus, which compares it with its own wall clock.
 fn mark_progress(deps: &WorkerDeps<'_>) {
-    let now = (deps.clock)().timestamp_millis();
-    deps.health.last_progress_ms.store(now, Ordering::SeqCst);
-    metrics::gauge!(LAST_PROGRESS).set(now as f64 / 1000.0);
+    deps.health.mark_progress();
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    metrics::gauge!(LAST_PROGRESS).set(wall.as_secs_f64());
+}
+
+/// Does the broker know every input topic, readable by this worker? A missing
+/// or misspelled topic (or one this principal may not describe) is consumed by
+/// nobody, and nothing else would show it: the worker is not ready while one
+/// is missing, and `waymark_input_topic_missing{topic}` says which (an alert
+/// watches it). A broker that does not answer leaves the last verdict.
+fn check_input_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[String], health: &Health) {
+    let mut missing = 0;
+    for topic in topics {
+        let known = match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            Ok(metadata) => metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+            Err(_) => return,
+        };
+        if !known {
+            missing += 1;
+            if metrics_missing_changed(topic, true) {
+                tracing::error!(%topic, "input topic missing or not readable: nothing of it is consumed (create it, fix kafka.input_topics, or grant this principal Describe and Read on it)");
+            }
+        } else if metrics_missing_changed(topic, false) {
+            tracing::info!(%topic, "input topic found");
+        }
+        metrics::gauge!(INPUT_TOPIC_MISSING, "topic" => topic.clone()).set(if known { 0.0 } else { 1.0 });
+    }
+    health.missing_inputs.store(missing, Ordering::SeqCst);
+}
+
+/// Remember whether `topic` was missing at the last check; true when that changed
+/// (so the log says it once, not every few seconds). A first check that finds
+/// the topic says nothing.
+fn metrics_missing_changed(topic: &str, missing: bool) -> bool {
+    use std::sync::OnceLock;
+    static MISSING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let mut set = MISSING.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if missing {
+        set.insert(topic.to_string())
+    } else {
+        set.remove(topic)
+    }
 }
 
 fn update_gauges(store: &RocksStore) {
@@ -518,12 +574,16 @@ fn rewind(consumer: &BaseConsumer<WorkerContext>, envelopes: &[Envelope]) -> Res
         if assigned.find_partition(topic, partition).is_none() {
             continue;
         }
-        consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| WorkerError::Rewind {
-            topic: topic.to_string(),
-            partition,
-            reason: e.to_string(),
-        })?;
-        tracing::info!(%topic, partition, offset, "sought back to the abandoned batch's first record");
+        match consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            Ok(()) => tracing::info!(%topic, partition, offset, "sought back to the abandoned batch's first record"),
+            // Lost and assigned again since: librdkafka has not started it yet,
+            // and starts it at the group's committed offset, which the abandoned
+            // batch never moved. Nothing to do.
+            Err(e) if super::consumer::not_started(&e) => {
+                tracing::info!(%topic, partition, offset, "the abandoned batch's partition is re-assigned and not started yet: it starts at the group's committed offset")
+            }
+            Err(e) => return Err(WorkerError::Rewind { topic: topic.to_string(), partition, reason: e.to_string() }),
+        }
     }
     Ok(())
 }
@@ -793,6 +853,7 @@ mod tests {
             transactional: false,
             restorer: None,
             in_flight: Default::default(),
+            restoring: Default::default(),
         };
         let consumer: BaseConsumer<WorkerContext> = consumer_config(&config).create_with_context(context).unwrap();
         let mut tpl = TopicPartitionList::new();
@@ -850,7 +911,8 @@ mod tests {
         let in_flight = InFlight::default();
         let (jobs, _jobs_rx) = mpsc::sync_channel(0);
         let (_done_tx, done) = mpsc::channel();
-        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true };
+        let health = Health::default();
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true, health: &health };
         let kept = delivery.take(&consumer, &mut window, polled_after, Ok(Delivered::Abandoned(in_flight_batch))).unwrap();
         assert!(kept.is_none(), "records polled after an abandoned batch must not be processed");
         assert!(window.take().is_empty(), "held records read after an abandoned batch must be dropped");
@@ -894,7 +956,8 @@ mod tests {
         let in_flight = InFlight::default();
         let (jobs, _jobs_rx) = mpsc::sync_channel(0);
         let (done_tx, done) = mpsc::channel();
-        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true };
+        let health = Health::default();
+        let mut delivery = Delivery { jobs, done, in_flight: &in_flight, pending: true, health: &health };
         done_tx.send(Ok(Delivered::Done)).unwrap();
         let next_batch = vec![next(&consumer)];
         let kept = delivery.settle(&consumer, &mut ReorderBuffer::default(), next_batch).unwrap();

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
@@ -86,6 +86,57 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Make a topic's `retention.ms` what the configuration says, whatever it
+    /// was created with (a TTL raised later must raise the changelog's
+    /// retention too, or live dedupe keys would leave the changelog). Kafka's
+    /// AlterConfigs replaces a topic's whole dynamic configuration, so every
+    /// other setting the topic has (an operator's too) is sent along unchanged.
+    pub fn ensure_retention(&self, topic: &str, retention: Duration) -> Result<(), TopicError> {
+        let wanted = retention.as_millis().to_string();
+        let described = self
+            .runtime
+            .block_on(self.admin.describe_configs([&ResourceSpecifier::Topic(topic)], &self.options))
+            .map_err(|e| TopicError(e.to_string()))?;
+        let resource = described
+            .into_iter()
+            .next()
+            .ok_or_else(|| TopicError("no configuration described".into()))?
+            .map_err(|code| TopicError(code.to_string()))?;
+        let current = resource.get("retention.ms").and_then(|entry| entry.value.clone());
+        if current.as_deref() == Some(wanted.as_str()) {
+            return Ok(());
+        }
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        for entry in resource.entries.iter().filter(|e| e.source == ConfigSource::DynamicTopic && e.name != "retention.ms") {
+            if let Some(value) = &entry.value {
+                alter = alter.set(&entry.name, value);
+            }
+        }
+        alter = alter.set("retention.ms", &wanted);
+        let results = self.runtime.block_on(self.admin.alter_configs([&alter], &self.options)).map_err(|e| TopicError(e.to_string()))?;
+        for result in results {
+            result.map_err(|(_, code)| TopicError(code.to_string()))?;
+        }
+        tracing::info!(%topic, from = ?current, to = %wanted, "set the topic's retention.ms to what the configuration says");
+        Ok(())
+    }
+}
+
+/// The members of a consumer group right now, as `client.id@host` (empty when
+/// the group is stopped or does not exist).
+pub fn group_members(client: &ClientConfig, group_id: &str, timeout: Duration) -> Result<Vec<String>, TopicError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = client.create().map_err(|e| TopicError(e.to_string()))?;
+    let groups = consumer.fetch_group_list(Some(group_id), timeout).map_err(|e| TopicError(e.to_string()))?;
+    Ok(groups
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group_id)
+        .flat_map(|g| g.members().iter().map(|m| format!("{}@{}", m.client_id(), m.client_host())))
+        .collect())
+}
+
 /// Why the repartition topic cannot be used.
 #[derive(Debug, Error)]
 pub enum RepartitionError {
@@ -110,5 +161,7 @@ pub fn ensure_repartition_topic(admin: &Admin, topic: &str, partitions: u32, rep
     if have != partitions as usize {
         return Err(RepartitionError::PartitionsChanged { topic: topic.to_string(), have, wanted: partitions });
     }
-    Ok(())
+    // Its retention bounds how long the group may be stopped before routed
+    // events are deleted unread: it follows `routing.retention` on every start.
+    admin.ensure_retention(topic, retention).map_err(setup)
 }

@@ -42,3 +42,21 @@ fn check_names_a_bad_property_or_setting_with_exit_2_and_never_its_value() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("enable.auto.commit") && err.contains("remove it"), "{err}");
 }
+
+/// Operator review, D5: `replay --input F --since/--until` replayed the whole
+/// archive (and with --state-dir committed it to state). Options that do not
+/// apply to a source are refused with exit 2 and the reason.
+#[test]
+fn replay_refuses_a_time_range_for_an_archive() {
+    let archive = crate::common::repo().join("replay/sample.ndjson");
+    let archive = archive.to_str().unwrap();
+    for range in [["--since", "2030-01-01T00:00:00Z"], ["--until", "2030-01-02T00:00:00Z"]] {
+        let (code, out, err) = waymark(&["replay", "--input", archive, range[0], range[1]], &[]);
+        assert_eq!(code, Some(2), "{range:?}: {err}");
+        assert!(out.is_empty(), "nothing may be replayed: {out}");
+        assert!(err.contains("--from-topic"), "the error must say what the option is for: {err}");
+    }
+    let (code, out, err) = waymark(&["replay", "--since", "2030-01-01T00:00:00Z"], &[]);
+    assert_eq!(code, Some(2), "without --input (stdin): {err}");
+    assert!(out.is_empty());
+}

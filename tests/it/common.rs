@@ -90,18 +90,56 @@ pub fn produce_with(brokers: &str, topic: &str, envelopes: &[Envelope], partitio
         if let Some(key) = &envelope.key {
             record = record.key(&key[..]);
         }
-        let mut record = record;
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+        send_retrying(&producer, record);
+    }
+    producer.flush(Duration::from_secs(60)).expect("all input acknowledged");
+}
+
+/// Send one record, waiting while the producer's queue is full.
+pub fn send_retrying<C, K, P>(producer: &ThreadedProducer<C>, mut record: BaseRecord<'_, K, P>)
+where
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
-    producer.flush(Duration::from_secs(60)).expect("all input acknowledged");
+}
+
+/// Whether `check` comes true within `timeout`, asked every `every`.
+pub fn eventually(timeout: Duration, every: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Run the worker until it is ready (partitions assigned, so restored), then stop it.
+pub fn restore_and_stop(setup: &WorkerSetup, state_dir: &Path) {
+    restore_and_stop_with(setup, state_dir, &[]);
+}
+
+/// [`restore_and_stop`] with extra `waymark run` arguments.
+pub fn restore_and_stop_with(setup: &WorkerSetup, state_dir: &Path, extra: &[&str]) {
+    let port = free_port();
+    let mut worker = setup.spawn_with(Some(state_dir), Some(port), extra);
+    let ready = eventually(Duration::from_secs(60), Duration::from_millis(250), || http_get(port, "/readyz").is_some_and(|(code, _)| code == 200));
+    assert!(ready, "the worker never became ready");
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
 }
 
 /// A record read back from Kafka.

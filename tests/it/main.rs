@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod declared;
 mod deploy;
+mod failover;
 mod faults;
 mod fixtures;
 mod group;

@@ -67,14 +67,15 @@ fn an_archive_goes_back_on_kafka_with_keys_headers_and_non_utf8_bodies() {
     create_topics(&[&topic], 1);
     let mut records = sample_envelopes();
     records.push(Envelope { key: Some(vec![0xff, 0x01]), payload: vec![0x1f, 0x8b, 0xfe, 0x00, 0x80], ..records[0].clone() });
+    let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
     for (i, record) in records.iter_mut().enumerate() {
-        record.timestamp_ms = Some(1_700_000_000_000 + i as i64);
+        record.timestamp_ms = Some(an_hour_ago + i as i64);
     }
     let archive: String = records.iter().map(|e| e.to_kcat_json() + "\n").collect();
     // gzip on stdin, recognised by its content.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(archive.as_bytes()).unwrap();
-    let (ok, stderr) = produce_cmd(&["--input", "-", "--topic", &topic], &gz.finish().unwrap());
+    let (ok, stderr) = produce_cmd(&["--input", "-", "--topic", &topic, "--keep-timestamps"], &gz.finish().unwrap());
     assert!(ok, "{stderr}");
     assert!(stderr.contains(&format!("produced {} records", records.len())), "{stderr}");
     let back = read_raw(&topic, records.len());
@@ -86,6 +87,48 @@ fn an_archive_goes_back_on_kafka_with_keys_headers_and_non_utf8_bodies() {
         assert_eq!(got.timestamp_ms, sent.timestamp_ms);
     }
     println!("checked: {} records (one not UTF-8) round-tripped through a gzip archive on stdin", back.len());
+}
+
+/// Operator finding: an archive's own timestamps (weeks old) handed to a
+/// topic that keeps 7 days were deleted by the broker before the worker read
+/// them. By default records get the current time; `--keep-timestamps` refuses
+/// a record its topic's retention would delete on arrival (exit 2).
+#[test]
+fn backfills_get_the_current_time_unless_asked_and_never_land_outside_retention() {
+    let topic = unique("it.produce.times");
+    create_topics(&[&topic], 1);
+    let mut records = sample_envelopes();
+    records.truncate(3);
+    for record in records.iter_mut() {
+        record.timestamp_ms = Some(1_700_000_000_000); // November 2023
+    }
+    let archive: String = records.iter().map(|e| e.to_kcat_json() + "\n").collect();
+    let before = chrono::Utc::now().timestamp_millis();
+    let (ok, stderr) = produce_cmd(&["--input", "-", "--topic", &topic], archive.as_bytes());
+    assert!(ok, "{stderr}");
+    let after = chrono::Utc::now().timestamp_millis();
+    let back = read_raw(&topic, records.len());
+    assert_eq!(back.len(), records.len());
+    for got in &back {
+        let ts = got.timestamp_ms.unwrap();
+        assert!((before - 1_000..=after + 1_000).contains(&ts), "a backfill record got {ts}, not the time it was produced ({before}..{after})");
+    }
+    let mut child = Command::new(waymark_bin())
+        .args(["produce", "--brokers", &brokers(), "--input", "-", "--topic", &topic, "--keep-timestamps"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(archive.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("retention.ms") && stderr.contains("--keep-timestamps"), "the error must say why and what to do: {stderr}");
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let (_, end) = probe.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap();
+    assert_eq!(end, records.len() as i64, "nothing outside the retention was produced");
+    println!("checked: a 2023 archive is produced with the current time, and refused (exit 2) with --keep-timestamps on a 7-day topic");
 }
 
 #[test]

@@ -598,24 +598,6 @@ fn exported_entries(state_dir: &std::path::Path, topic: &str, partition: i32) ->
         .count()
 }
 
-/// Run the worker until it is ready (partitions assigned, so restored), then stop it.
-fn restore_and_stop(setup: &WorkerSetup, state_dir: &std::path::Path) {
-    restore_and_stop_with(setup, state_dir, &[]);
-}
-
-/// [`restore_and_stop`] with extra `waymark run` arguments.
-fn restore_and_stop_with(setup: &WorkerSetup, state_dir: &std::path::Path, extra: &[&str]) {
-    let port = free_port();
-    let mut worker = setup.spawn_with(Some(state_dir), Some(port), extra);
-    let ready = (0..240).any(|_| {
-        std::thread::sleep(Duration::from_millis(250));
-        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
-    });
-    assert!(ready, "the worker never became ready");
-    signal(&worker, "TERM");
-    assert!(wait_exit(&mut worker, Duration::from_secs(30)).is_some_and(|s| s.success()));
-}
-
 #[test]
 fn a_dropped_partition_is_not_brought_back_by_its_changelog() {
     let setup = WorkerSetup::new("drop", 2);
