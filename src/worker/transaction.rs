@@ -776,7 +776,7 @@ mod tests {
         assert!(ops.script.is_empty(), "{:?}", ops.calls);
     }
 
-    /// Review finding: the assignment is lost after the offsets went into the
+    /// The assignment is lost after the offsets went into the
     /// transaction (the member's metadata then has no generation, which the
     /// group coordinator does not check for transactional commits). The
     /// transaction must be aborted, never committed.

@@ -43,7 +43,7 @@ fn check_names_a_bad_property_or_setting_with_exit_2_and_never_its_value() {
     assert!(err.contains("enable.auto.commit") && err.contains("remove it"), "{err}");
 }
 
-/// Operator review, D5: `replay --input F --since/--until` replayed the whole
+/// `replay --input F --since/--until` replayed the whole
 /// archive (and with --state-dir committed it to state). Options that do not
 /// apply to a source are refused with exit 2 and the reason.
 #[test]

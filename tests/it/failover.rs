@@ -45,7 +45,7 @@ fn topic_config(topic: &str, name: &str) -> Option<String> {
     resources.into_iter().next()?.ok()?.get(name).and_then(|e| e.value.clone())
 }
 
-/// A worker still running after `timeout`, or the reason it is not.
+/// The worker must still be running: otherwise fail with the tail of its log.
 fn still_running(worker: &mut std::process::Child, log: &std::path::Path) {
     if let Some(status) = worker.try_wait().unwrap() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -83,7 +83,7 @@ fn metric_sum(metrics: &str, family: &str) -> f64 {
         .sum()
 }
 
-/// Reliability review, finding 3: a member that died between the offsets and
+/// A member that died between the offsets and
 /// the commit of its transaction leaves the offsets of a home "unstable" until
 /// the broker aborts that transaction. librdkafka fetches the committed offsets
 /// of a whole assignment in one request and starts none of its partitions while
@@ -158,7 +158,7 @@ fn produce_in_a_transaction(topic: &str, envelopes: &[waymark::Envelope]) {
     producer.commit_transaction(Duration::from_secs(30)).unwrap();
 }
 
-/// Reliability review, finding 2: liveness read librdkafka's `consumer_lag`,
+/// Liveness read librdkafka's `consumer_lag`,
 /// counted from the consumer's own commits. In exactly-once mode the consumer
 /// never commits itself (offsets go in transactions), so it never returned to
 /// 0; on a topic written in transactions the last commit marker left it at 1
@@ -211,7 +211,7 @@ fn an_idle_worker_reading_a_transactional_topic_stays_live_with_no_lag() {
     idle_run("idle-txn-input", false, true);
 }
 
-/// Reliability review, finding 2b: the lag liveness read was only refreshed
+/// The lag liveness read was only refreshed
 /// while the worker thread polled, and a delivery that never finished did not
 /// count at all while nothing new arrived: the worker thread kept polling
 /// (nothing to read, lag 0), the batch stayed in delivery, and /healthz said
@@ -252,7 +252,7 @@ fn a_delivery_that_does_not_finish_fails_liveness_until_it_does() {
     println!("checked: /healthz 503 ({}) while a delivery did not finish, 200 and nothing lost after", body.trim());
 }
 
-/// Reliability review, finding 7: deleting a topic deletes the group's offsets
+/// Deleting a topic deletes the group's offsets
 /// for it, and the store's progress then pointed past the end of the re-created
 /// topic. librdkafka reset to its start, and every record below the old
 /// progress was skipped as "processed" (routed events lost without a word).
@@ -288,7 +288,7 @@ fn a_re_created_repartition_topic_is_read_from_its_start() {
     println!("checked: {} milestones after the repartition topic was re-created, none skipped", more_expected.len());
 }
 
-/// Operator review, D1: an input topic deleted and re-created under a running
+/// An input topic deleted and re-created under a running
 /// worker had its first records skipped (they lay below the progress reached on
 /// the old topic). Every milestone of the new topic must come out.
 #[test]
@@ -311,7 +311,7 @@ fn an_input_topic_re_created_under_a_running_worker_loses_nothing() {
     println!("checked: an input topic re-created under the running worker: {} milestones, none lost", more_expected.len());
 }
 
-/// Reliability review, finding 12: the changelog's and the repartition topic's
+/// The changelog's and the repartition topic's
 /// retention were set only when the worker created them. A TTL raised later
 /// left live dedupe keys to be deleted from the changelog (a hand-over then
 /// re-emits their events). Now both follow the configuration on every start,
@@ -337,7 +337,7 @@ fn internal_topics_retention_follows_the_configuration_on_every_start() {
     println!("checked: changelog retention 2d -> 31d and repartition retention -> 10d on restart");
 }
 
-/// Operator review, D3: a worker whose input topic is missing (or misspelled)
+/// A worker whose input topic is missing (or misspelled)
 /// consumed nothing and reported ready and healthy forever. Now it is not
 /// ready, says which topic, and `waymark_input_topic_missing` shows it; once
 /// the topic exists it is consumed.
@@ -377,7 +377,7 @@ fn a_missing_input_topic_makes_the_worker_not_ready_until_it_exists() {
     println!("checked: missing input -> 503 ({}), consumed once created, ready again", body.trim());
 }
 
-/// Reliability review, finding 4: a restore ran on the poll thread in one go,
+/// A restore ran on the poll thread in one go,
 /// so one longer than `max.poll.interval.ms` cost the member its membership
 /// (and its partitions, which went to another member that restored them too).
 /// Restores now go in slices between polls.
@@ -430,7 +430,7 @@ fn a_restore_longer_than_the_poll_interval_keeps_the_member_in_its_group() {
     println!("checked: {entries} changelog entries restored in slices ({took:?} to the output), the member stayed in its group");
 }
 
-/// Reliability review, finding 9: `state drop` while the group runs wrote its
+/// `state drop` while the group runs wrote its
 /// marker among the partition owner's changelog writes, which the owner never
 /// reads back: the owner kept the state, later restores elsewhere dropped it.
 /// It is now refused (exit 2) while the group has members.
