@@ -94,6 +94,8 @@ struct Args {
     fault_every: u64,
     /// Longest wait for the output to settle once producing and faults are over.
     settle_timeout: u64,
+    /// Faults beyond one of each kind are all kills (the quick preset's budget).
+    quick: bool,
     work_dir: PathBuf,
 }
 
@@ -111,6 +113,7 @@ fn args() -> Args {
         homes: 8,
         fault_every: 15,
         settle_timeout: 600,
+        quick: false,
         work_dir: std::env::temp_dir().join(format!("chaos-soak.{}", std::process::id())),
     };
     let mut it = std::env::args().skip(1);
@@ -144,6 +147,7 @@ fn args() -> Args {
                 a.faults = 6;
                 a.fault_every = 7;
                 a.settle_timeout = 180;
+                a.quick = true;
             }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown flag {other}")),
@@ -356,6 +360,7 @@ fn run_sender(args: Args, input: String, progress: Arc<Progress>, deadline: Inst
     let rate = target as f64 / (steps as u64 * args.fault_every.max(1)) as f64;
     let started = Instant::now();
     let mut i = 0usize;
+    let mut partitions = args.partitions;
     'chunks: for c in rx {
         progress.expected.lock().unwrap().extend(c.expected);
         for (envelope, events, bad) in c.records {
@@ -375,7 +380,11 @@ fn run_sender(args: Args, input: String, progress: Arc<Progress>, deadline: Inst
             if let Some(id) = &bad {
                 progress.expected_bad.lock().unwrap().insert(id.clone());
             }
-            send(&producer, &input, &envelope, i as i32 % progress.partitions.load(Ordering::SeqCst), deadline);
+            let added = progress.partitions.load(Ordering::SeqCst);
+            if added > partitions && producer_knows(&producer, &input, added) {
+                partitions = added;
+            }
+            send(&producer, &input, &envelope, i as i32 % partitions, deadline);
             i += 1;
             progress.records.fetch_add(1, Ordering::SeqCst);
             progress.events.fetch_add(events, Ordering::SeqCst);
@@ -390,6 +399,13 @@ fn run_sender(args: Args, input: String, progress: Arc<Progress>, deadline: Inst
         eprintln!("chaos-soak: the input producer could not flush within 600 s");
     }
     progress.done.store(true, Ordering::SeqCst);
+}
+
+/// Whether the producer's metadata shows `partitions` partitions of `topic`
+/// (asking the broker refreshes it: a send to a partition librdkafka does not
+/// know yet fails at once, and it would not look for minutes).
+fn producer_knows(p: &ThreadedProducer<Delivery>, topic: &str, partitions: i32) -> bool {
+    p.client().fetch_metadata(Some(topic), Duration::from_secs(5)).ok().and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32)).unwrap_or(0) >= partitions
 }
 
 fn send(p: &ThreadedProducer<Delivery>, topic: &str, e: &Envelope, partition: i32, deadline: Instant) {
@@ -422,9 +438,9 @@ fn send(p: &ThreadedProducer<Delivery>, topic: &str, e: &Envelope, partition: i3
 #[derive(Default)]
 struct Seen {
     records: usize,
-    /// Per milestone id: hash of (key, value bytes) of its first emission, and
-    /// how often it came.
-    milestones: HashMap<String, (u64, u32)>,
+    /// Per milestone id: hash of (key, value bytes) of its first emission, how
+    /// often it came, and the first emission's source (input partition, offset).
+    milestones: HashMap<String, (u64, u32, (i64, i64))>,
     repeats: usize,
     /// Repeats whose bytes differ from the first emission.
     differing: Vec<String>,
@@ -450,19 +466,23 @@ impl Seen {
         key.hash(&mut hasher);
         payload.hash(&mut hasher);
         let digest = hasher.finish();
+        let source = (value["source"]["partition"].as_i64().unwrap_or(-1), value["source"]["offset"].as_i64().unwrap_or(-1));
         match self.milestones.get_mut(id) {
-            Some((first, count)) => {
+            Some((first, count, first_source)) => {
                 *count += 1;
                 self.repeats += 1;
                 if *first != digest && self.differing.len() < 10 {
-                    self.differing.push(id.to_string());
+                    self.differing.push(format!(
+                        "{id}: first from input {}@{}, again from {}@{}",
+                        first_source.0, first_source.1, source.0, source.1
+                    ));
                 }
                 // Only first emissions count for the order check (a repeat restates
                 // an earlier status).
                 return;
             }
             None => {
-                self.milestones.insert(id.to_string(), (digest, 1));
+                self.milestones.insert(id.to_string(), (digest, 1, source));
             }
         }
         // Output records are keyed by shipment, so a shipment lives in one output
@@ -761,7 +781,7 @@ impl Fault {
 /// The seeded schedule: the first five faults one of each kind (shuffled),
 /// then kill 30%, freeze 25%, broker 15%, rolling 15%, partitions 15% (at most
 /// 32 added partitions: later draws become kills).
-fn schedule(rng: &mut Rng, faults: usize) -> Vec<Fault> {
+fn schedule(rng: &mut Rng, faults: usize, quick: bool) -> Vec<Fault> {
     let mut first = Fault::ALL.to_vec();
     for i in (1..first.len()).rev() {
         first.swap(i, rng.below(i as u64 + 1) as usize);
@@ -769,7 +789,7 @@ fn schedule(rng: &mut Rng, faults: usize) -> Vec<Fault> {
     let mut out: Vec<Fault> = first.into_iter().take(faults).collect();
     let mut added = out.iter().filter(|f| **f == Fault::Partitions).count();
     while out.len() < faults {
-        let fault = match rng.below(100) {
+        let fault = match if quick { 0 } else { rng.below(100) } {
             0..=29 => Fault::Kill,
             30..=54 => Fault::Freeze,
             55..=69 => Fault::Broker,
@@ -1076,7 +1096,7 @@ fn run_mode(args: &Args, mode: &'static str, broker: Broker) -> (Vec<String>, Ve
     let config = root.join("waymark.toml");
     std::fs::write(&config, worker_config(args, mode, &group, &input, &output, &dlq)).expect("config");
     let mut rng = Rng::new(args.seed ^ if mode == "exactly-once" { 0xE05 } else { 0xA10 });
-    let faults = schedule(&mut rng, args.faults);
+    let faults = schedule(&mut rng, args.faults, args.quick);
     eprintln!(
         "[{mode}] group {group}: {} instances, {} events, faults {}; logs in {}",
         args.instances,
@@ -1155,8 +1175,8 @@ fn run_mode(args: &Args, mode: &'static str, broker: Broker) -> (Vec<String>, Ve
     if failed > 0 {
         soak.violation(format!("{failed} input records were not delivered (the expected output is then wrong)"));
     }
-    let expected = std::mem::take(&mut *progress.expected.lock().unwrap());
-    let expected_bad = std::mem::take(&mut *progress.expected_bad.lock().unwrap());
+    let expected = progress.expected.lock().unwrap().clone();
+    let expected_bad = progress.expected_bad.lock().unwrap().clone();
 
     // Settle: every expected milestone and dead letter read, then 5 s more to
     // catch repeats, then the group's lag must reach 0.
@@ -1188,20 +1208,33 @@ fn run_mode(args: &Args, mode: &'static str, broker: Broker) -> (Vec<String>, Ve
         soak.wait(Duration::from_secs(2));
     }
     soak.wait(Duration::from_secs(1));
-    // The final stop: SIGTERM, exit 0 expected.
+    // The final stop: SIGTERM to all, exit 0 expected from each. The children
+    // are taken out first, so that the watchdog does not count these exits.
+    let mut stopping: Vec<(usize, Child)> = Vec::new();
     for i in 0..soak.instances.len() {
         soak.instances[i].signal("TERM");
+        stopping.extend(soak.instances[i].child.take().map(|c| (i, c)));
     }
-    for i in 0..soak.instances.len() {
-        let name = soak.instances[i].name.clone();
-        match soak.wait_exit(i, Duration::from_secs(60)) {
-            Some(status) if status.success() => {}
-            Some(status) => {
-                let tail = soak.instances[i].tail(25);
-                soak.violation(format!("instance {name} exited with {status} on the final SIGTERM; its log's tail:\n{tail}"));
+    let stop_started = Instant::now();
+    while !stopping.is_empty() && stop_started.elapsed() < Duration::from_secs(60) {
+        let mut still = Vec::new();
+        for (i, mut child) in stopping {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => {
+                    let tail = soak.instances[i].tail(25);
+                    soak.violation(format!("instance {} exited with {status} on the final SIGTERM; its log's tail:\n{tail}", soak.instances[i].name));
+                }
+                _ => still.push((i, child)),
             }
-            None => soak.violation(format!("instance {name} did not exit within 60 s of the final SIGTERM (killed)")),
         }
+        stopping = still;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, mut child) in stopping {
+        let _ = child.kill();
+        let _ = child.wait();
+        soak.violation(format!("instance {} did not exit within 60 s of the final SIGTERM (killed)", soak.instances[i].name));
     }
     stop_reader.store(true, Ordering::SeqCst);
     let _ = reader.join();
@@ -1217,11 +1250,14 @@ fn run_mode(args: &Args, mode: &'static str, broker: Broker) -> (Vec<String>, Ve
         soak.violation(format!("{unexpected} milestones that a correct pipeline would not emit"));
     }
     if mode == "exactly-once" && seen.repeats > 0 {
-        let example = seen.milestones.iter().find(|(_, (_, n))| *n > 1).map(|(id, (_, n))| format!("{id} x{n}"));
+        let example = seen.milestones.iter().find(|(_, (_, n, _))| *n > 1).map(|(id, (_, n, _))| format!("{id} x{n}"));
         soak.violation(format!("exactly-once: a read_committed reader saw {} repeated milestones, e.g. {example:?}", seen.repeats));
     }
     if !seen.differing.is_empty() {
-        soak.violation(format!("re-emitted upserts differ from their first emission, e.g. {:?}", seen.differing));
+        soak.violation(format!(
+            "re-emitted upserts differ from their first emission (at-least-once repeats must be byte-identical), e.g. {}",
+            seen.differing[..seen.differing.len().min(3)].join("; ")
+        ));
     }
     if !seen.moved_back.is_empty() {
         soak.violation(format!("{} shipment statuses moved back in output order, e.g. {:?}", seen.moved_back.len(), &seen.moved_back[..seen.moved_back.len().min(3)]));
