@@ -957,6 +957,16 @@ impl Soak<'_> {
                     if self.instances[i].child.is_none() {
                         continue;
                     }
+                    // As a deploy does: the next one goes once this one is ready
+                    // (bounded: a SIGTERM before the worker installs its handler,
+                    // e.g. just after a restart or a freeze, ends it by the signal).
+                    let ready = Instant::now();
+                    while !self.instances[i].ready() && ready.elapsed() < Duration::from_secs(30) {
+                        self.wait(Duration::from_millis(250));
+                    }
+                    if self.instances[i].child.is_none() {
+                        continue;
+                    }
                     self.instances[i].signal("TERM");
                     let name = self.instances[i].name.clone();
                     match self.wait_exit(i, Duration::from_secs(60)) {
@@ -968,12 +978,10 @@ impl Soak<'_> {
                         None => self.violation(format!("instance {name} did not exit within 60 s of SIGTERM (killed)")),
                     }
                     self.restart(i);
-                    // Let it join before the next one goes (bounded).
                     let joined = Instant::now();
                     while !self.instances[i].ready() && joined.elapsed() < Duration::from_secs(30) {
                         self.wait(Duration::from_millis(250));
                     }
-                    self.wait(Duration::from_secs(1));
                 }
                 true
             }
