@@ -821,6 +821,13 @@ struct Soak<'a> {
     broker_log: PathBuf,
 }
 
+/// Longest wait in a rolling restart for an instance's `/readyz` (partitions
+/// assigned) before it is stopped, and for its successor's after the restart:
+/// a killed member's open transaction can keep the group from handing out
+/// partitions for up to transaction.timeout.ms (60 s), and the soak goes on.
+/// (`--quick`: 10 s, to stay within its time budget.)
+const READY_WAIT: Duration = Duration::from_secs(20);
+
 /// Instances that exit by themselves are restarted (and counted as violations)
 /// at most this many times per mode before the mode gives up.
 const MAX_UNEXPECTED_EXITS: usize = 20;
@@ -901,6 +908,14 @@ impl Soak<'_> {
         None
     }
 
+    fn ready_wait(&self) -> Duration {
+        if self.args.quick {
+            READY_WAIT / 2
+        } else {
+            READY_WAIT
+        }
+    }
+
     fn pick(&mut self) -> Option<usize> {
         let up: Vec<usize> = (0..self.instances.len()).filter(|i| self.instances[*i].child.is_some()).collect();
         (!up.is_empty()).then(|| up[self.rng.below(up.len() as u64) as usize])
@@ -961,7 +976,7 @@ impl Soak<'_> {
                     // (bounded: a SIGTERM before the worker installs its handler,
                     // e.g. just after a restart or a freeze, ends it by the signal).
                     let ready = Instant::now();
-                    while !self.instances[i].ready() && ready.elapsed() < Duration::from_secs(30) {
+                    while !self.instances[i].ready() && ready.elapsed() < self.ready_wait() {
                         self.wait(Duration::from_millis(250));
                     }
                     if self.instances[i].child.is_none() {
@@ -979,7 +994,7 @@ impl Soak<'_> {
                     }
                     self.restart(i);
                     let joined = Instant::now();
-                    while !self.instances[i].ready() && joined.elapsed() < Duration::from_secs(30) {
+                    while !self.instances[i].ready() && joined.elapsed() < self.ready_wait() {
                         self.wait(Duration::from_millis(250));
                     }
                 }
