@@ -363,7 +363,7 @@ mod tests {
         let why = at(t0 + 120_002).unwrap_err();
         assert!(why.contains("in delivery"), "a delivery that never ends is stuck, though the loop turns and nothing is left to read: {why}");
         health.delivering(false);
-        let why = health.liveness_at(t0 + 60_000 + 60_002).unwrap_err();
+        let why = health.liveness_at(t0 + 120_002 + 60_001).unwrap_err();
         assert!(why.starts_with("stuck"), "a loop that stopped turning is stuck, whatever the last lag said: {why}");
         health.stall_after_ms.store(0, Ordering::SeqCst);
         assert!(health.liveness_at(i64::MAX).is_ok(), "0 switches the check off");

@@ -342,25 +342,17 @@ impl Restorer {
         Restorer { client, group_id: group_id.to_string(), timeout }
     }
 
-    /// Bring the store's state of one input partition up to the end of its
-    /// changelog, in one go (a tool's restore; the worker restores in slices
-    /// with [`Restorer::begin`] and [`RestoreSession::step`]).
-    pub fn restore(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<Restored, ChangelogError> {
-        let mut session = self.begin(store, input_topic, partition)?;
-        loop {
-            if let Some(restored) = session.step(store, Duration::from_secs(1))? {
-                return Ok(restored);
-            }
-        }
-    }
-
     /// Start restoring one input partition: the changelog's end is read now,
     /// the records come with [`RestoreSession::step`].
     pub fn begin(&self, store: &RocksStore, input_topic: &str, partition: i32) -> Result<RestoreSession, ChangelogError> {
         let failed = |reason: String| ChangelogError::Restore { topic: input_topic.to_string(), partition, reason };
         let changelog = topic_for(&self.group_id, input_topic);
-        let consumer: BaseConsumer<QuietEof> = self.client.create_with_context(QuietEof).map_err(|e| failed(e.to_string()))?;
-        let (_, high) = consumer.fetch_watermarks(&changelog, partition, self.timeout).map_err(|e| failed(e.to_string()))?;
+        // A client that cannot be created is a configuration error (fatal); an
+        // end that cannot be read yet is transient (the caller asks again), so
+        // it is asked with a short timeout: the worker thread must poll soon.
+        let consumer: BaseConsumer<QuietEof> =
+            self.client.create_with_context(QuietEof).map_err(|e| ChangelogError::Setup(e.to_string(), changelog.clone()))?;
+        let (_, high) = consumer.fetch_watermarks(&changelog, partition, Duration::from_secs(5)).map_err(|e| failed(e.to_string()))?;
         let from = stored_position(store, input_topic, partition)?;
         let mut session = RestoreSession {
             consumer,

@@ -259,15 +259,16 @@ impl WorkerContext {
             let job = match current.as_mut() {
                 Some(job) => job,
                 None => {
-                    let Some((topic, partition)) = lock(&self.partitions).first_pending_restore() else {
+                    let Some(((topic, partition), assignment)) = lock(&self.partitions).first_pending_restore() else {
                         return moved;
                     };
-                    current.insert(Restoring::new(topic, partition))
+                    current.insert(Restoring::new(topic, partition, assignment))
                 }
             };
-            if !lock(&self.partitions).is_pending_restore(&job.topic, job.partition) {
-                // Revoked meanwhile: whatever was restored stays (a later
-                // restore of it reads on from there).
+            if lock(&self.partitions).restore_assignment(&job.topic, job.partition) != Some(job.assignment) {
+                // Revoked meanwhile (and maybe assigned again): whatever was
+                // restored stays (a later restore of it reads on from there),
+                // and a new assignment starts its restore afresh.
                 *current = None;
                 continue;
             }
@@ -309,12 +310,21 @@ impl WorkerContext {
                 return Ok(if moved { Step::Moved } else { Step::Waiting });
             }
             match &mut job.phase {
-                RestorePhase::Committed => match committed_offset(consumer, &topic, partition, remaining.min(Duration::from_millis(500))) {
-                    Ok(committed) => {
-                        let session = restorer.begin(&self.store, &topic, partition)?;
-                        job.phase = RestorePhase::Reading { session, committed };
-                        job.since = Instant::now();
-                    }
+                RestorePhase::Committed => match committed_offset(consumer, &topic, partition, remaining.min(Duration::from_millis(250))) {
+                    Ok(committed) => match restorer.begin(&self.store, &topic, partition) {
+                        Ok(session) => {
+                            job.phase = RestorePhase::Reading { session, committed };
+                            job.since = Instant::now();
+                        }
+                        // The changelog's end is not readable yet: a topic just
+                        // created has no leader for a moment, a broker that is
+                        // restarting does not answer. Asked again next turn.
+                        Err(ChangelogError::Restore { reason, .. }) if job.since.elapsed() < restorer.timeout => {
+                            job.note_wait_reason("the changelog's end is not readable yet; retrying", &reason);
+                            return Ok(if moved { Step::Moved } else { Step::Waiting });
+                        }
+                        Err(e) => return Err(e),
+                    },
                     Err(e) if job.since.elapsed() < restorer.timeout => {
                         job.note_wait("the group's committed offset is not readable yet (a transaction of a member that left may still be open); waiting", &e);
                         return Ok(if moved { Step::Moved } else { Step::Waiting });
@@ -384,6 +394,8 @@ enum Step {
 pub(super) struct Restoring {
     topic: String,
     partition: i32,
+    /// The assignment it restores for (see [`super::partitions::Partitions::restore_assignment`]).
+    assignment: u64,
     phase: RestorePhase,
     /// When the current phase began: the progress deadline of the waits.
     since: Instant,
@@ -398,11 +410,15 @@ enum RestorePhase {
 }
 
 impl Restoring {
-    fn new(topic: String, partition: i32) -> Restoring {
-        Restoring { topic, partition, phase: RestorePhase::Committed, since: Instant::now(), wait_logged: false }
+    fn new(topic: String, partition: i32, assignment: u64) -> Restoring {
+        Restoring { topic, partition, assignment, phase: RestorePhase::Committed, since: Instant::now(), wait_logged: false }
     }
 
     fn note_wait(&mut self, what: &str, error: &KafkaError) {
+        self.note_wait_reason(what, &error.to_string());
+    }
+
+    fn note_wait_reason(&mut self, what: &str, error: &str) {
         if !self.wait_logged {
             self.wait_logged = true;
             metrics::counter!("waymark_restore_waits_total").increment(1);

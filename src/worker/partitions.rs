@@ -32,7 +32,12 @@ pub struct Partitions {
     /// Assigned and paused, their state not restored yet: the loop restores them
     /// between batches (a rebalance callback that restored would hold up the
     /// whole group's rebalance), then seeks and resumes them. In assignment order.
-    pending_restore: Vec<TopicPartition>,
+    /// Each with the number of its assignment: a partition revoked and assigned
+    /// again between two restore slices starts its restore afresh (its
+    /// committed offset and changelog may have moved on meanwhile).
+    pending_restore: Vec<(TopicPartition, u64)>,
+    /// Assignments of partitions to restore so far (numbers the entries above).
+    assignments: u64,
     /// A failure in a rebalance callback or a restore; the loop stops on it.
     fatal: Option<ChangelogError>,
 }
@@ -65,13 +70,19 @@ impl Partitions {
     pub fn assign_pending_restore(&mut self, topic: &str, partition: i32) {
         let tp = (topic.to_string(), partition);
         self.owned.insert(tp.clone());
-        if !self.pending_restore.contains(&tp) {
-            self.pending_restore.push(tp);
+        if !self.pending_restore.iter().any(|(pending, _)| *pending == tp) {
+            self.assignments += 1;
+            self.pending_restore.push((tp, self.assignments));
         }
     }
 
     pub fn is_pending_restore(&self, topic: &str, partition: i32) -> bool {
-        self.pending_restore.iter().any(|(t, p)| t == topic && *p == partition)
+        self.restore_assignment(topic, partition).is_some()
+    }
+
+    /// The number of the assignment a pending partition waits for its restore in.
+    pub fn restore_assignment(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.pending_restore.iter().find(|((t, p), _)| t == topic && *p == partition).map(|(_, n)| *n)
     }
 
     pub fn pending_restore_count(&self) -> usize {
@@ -84,19 +95,19 @@ impl Partitions {
 
     /// The next partition to restore (it stays pending until
     /// [`Partitions::restore_done`], so a revocation meanwhile is seen).
-    pub fn first_pending_restore(&self) -> Option<TopicPartition> {
+    pub fn first_pending_restore(&self) -> Option<(TopicPartition, u64)> {
         self.pending_restore.first().cloned()
     }
 
     /// A partition's state is restored and the partition started.
     pub fn restore_done(&mut self, topic: &str, partition: i32) {
-        self.pending_restore.retain(|(t, p)| !(t == topic && *p == partition));
+        self.pending_restore.retain(|((t, p), _)| !(t == topic && *p == partition));
     }
 
     /// A partition was revoked: forget it; returns its next offset to hand the group.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<i64> {
         let tp = (topic.to_string(), partition);
-        self.pending_restore.retain(|pending| *pending != tp);
+        self.pending_restore.retain(|(pending, _)| *pending != tp);
         self.owned.remove(&tp);
         self.catch_up_to.remove(&tp);
         self.next.remove(&tp)
@@ -203,11 +214,16 @@ mod tests {
         assert!(p.commit_list().is_empty());
         assert_eq!(p.revoke("h", 1), None);
         assert!(!p.is_pending_restore("h", 1));
-        assert_eq!(p.first_pending_restore(), Some(("h".to_string(), 3)));
+        let (first, assignment) = p.first_pending_restore().unwrap();
+        assert_eq!(first, ("h".to_string(), 3));
         assert!(p.is_pending_restore("h", 3), "a partition stays pending while it is being restored");
-        p.restore_done("h", 3);
-        assert_eq!(p.first_pending_restore(), Some(("h".to_string(), 2)));
+        // Revoked and assigned again while it was being restored: a new assignment.
+        p.revoke("h", 3);
+        p.assign_pending_restore("h", 3);
+        assert_ne!(p.restore_assignment("h", 3), Some(assignment), "a restore begun for the earlier assignment must start again");
+        assert_eq!(p.first_pending_restore().map(|(tp, _)| tp), Some(("h".to_string(), 2)));
         p.restore_done("h", 2);
+        p.restore_done("h", 3);
         assert_eq!(p.first_pending_restore(), None);
         assert!(!p.has_pending_restore());
     }
