@@ -3,7 +3,8 @@
 # starts the single-node KRaft broker (scripts/kafka.sh), runs every fuzz target
 # for a bounded time (scripts/fuzz.sh), runs every test, and stops the broker it
 # started. Extra arguments go to `cargo test`. Before the tests, a small run of
-# the end-to-end load harness (WAYMARK_E2E_SMOKE=0 skips it).
+# the end-to-end load harness (WAYMARK_E2E_SMOKE=0 skips it) and of the chaos
+# soak (WAYMARK_CHAOS_SMOKE=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,18 @@ if [[ ${WAYMARK_E2E_SMOKE:-1} != 0 ]]; then
   cargo build --locked --bin waymark
   target=${CARGO_TARGET_DIR:-target}
   cargo run --locked --quiet --manifest-path benches/Cargo.toml --features e2e --bin e2e-load -- \
+    --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
+fi
+
+# The chaos soak's short configuration (docs/chaos-soak.md): two instances in
+# one group under a SIGKILL, a freeze past the session timeout, a broker kill
+# and restart, a rolling restart and added input partitions, both delivery
+# modes. It kills and restarts the broker, so only one this script started
+# (WAYMARK_CHAOS_SMOKE=0 skips it).
+if [[ ${WAYMARK_CHAOS_SMOKE:-1} != 0 ]] && ((started_here)); then
+  cargo build --locked --bin waymark
+  target=${CARGO_TARGET_DIR:-target}
+  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features e2e --bin chaos-soak -- \
     --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
 fi
 
