@@ -20,7 +20,11 @@ WORKDIR /src
 # (about 17 MB stripped).
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_PROFILE_RELEASE_STRIP=symbols
-COPY Cargo.toml Cargo.lock ./
+# build.rs stamps the commit into `waymark --version` ("unknown" here: .git is not
+# in the context; pass it with --build-arg WAYMARK_GIT_COMMIT=$(git rev-parse --short=12 HEAD)).
+ARG WAYMARK_GIT_COMMIT
+ENV WAYMARK_GIT_COMMIT=${WAYMARK_GIT_COMMIT}
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -705,6 +705,41 @@ fn dockerfile_health_check_works_without_bash_and_the_binary_is_stripped() {
     assert!(dockerfile.contains(r#"ENTRYPOINT ["waymark"]"#), "the entrypoint must be the bare binary");
 }
 
+/// The build stage copies a context of its own: every file the build reads
+/// must be in it (no container engine runs here, so this checks the context,
+/// not a `docker build`). `build.rs` was once left out, and `src/main.rs`
+/// needs the variable it sets.
+#[test]
+fn dockerfile_build_stage_copies_everything_the_build_reads() {
+    let dockerfile = read("Dockerfile");
+    let build_stage: Vec<&str> = dockerfile.lines().skip_while(|l| !l.starts_with("FROM ")).skip(1).take_while(|l| !l.starts_with("FROM ")).collect();
+    let copied: Vec<&str> = build_stage
+        .iter()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    let mut needed = vec!["Cargo.toml", "Cargo.lock", "src"];
+    if repo().join("build.rs").exists() {
+        needed.push("build.rs");
+    }
+    for path in needed {
+        assert!(copied.contains(&path), "the Dockerfile's build stage does not COPY {path} (it copies {copied:?})");
+    }
+    let manifest = read("Cargo.toml");
+    for line in manifest.lines().filter(|l| l.trim_start().starts_with("path = ") || l.trim_start().starts_with("build = ")) {
+        let path = line.split('"').nth(1).unwrap_or_default();
+        assert!(copied.iter().any(|c| path == *c || path.starts_with(&format!("{c}/"))), "Cargo.toml names {path}, which the build stage does not copy");
+    }
+    let ignored = read(".dockerignore");
+    for path in &copied {
+        assert!(!ignored.lines().any(|l| l.trim() == *path), ".dockerignore leaves {path} out of the context the Dockerfile copies");
+    }
+}
+
 #[test]
 fn contracts_page_is_self_contained_and_names_every_dead_letter_kind() {
     let contracts = read("docs/contracts.md");
