@@ -310,7 +310,7 @@ impl WorkerContext {
                 return Ok(if moved { Step::Moved } else { Step::Waiting });
             }
             match &mut job.phase {
-                RestorePhase::Committed => match committed_offset(consumer, &topic, partition, remaining.min(Duration::from_millis(250))) {
+                RestorePhase::Committed => match committed_offset(consumer, &topic, partition, COMMITTED_WAIT) {
                     Ok(committed) => match restorer.begin(&self.store, &topic, partition) {
                         Ok(session) => {
                             job.phase = RestorePhase::Reading { session, committed };
@@ -380,6 +380,14 @@ impl WorkerContext {
     }
 }
 
+/// How long one ask for a partition's committed offset may take. Longer than a
+/// restore slice on purpose: after a broker restart, or on a loaded machine,
+/// finding the group's coordinator and its answer take seconds, and an ask cut
+/// shorter than that would never be answered; the member keeps its group
+/// meanwhile (librdkafka heartbeats on its own thread), and the wait is asked
+/// again, without failing, until `worker.restore_timeout`.
+const COMMITTED_WAIT: Duration = Duration::from_secs(5);
+
 /// How far one call moved a restore.
 enum Step {
     /// The partition is restored, started and resumed.
@@ -399,8 +407,8 @@ pub(super) struct Restoring {
     phase: RestorePhase,
     /// When the current phase began: the progress deadline of the waits.
     since: Instant,
-    /// A wait was logged already (once per restore, not once per turn).
-    wait_logged: bool,
+    /// When a wait was last logged (every 30 s while it lasts, not every turn).
+    wait_logged: Option<Instant>,
 }
 
 enum RestorePhase {
@@ -411,7 +419,7 @@ enum RestorePhase {
 
 impl Restoring {
     fn new(topic: String, partition: i32, assignment: u64) -> Restoring {
-        Restoring { topic, partition, assignment, phase: RestorePhase::Committed, since: Instant::now(), wait_logged: false }
+        Restoring { topic, partition, assignment, phase: RestorePhase::Committed, since: Instant::now(), wait_logged: None }
     }
 
     fn note_wait(&mut self, what: &str, error: &KafkaError) {
@@ -419,10 +427,13 @@ impl Restoring {
     }
 
     fn note_wait_reason(&mut self, what: &str, error: &str) {
-        if !self.wait_logged {
-            self.wait_logged = true;
+        if self.wait_logged.is_none() {
             metrics::counter!("waymark_restore_waits_total").increment(1);
-            tracing::warn!(topic = %self.topic, partition = self.partition, %error, "{what}");
+        }
+        if self.wait_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+            self.wait_logged = Some(Instant::now());
+            let waited_s = self.since.elapsed().as_secs();
+            tracing::warn!(topic = %self.topic, partition = self.partition, %error, waited_s, "{what}");
         }
     }
 }
