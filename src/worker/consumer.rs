@@ -43,8 +43,8 @@ pub struct WorkerContext {
     pub(super) restorer: Option<Restorer>,
     /// The batch being delivered while the loop polls: a revocation waits for it.
     pub(super) in_flight: Arc<InFlight>,
-    /// The partition whose state the loop is restoring, one slice per turn.
-    pub(super) restoring: Mutex<Option<Restoring>>,
+    /// Restores in progress, by partition, a slice per turn.
+    pub(super) restoring: Mutex<std::collections::HashMap<super::partitions::TopicPartition, Restoring>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -237,16 +237,17 @@ impl WorkerContext {
         }
     }
 
-    /// Restore, for at most `budget`, the state of the partitions assigned
-    /// since the last calls, one after the other; seek each restored partition
-    /// to where it starts and resume it. Called by the loop between polls, so a
+    /// Restore, for about `budget`, the state of the partitions assigned since
+    /// the last calls, in assignment order, a partition that has to wait going
+    /// to the back of the line (so one that waits holds up no other); seek each
+    /// restored partition to where it starts and resume it. Called by the loop between polls, so a
     /// restore of any length keeps the member in its group (the partitions wait
     /// paused meanwhile, and the others are processed). A partition's restore
     /// waits, without failing, while the group's committed offset cannot be
     /// read yet (a transaction of a member that died is still open) and while
     /// librdkafka has not started the partition (a seek then fails with "Local:
     /// Erroneous state"): both are transient during a fail-over. It fails, and
-    /// stops the worker through [`Partitions::fail`], only when it has made no
+    /// stops the worker through [`super::partitions::Partitions::fail`], only when it has made no
     /// progress for `worker.restore_timeout`. Returns whether it moved forward.
     pub(super) fn restore_pending(&self, consumer: &BaseConsumer<Self>, budget: Duration) -> bool {
         let Some(restorer) = &self.restorer else {
@@ -254,42 +255,34 @@ impl WorkerContext {
         };
         let deadline = Instant::now() + budget;
         let mut moved = false;
-        let mut current = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let job = match current.as_mut() {
-                Some(job) => job,
-                None => {
-                    let Some(((topic, partition), assignment)) = lock(&self.partitions).first_pending_restore() else {
-                        return moved;
-                    };
-                    current.insert(Restoring::new(topic, partition, assignment))
-                }
-            };
-            if lock(&self.partitions).restore_assignment(&job.topic, job.partition) != Some(job.assignment) {
-                // Revoked meanwhile (and maybe assigned again): whatever was
-                // restored stays (a later restore of it reads on from there),
-                // and a new assignment starts its restore afresh.
-                *current = None;
-                continue;
+        let mut jobs = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        // Rebalance callbacks run only inside a poll, never during this call:
+        // the pending list cannot change under it.
+        let pending = lock(&self.partitions).pending_restores();
+        // A partition revoked since (and maybe assigned again) starts afresh:
+        // whatever its earlier restore applied stays, and is read on from.
+        jobs.retain(|tp, job| pending.iter().any(|(pending, assignment)| pending == tp && *assignment == job.assignment));
+        for (tp, assignment) in pending {
+            if Instant::now() >= deadline {
+                break;
             }
+            let job = jobs.entry(tp.clone()).or_insert_with(|| Restoring::new(tp.0.clone(), tp.1, assignment));
             match self.advance_restore(consumer, restorer, job, deadline) {
                 Ok(Step::Started) => {
                     moved = true;
-                    *current = None;
-                    if Instant::now() >= deadline {
-                        return moved;
-                    }
+                    jobs.remove(&tp);
                 }
-                Ok(Step::Moved) => return true,
-                Ok(Step::Waiting) => return moved,
+                Ok(Step::Moved) => moved = true,
+                Ok(Step::Waiting) => lock(&self.partitions).defer_restore(&tp.0, tp.1),
                 Err(e) => {
-                    tracing::error!(topic = %job.topic, partition = job.partition, error = %e, "cannot restore the partition's state; stopping");
-                    *current = None;
+                    tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot restore the partition's state; stopping");
+                    jobs.remove(&tp);
                     lock(&self.partitions).fail(e);
                     return moved;
                 }
             }
         }
+        moved
     }
 
     /// One restore, as far as `deadline` allows: the group's committed offset

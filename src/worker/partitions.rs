@@ -99,6 +99,20 @@ impl Partitions {
         self.pending_restore.first().cloned()
     }
 
+    /// Every partition waiting for its restore, in the order to try them.
+    pub fn pending_restores(&self) -> Vec<(TopicPartition, u64)> {
+        self.pending_restore.clone()
+    }
+
+    /// A partition whose restore has to wait goes to the back of the line, so
+    /// the ones behind it are restored meanwhile.
+    pub fn defer_restore(&mut self, topic: &str, partition: i32) {
+        if let Some(at) = self.pending_restore.iter().position(|((t, p), _)| t == topic && *p == partition) {
+            let entry = self.pending_restore.remove(at);
+            self.pending_restore.push(entry);
+        }
+    }
+
     /// A partition's state is restored and the partition started.
     pub fn restore_done(&mut self, topic: &str, partition: i32) {
         self.pending_restore.retain(|((t, p), _)| !(t == topic && *p == partition));
@@ -222,6 +236,9 @@ mod tests {
         p.assign_pending_restore("h", 3);
         assert_ne!(p.restore_assignment("h", 3), Some(assignment), "a restore begun for the earlier assignment must start again");
         assert_eq!(p.first_pending_restore().map(|(tp, _)| tp), Some(("h".to_string(), 2)));
+        p.defer_restore("h", 2);
+        let order: Vec<i32> = p.pending_restores().into_iter().map(|((_, n), _)| n).collect();
+        assert_eq!(order, [3, 2], "a restore that waits lets the others go first");
         p.restore_done("h", 2);
         p.restore_done("h", 3);
         assert_eq!(p.first_pending_restore(), None);

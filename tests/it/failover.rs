@@ -102,7 +102,8 @@ fn a_restore_waits_for_a_dead_members_open_transaction_instead_of_crashing() {
     let (worker, _) = spawn_logged(&setup, "opentxn-1", &[]);
     read_all(&setup.output, 1, before_expected.len(), Duration::from_secs(90), Duration::from_secs(1));
     stop(worker);
-    // The dead member: offsets for home 3 sent in a transaction never committed.
+    // The dead member: offsets for home 0 (the first to restore) sent in a
+    // transaction never committed.
     let zombie: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("transactional.id", unique("zombie"))
@@ -113,7 +114,7 @@ fn a_restore_waits_for_a_dead_members_open_transaction_instead_of_crashing() {
     zombie.begin_transaction().unwrap();
     let member: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &setup.group).create().unwrap();
     let mut offsets = TopicPartitionList::new();
-    offsets.add_partition_offset(&repartition, 3, Offset::Offset(0)).unwrap();
+    offsets.add_partition_offset(&repartition, 0, Offset::Offset(0)).unwrap();
     zombie.send_offsets_to_transaction(&offsets, &member.group_metadata().unwrap(), Duration::from_secs(30)).unwrap();
 
     let (input, _) = setup.traffic(303, 80);
@@ -129,7 +130,7 @@ fn a_restore_waits_for_a_dead_members_open_transaction_instead_of_crashing() {
     assert_eq!(repeats, 0, "exactly-once: no milestone twice");
     stop(worker);
     drop(zombie);
-    println!("checked: {distinct} milestones, the worker waited for the open transaction on home 3 and kept running");
+    println!("checked: {distinct} milestones, the worker waited for the open transaction on home 0 and kept running");
 }
 
 /// Produce `envelopes` to partition 0 of `topic` inside one Kafka transaction
