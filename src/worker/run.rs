@@ -99,17 +99,22 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
         consumer_config(config).create_with_context(context).map_err(WorkerError::Setup)?;
     let topics: Vec<&str> = stateless.iter().chain(&stateful).map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(WorkerError::Setup)?;
+    failpoint("before_producers");
     let output = match &config.delivery {
         DeliveryMode::AtLeastOnce => Output::AtLeastOnce {
             outputs: KafkaSink::new(config).map_err(WorkerError::Setup)?,
             changelog: match config.changelog {
-                Some(_) => Some(TransactionalSink::new(config, &config.transactional_id).map_err(WorkerError::Setup)?),
+                Some(_) => match open_transactional(config, deps.shutdown)? {
+                    Some(sink) => Some(sink),
+                    None => return Ok(()),
+                },
                 None => None,
             },
         },
-        DeliveryMode::ExactlyOnce => {
-            Output::ExactlyOnce(TransactionalSink::new(config, &config.transactional_id).map_err(WorkerError::Setup)?)
-        }
+        DeliveryMode::ExactlyOnce => match open_transactional(config, deps.shutdown)? {
+            Some(sink) => Output::ExactlyOnce(sink),
+            None => return Ok(()),
+        },
     };
     deps.health.ready.store(true, Ordering::SeqCst);
     tracing::info!(topics = ?topics, group = %config.kafka.group_id, placement = %config.placement.layout(), "worker started");
@@ -403,6 +408,43 @@ fn prepare_topics(config: &Config, stateful: &[String], shutdown: &AtomicBool) -
             .as_ref()
             .map(|settings| Restorer::new(super::client::restore_config(config), &config.kafka.group_id, settings.restore_timeout)),
     ))
+}
+
+/// The transactional producer, initialized (which fences an earlier producer of
+/// the same id and settles its open transaction). The broker may be away at
+/// that moment (it went down again right after the internal topics were
+/// ready): a timeout is waited out, not a reason to exit; `None` when a
+/// shutdown came first. Errors retrying cannot fix (authorization, a bad
+/// property) stop the worker.
+fn open_transactional(config: &Config, shutdown: &AtomicBool) -> Result<Option<TransactionalSink>, WorkerError> {
+    let mut retry = Retry::new(shutdown, Duration::ZERO, Duration::from_secs(1));
+    loop {
+        match TransactionalSink::new(config, &config.transactional_id) {
+            Ok(sink) => return Ok(Some(sink)),
+            Err(_) if shutdown.load(Ordering::SeqCst) => return Ok(None),
+            Err(e) if transient_init_error(&e) => {
+                tracing::warn!(error = %e, brokers = %config.kafka.brokers, attempt = retry.attempt + 1, "the transactional producer cannot be initialized yet; retrying");
+                retry.back_off();
+            }
+            Err(e) => return Err(WorkerError::Setup(e)),
+        }
+    }
+}
+
+/// Did initializing a transactional producer fail only for now (a timeout, a
+/// coordinator or broker away), so that asking again can succeed?
+fn transient_init_error(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+    match e {
+        KafkaError::Transaction(rd) => {
+            rd.is_retriable()
+                || matches!(
+                    rd.code(),
+                    Code::OperationTimedOut | Code::RequestTimedOut | Code::CoordinatorNotAvailable | Code::NotCoordinator | Code::AllBrokersDown | Code::BrokerTransportFailure
+                )
+        }
+        _ => false,
+    }
 }
 
 /// One stage of a batch took from `started` until now.

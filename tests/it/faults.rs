@@ -247,6 +247,42 @@ fn a_worker_started_before_its_broker_waits_for_it() {
 /// A produce error that retrying can never fix (here: an output topic that does
 /// not exist, on a broker that does not create topics) stops the worker with exit
 /// 2 and what to fix, instead of re-sending the batch forever while healthy.
+/// Found by the chaos soak: the broker came back long enough for the worker's
+/// internal topics to be checked, then went down again before its
+/// transactional producer was initialized. The initialization timed out and
+/// the worker exited 1. It now waits for the broker there too. (The worker
+/// pauses between the two steps, a failpoint, while the test stops the broker.)
+#[test]
+fn a_broker_that_goes_away_while_the_producers_start_is_waited_for() {
+    let broker = PrivateBroker::start();
+    let setup = WorkerSetup::on(&broker.address(), "producersstart", 1);
+    setup.configure("kafka", "delivery = \"exactly-once\"");
+    let mut worker = std::process::Command::new(waymark_bin())
+        .args(["run", "--config"])
+        .arg(&setup.config_path)
+        .env("WAYMARK_LOG", "warn,waymark=info")
+        .env("WAYMARK_FAILPOINT", "before_producers:1:pause=6")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.script("stop");
+    // The producer's initialization times out after 30 s; the worker must go on waiting.
+    std::thread::sleep(Duration::from_secs(40));
+    assert!(worker.try_wait().unwrap().is_none(), "the worker must wait for its broker, not exit");
+    broker.script("start");
+    let (input, expected) = setup.traffic(72, 20);
+    produce_on(&broker.address(), &setup.input, &input, 1);
+    let output = read_all_on(&broker.address(), &setup.output, 1, expected.len(), Duration::from_secs(120), Duration::from_secs(2));
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(30));
+    let (distinct, repeats) = check_at_least_once(&output, &expected);
+    assert_eq!(repeats, 0, "exactly-once");
+    println!("checked: the broker went away while the producers started; {distinct} of {} milestones after it came back", expected.len());
+    assert!(status.is_some_and(|s| s.success()));
+}
+
 #[test]
 fn an_output_topic_that_cannot_be_written_stops_the_worker_with_exit_2() {
     let setup = WorkerSetup::new("unwritable", 1);
