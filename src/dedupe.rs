@@ -1,4 +1,4 @@
-//! Duplicate detection (DESIGN section 4).
+//! Duplicate detection.
 //!
 //! An event is a duplicate, for its tenant and carrier, when within the carrier's TTL
 //! - its **content hash** was seen: blake3 over a versioned, length-prefixed encoding

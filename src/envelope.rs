@@ -1,4 +1,4 @@
-//! The record envelope (DESIGN section 1): a raw carrier body plus the Kafka
+//! The record envelope: a raw carrier body plus the Kafka
 //! metadata around it, whether it came from a live topic or a `kcat -C -J` archive.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! The canonical tracking event (schemas/tracking-event.schema.json) and the
-//! canonical status hierarchy (DESIGN section 3).
+//! canonical status hierarchy.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -42,7 +42,7 @@ impl Status {
         Status::Cancelled,
     ];
 
-    /// Rank in the hierarchy of DESIGN section 3. `exception` and `cancelled` are
+    /// Rank in the status hierarchy. `exception` and `cancelled` are
     /// off the forward path and have no rank of their own (0).
     pub fn rank(self) -> u8 {
         match self {
@@ -139,7 +139,7 @@ pub struct CarrierEvent {
     pub source_event_id: Option<String>,
 }
 
-/// One canonical tracking event (DESIGN section 2).
+/// One canonical tracking event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackingEvent {
     pub tenant_id: String,

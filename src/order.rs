@@ -1,4 +1,4 @@
-//! Per-shipment status ordering (DESIGN sections 3 and 5): every event ensures its
+//! Per-shipment status ordering: every event ensures its
 //! milestone, but the shipment's status only moves forward along the hierarchy.
 //!
 //! Rules, in order:

@@ -47,8 +47,8 @@ impl MilestoneUpsert {
 }
 
 /// `milestone_id`: hex blake3 over tenant, carrier, tracking number, status, code,
-/// occurred_at (DESIGN section 6) and the location, since two scans of one status
-/// at one instant in two places are two milestones (DESIGN section 4).
+/// occurred_at and the location, since two scans of one status
+/// at one instant in two places are two milestones.
 pub fn milestone_id(event: &TrackingEvent) -> String {
     let mut enc = crate::dedupe::Encoder::new(b"waymark.milestone.v1");
     enc.str(&event.tenant_id);

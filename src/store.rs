@@ -1,7 +1,7 @@
 //! RocksDB adapter for [`StateStore`]: one column family per [`Keyspace`], the
 //! write-ahead log on, every batch atomic.
 //!
-//! Expiry follows DESIGN section 10: each value starts with its `expires_at` (ms),
+//! Expiry: each value starts with its `expires_at` (ms),
 //! the core checks it on every read, and a compaction filter drops expired entries
 //! so the disk is reclaimed; periodic compaction makes sure cold files get visited.
 //! RocksDB's own TTL mode is not used (one TTL for the whole database, expired

@@ -1,4 +1,4 @@
-//! Metrics (DESIGN section 8): names, and the translation of pipeline outcomes
+//! Metrics: names, and the translation of pipeline outcomes
 //! into them. Served over HTTP by [`crate::http`].
 //!
 //! The core returns outcomes; this module turns them into metrics through the

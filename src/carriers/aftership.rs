@@ -5,8 +5,7 @@
 //! its delivery status and sub-status enums (2025-04 and 2026-07 pages plus the
 //! support article announcing Exception_016..018), the legacy v4 docs and the
 //! official SDK checkpoint model (`checkpoint_time` forms; `country_iso3`/`zip`
-//! renamed `country_region`/`postal_code` in newer API versions); notes in
-//! shared/carriers/aftership.md.
+//! renamed `country_region`/`postal_code` in newer API versions).
 //!
 //! Rules:
 //! - Events: one per `msg.checkpoints[]` entry. `tracking_update`, `edd_revise` and

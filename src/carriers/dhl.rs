@@ -3,7 +3,7 @@
 //! options deliver the same tracking format (eCommerce Americas webhooks say so; the
 //! Unified Push payload itself is not published).
 //!
-//! Sources (notes in shared/carriers/dhl.md): the DHL OpenAPI example response (as
+//! Sources: the DHL OpenAPI example response (as
 //! used in karrio `modules/connectors/dhl_universal/tests/dhl_universal/
 //! test_tracking.py`, and the timestamp forms karrio's `tracking.py` accepts), the DHL
 //! developer help center articles 47001197243 (the five `statusCode` values),

@@ -5,7 +5,7 @@
 //! Sources: EasyPost/examples `official/fixtures/event-body.json` (verbatim webhook
 //! body used by every official client library), the Trackers API reference
 //! (docs.easypost.com/docs/trackers: status enum, time-zone rule) and a production
-//! `tracker.updated` body for FedEx 397280491672; notes in shared/carriers/easypost.md.
+//! `tracker.updated` body for FedEx 397280491672.
 //!
 //! Rules:
 //! - Tracking number: `result.tracking_code`, trimmed. No `shipment_ref`: the `trk_`

@@ -4,7 +4,7 @@
 //! webhook adds `outputMetaData[]`, which is delivery bookkeeping and not read), so
 //! one code path reads both. One [`CarrierEvent`] per scan event.
 //!
-//! Sources (notes in shared/carriers/fedex.md):
+//! Sources:
 //! - FedEx Track API OpenAPI as vendored by karrio
 //!   (`modules/connectors/fedex/vendor/track.json` @ deea10f8): field meanings of
 //!   `scanEvents[]`, `trackingNumberInfo`, `error`.

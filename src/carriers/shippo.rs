@@ -7,8 +7,7 @@
 //! names, types, the "displayed in UTC" rule for `status_date`), the tracking guide
 //! on docs.goshippo.com (status definitions, "history starting with the earlier
 //! event first", "tracking webhooks are not idempotent"). The substatus codes come
-//! from a third-party quotation of Shippo's "Event definitions" table (secondary);
-//! notes in shared/carriers/shippo.md.
+//! from a third-party quotation of Shippo's "Event definitions" table (secondary).
 //!
 //! Rules:
 //! - Tracking number: `data.tracking_number`, trimmed. No `shipment_ref`: the

@@ -3,7 +3,7 @@
 //! message). The two are told apart by shape: a `trackResponse` root is the Track
 //! API, a flat body with `trackingNumber` is a Track Alert message.
 //!
-//! Sources (notes in shared/carriers/ups.md, tables in shared/carriers/raw/ups_*.md):
+//! Sources:
 //! - Track Alert: `UPSTrackAlert.yaml` in github.com/UPS-API/api-documentation
 //!   (v1 at commit aee93d67c53c, 2025-09; "v2" at HEAD e6f36df4da29), the
 //!   `TrackingEventRequest` schema and its seven example messages.

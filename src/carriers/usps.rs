@@ -3,7 +3,7 @@
 //! `trackingEvents[]` history (reverse chronological, at most 99). One
 //! [`CarrierEvent`] per tracking event.
 //!
-//! Sources (notes in shared/carriers/usps.md):
+//! Sources:
 //! - USPS OpenAPI "Package Tracking and Notification" 3.2.6 as vendored by karrio
 //!   (`modules/connectors/usps/vendor/tracking.yaml` @ deea10f8): field meanings,
 //!   `GMTOffset` example `-7:00`, `additionalProperties: true`.
@@ -155,7 +155,7 @@ mod tests {
     use crate::event::format_utc;
     use serde_json::json;
 
-    /// Every code of the notes' Pub 199 table (SUMMARY 3.3 USPS rows), one
+    /// Every code of USPS Publication 199's event-code table, one
     /// assertion each.
     #[test]
     fn every_documented_code_is_mapped() {
