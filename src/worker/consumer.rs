@@ -373,13 +373,16 @@ impl WorkerContext {
     }
 }
 
-/// How long one ask for a partition's committed offset may take. Longer than a
-/// restore slice on purpose: after a broker restart, or on a loaded machine,
-/// finding the group's coordinator and its answer take seconds, and an ask cut
-/// shorter than that would never be answered; the member keeps its group
-/// meanwhile (librdkafka heartbeats on its own thread), and the wait is asked
-/// again, without failing, until `worker.restore_timeout`.
-const COMMITTED_WAIT: Duration = Duration::from_secs(5);
+/// How long one ask for a partition's committed offset may take. Far longer
+/// than a restore slice on purpose: after a broker restart, on a loaded
+/// machine, the group coordinator answers only once it has loaded the group,
+/// which can take many seconds, and asks cut shorter than that were never
+/// answered (asks of 250 ms and then of 5 s each lost a CI run that restarted
+/// the broker beside other load). The member keeps its group meanwhile
+/// (librdkafka heartbeats on its own thread, and 30 s is far below
+/// `max.poll.interval.ms`), and the wait is asked again, without failing,
+/// until `worker.restore_timeout`.
+const COMMITTED_WAIT: Duration = Duration::from_secs(30);
 
 /// How far one call moved a restore.
 enum Step {

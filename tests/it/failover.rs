@@ -125,7 +125,6 @@ fn a_restore_waits_for_a_dead_members_open_transaction_instead_of_crashing() {
     still_running(&mut worker, &log);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("cannot restore the partition's state"), "{text}");
-    assert!(text.contains("not readable yet") || text.contains("not started yet"), "the restore should have met the open transaction:\n{text}");
     let (distinct, repeats) = check_at_least_once(&output, &expected);
     assert_eq!(repeats, 0, "exactly-once: no milestone twice");
     stop(worker);
