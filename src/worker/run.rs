@@ -478,10 +478,10 @@ fn check_input_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[String],
         };
         if !known {
             missing += 1;
-            if metrics_missing_changed(topic, true) {
+            if missing_state_changed(topic, true) {
                 tracing::error!(%topic, "input topic missing or not readable: nothing of it is consumed (create it, fix kafka.input_topics, or grant this principal Describe and Read on it)");
             }
-        } else if metrics_missing_changed(topic, false) {
+        } else if missing_state_changed(topic, false) {
             tracing::info!(%topic, "input topic found");
         }
         metrics::gauge!(INPUT_TOPIC_MISSING, "topic" => topic.clone()).set(if known { 0.0 } else { 1.0 });
@@ -492,7 +492,7 @@ fn check_input_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[String],
 /// Remember whether `topic` was missing at the last check; true when that changed
 /// (so the log says it once, not every few seconds). A first check that finds
 /// the topic says nothing.
-fn metrics_missing_changed(topic: &str, missing: bool) -> bool {
+fn missing_state_changed(topic: &str, missing: bool) -> bool {
     use std::sync::OnceLock;
     static MISSING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     let mut set = MISSING.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
