@@ -56,12 +56,18 @@ fn still_running(worker: &mut std::process::Child, log: &std::path::Path) {
 
 /// `waymark run` with its log in a file beside the state directory.
 fn spawn_logged(setup: &WorkerSetup, name: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    spawn_logged_with(setup, name, extra, &[])
+}
+
+/// [`spawn_logged`] with extra environment variables (a failpoint, say).
+fn spawn_logged_with(setup: &WorkerSetup, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> (std::process::Child, std::path::PathBuf) {
     let log = setup.state_dir.with_extension(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let worker = std::process::Command::new(waymark_bin())
         .args(["run", "--config"])
         .arg(&setup.config_path)
         .args(extra)
+        .envs(envs.iter().copied())
         .env("WAYMARK_LOG", "warn,waymark=info")
         .stdout(std::process::Stdio::null())
         .stderr(file)
@@ -225,16 +231,7 @@ fn a_delivery_that_does_not_finish_fails_liveness_until_it_does() {
     setup.configure("worker", "stall_timeout = \"10s\"");
     let (input, expected) = setup.traffic(606, 30);
     produce(&setup.input, &input, 1);
-    let log = setup.state_dir.with_extension("stuck.log");
-    let mut worker = std::process::Command::new(waymark_bin())
-        .args(["run", "--config"])
-        .arg(&setup.config_path)
-        .env("WAYMARK_LOG", "warn,waymark=info")
-        .env("WAYMARK_FAILPOINT", "before_output:1:pause=40")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut worker, log) = spawn_logged_with(&setup, "stuck", &[], &[("WAYMARK_FAILPOINT", "before_output:1:pause=40")]);
     let started = Instant::now();
     let mut stuck = None;
     while started.elapsed() < Duration::from_secs(35) && stuck.is_none() {
