@@ -193,9 +193,10 @@ impl KafkaSink {
     }
 
     pub(super) fn enqueue_changelog(&self, records: &[ChangelogRecord]) -> Result<(), SinkError> {
+        let attempt = self.attempt();
         for record in records {
             let base = BaseRecord::to(&record.topic).key(&record.key[..]).payload(&record.value[..]).partition(record.partition);
-            self.enqueue_record(base)?;
+            self.enqueue_record(base, attempt)?;
         }
         Ok(())
     }
@@ -240,31 +241,34 @@ impl KafkaSink {
 
     /// Queue every record of a batch (keys and headers as documented).
     pub(super) fn enqueue_all(&self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        // Read once per batch, not per record: the tracker's lock is shared
+        // with the producer's delivery thread.
+        let attempt = self.attempt();
         for routed in outputs.routed {
             let base = BaseRecord::to(&routed.topic).key(routed.key.as_str()).payload(&routed.payload[..]).partition(routed.partition);
-            self.enqueue_record(base)?;
+            self.enqueue_record(base, attempt)?;
         }
         for upsert in outputs.upserts {
             let payload = serde_json::to_vec(upsert).map_err(std::io::Error::other)?;
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "milestone-id", value: Some(upsert.milestone_id.as_str()) })
                 .insert(Header { key: "tenant-id", value: Some(upsert.tenant_id.as_str()) });
-            self.enqueue(&self.output_topic, &upsert.key(), &payload, headers)?;
+            self.enqueue(&self.output_topic, &upsert.key(), &payload, headers, attempt)?;
         }
         for dead in outputs.dead_letters {
             let payload = serde_json::to_vec(dead).map_err(std::io::Error::other)?;
             let headers = OwnedHeaders::new().insert(Header { key: "error-kind", value: Some(dead.error_kind.as_str()) });
-            self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers)?;
+            self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers, attempt)?;
         }
         Ok(())
     }
 
-    fn enqueue(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
-        self.enqueue_record(BaseRecord::to(topic).key(key).payload(payload).headers(headers))
+    fn enqueue(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders, attempt: usize) -> Result<(), SinkError> {
+        self.enqueue_record(BaseRecord::to(topic).key(key).payload(payload).headers(headers), attempt)
     }
 
-    fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>) -> Result<(), SinkError> {
-        let mut record = numbered(record, self.attempt());
+    fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>, attempt: usize) -> Result<(), SinkError> {
+        let mut record = numbered(record, attempt);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
