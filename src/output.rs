@@ -42,8 +42,33 @@ pub struct MilestoneUpsert {
 impl MilestoneUpsert {
     /// Output record key: one shipment stays in one output partition, in order.
     pub fn key(&self) -> String {
-        format!("{}:{}:{}", self.tenant_id, self.carrier, self.tracking_number)
+        shipment_key(&self.tenant_id, &self.carrier, &self.tracking_number)
     }
+}
+
+/// `tenant_id:carrier:tracking_number`, the key of a shipment's records on the
+/// output and repartition topics. Carrier names never contain `:` (built-in
+/// names, and declared ones are refused with it) and tracking numbers may, so
+/// the tenant id is the one field that must not: a `:` in it is written `%3A`
+/// (and `%` as `%25`). Without that, tenant `a:ups` with carrier `fedex` and
+/// tenant `a` with carrier `ups` and a tracking number starting `fedex:` would
+/// share a key, and a consumer that compacts or materializes by key would mix
+/// two tenants' shipments. Tenant ids without `:` or `%` (nearly all) keep
+/// their key unchanged.
+pub fn shipment_key(tenant_id: &str, carrier: &str, tracking_number: &str) -> String {
+    let mut key = String::with_capacity(tenant_id.len() + carrier.len() + tracking_number.len() + 2);
+    for c in tenant_id.chars() {
+        match c {
+            ':' => key.push_str("%3A"),
+            '%' => key.push_str("%25"),
+            c => key.push(c),
+        }
+    }
+    key.push(':');
+    key.push_str(carrier);
+    key.push(':');
+    key.push_str(tracking_number);
+    key
 }
 
 /// `milestone_id`: hex blake3 over tenant, carrier, tracking number, status, code,
@@ -321,6 +346,20 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
     }
 
+    #[test]
+    fn shipment_keys_of_two_tenants_never_meet() {
+        // The case a plain `tenant:carrier:tracking` join merges.
+        let a = shipment_key("a:ups", "fedex", "123");
+        let b = shipment_key("a", "ups", "fedex:123");
+        assert_ne!(a, b);
+        assert_eq!(a, "a%3Aups:fedex:123");
+        assert_eq!(b, "a:ups:fedex:123");
+        // An escape's own text in a tenant id cannot pose as an escape.
+        assert_ne!(shipment_key("a%3Aups", "fedex", "123"), a);
+        // Ordinary tenant ids keep the key they always had.
+        assert_eq!(shipment_key("acme", "usps", "9400 1112:06"), "acme:usps:9400 1112:06");
+    }
+
     fn envelope(payload: Vec<u8>) -> Envelope {
         Envelope {
             topic: "tracking.raw.usps".into(),
@@ -363,6 +402,7 @@ mod tests {
     fn one_of_each_kind() -> Vec<RecordError> {
         let all = vec![
             RecordError::TooLarge { size: 2, limit: 1 },
+            RecordError::LineTooLong { size: 2, limit: 1 },
             RecordError::InvalidUtf8 { at: 0 },
             RecordError::InvalidJson("x".into()),
             RecordError::WrongType { field: "f".into(), expected: "string" },
@@ -380,6 +420,7 @@ mod tests {
         for error in &all {
             match error {
                 RecordError::TooLarge { .. }
+                | RecordError::LineTooLong { .. }
                 | RecordError::InvalidUtf8 { .. }
                 | RecordError::InvalidJson(_)
                 | RecordError::WrongType { .. }

@@ -121,7 +121,7 @@ pub struct RoutedEvents {
 pub struct RoutedRecord {
     pub topic: String,
     pub partition: i32,
-    /// `tenant:carrier:tracking_number`, like the upserts' key.
+    /// `tenant:carrier:tracking_number`, like the upserts' key ([`crate::output::shipment_key`]).
     pub key: String,
     pub payload: Vec<u8>,
 }
@@ -138,7 +138,7 @@ pub fn route(topic: &str, partitions: u32, events: Vec<TrackingEvent>) -> Result
     let mut order: Vec<(String, i32)> = Vec::new();
     let mut groups: HashMap<(String, i32), Vec<TrackingEvent>> = HashMap::new();
     for event in events {
-        let key = format!("{}:{}:{}", event.tenant_id, event.carrier, event.tracking_number);
+        let key = crate::output::shipment_key(&event.tenant_id, &event.carrier, &event.tracking_number);
         let partition = home_partition(partitions, &event.tenant_id, &event.carrier, &event.tracking_number);
         let group = groups.entry((key.clone(), partition)).or_insert_with(|| {
             order.push((key, partition));
