@@ -127,11 +127,13 @@ impl DeliveryCounts {
 }
 
 /// What a stopping produce error tells the operator.
-const UNFIXABLE: &str = "retrying cannot fix this: check that the topic exists with a valid name, that this principal may write it (ACLs), and that records fit message.max.bytes; then restart";
+const UNFIXABLE: &str = "retrying cannot fix this: check that the topic exists with a valid name, that this principal may write it (ACLs), that records fit message.max.bytes, and that this host's clock agrees with the broker's (records carry the current time; a topic refuses times outside its message.timestamp.before.max.ms and after.max.ms); then restart";
 
 /// What a produce error means for the batch. Retrying cannot fix a record the
 /// broker or client will never take (too large, invalid), a topic that does not
-/// exist or may not be written, or a configuration the client rejects: those stop
+/// exist or may not be written, a record time the topic refuses (the host's
+/// clock is off by more than the topic allows: re-sending the same time fails
+/// the same way), or a configuration the client rejects: those stop
 /// the worker with the reason instead of re-sending forever. Everything else
 /// (timeouts, leader changes, a broker away) is retried.
 pub fn produce_fate(error: &KafkaError) -> Fate {
@@ -142,6 +144,7 @@ pub fn produce_fate(error: &KafkaError) -> Fate {
             | Code::InvalidMessageSize
             | Code::InvalidMessage
             | Code::InvalidRecord
+            | Code::InvalidTimestamp
             | Code::InvalidTopic
             | Code::UnknownTopic
             | Code::TopicAuthorizationFailed
@@ -390,7 +393,7 @@ mod tests {
 
     #[test]
     fn errors_that_retrying_cannot_fix_stop_the_worker() {
-        for code in [Code::MessageSizeTooLarge, Code::TopicAuthorizationFailed, Code::UnknownTopic, Code::InvalidRecord] {
+        for code in [Code::MessageSizeTooLarge, Code::TopicAuthorizationFailed, Code::UnknownTopic, Code::InvalidRecord, Code::InvalidTimestamp] {
             assert_eq!(produce_fate(&KafkaError::MessageProduction(code)), Fate::Stop, "{code:?}");
         }
         for code in [Code::RequestTimedOut, Code::NotLeaderForPartition, Code::BrokerTransportFailure, Code::MessageTimedOut] {
