@@ -53,6 +53,9 @@ pub enum RecordError {
     // short whatever the record held. The fields keep the whole value for code.
     #[error("body is {size} bytes, over the {limit}-byte limit (raise limits.max_body_bytes if this carrier really sends such bodies)")]
     TooLarge { size: usize, limit: usize },
+    /// An archive line too long to be the envelope of a body within the limit.
+    #[error("archive line is {size} bytes, over the {limit}-byte limit for lines (6 times limits.max_body_bytes plus 64 KiB; raise limits.max_body_bytes if the carrier really sends such bodies)")]
+    LineTooLong { size: usize, limit: usize },
     #[error("body is not valid UTF-8 at byte {at}")]
     InvalidUtf8 { at: usize },
     #[error("body is not valid JSON: {}", clip_message(.0))]
@@ -106,7 +109,7 @@ impl RecordError {
     /// Bounded label for metrics and the dead-letter `error_kind`.
     pub fn kind(&self) -> &'static str {
         match self {
-            RecordError::TooLarge { .. } => "too_large",
+            RecordError::TooLarge { .. } | RecordError::LineTooLong { .. } => "too_large",
             RecordError::InvalidUtf8 { .. } => "invalid_utf8",
             RecordError::InvalidJson(_) => "invalid_json",
             RecordError::WrongType { .. } => "wrong_type",

@@ -37,10 +37,37 @@ pub enum ReplayError {
     Sink(#[from] SinkError),
     #[error("replaying topic `{topic}`: {reason} (check kafka.brokers, the topic's name and that this principal may read it)")]
     Topic { topic: String, reason: String },
+    #[error(
+        "replaying topic `{topic}`: no record for {seconds} s while {waiting} still had records to read; nothing past them was replayed. \
+         The broker may be unreachable, or an open transaction holds back what a read_committed reader sees. \
+         Run the same command again once the broker answers (with --state-dir it continues where this run stopped)"
+    )]
+    TopicStalled { topic: String, seconds: u64, waiting: String },
 }
 
 /// Records per batch (one flush and one state write each).
 pub const BATCH: usize = 1000;
+
+/// Bytes of archive lines per batch at most (a batch closes at whichever of this
+/// and [`BATCH`] comes first), as `worker.batch_max_bytes` bounds the worker's.
+pub const BATCH_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Longest archive line read into memory for a body limit of `max_body_bytes`:
+/// a body of that size written as a JSON string takes at most 6 bytes per byte
+/// (`\u00XX`), plus room for the envelope's other fields. A longer line is not
+/// held: its start (enough for the dead letter, which keeps 256 KiB of a body)
+/// is kept, the rest is skipped up to the next line, and it becomes a
+/// `too_large` dead letter.
+pub fn max_line_bytes(max_body_bytes: usize) -> usize {
+    max_body_bytes.saturating_mul(6).saturating_add(64 * 1024)
+}
+
+/// Bytes kept of a line over [`max_line_bytes`].
+const OVERLONG_LINE_KEPT: usize = 256 * 1024;
+
+/// How long a topic replay waits without a record before it fails (see
+/// [`ReplayError::TopicStalled`]).
+pub const TOPIC_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The archive files behind `input`, in the order they are replayed.
 pub fn archive_files(input: &Path) -> Result<Vec<PathBuf>, ReplayError> {
@@ -138,7 +165,7 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     pub fn stream(&mut self, reader: &mut dyn BufRead, archive_name: &str) -> Result<(), ReplayError> {
         let (store, resume) = (self.store, self.resume);
         // Raw lines: checking their UTF-8 is part of preparing, off this thread.
-        let mut lines: Vec<(i64, Vec<u8>)> = Vec::with_capacity(BATCH);
+        let mut lines: Vec<ArchiveLine> = Vec::with_capacity(BATCH);
         let mut line = Vec::new();
         let mut line_no: i64 = 0;
         // Resumable: the store remembers the last line whose batch it committed.
@@ -151,20 +178,26 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
             tracing::info!(archive = %archive_name, line = resume_after, "resuming after the last line an earlier run committed");
         }
         let mut applying: Option<PreparedLines> = None;
+        let max_line = max_line_bytes(self.pipeline.carriers.max_body_bytes);
+        let mut batch_bytes = 0usize;
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
+            let (n, overlong) =
+                read_bounded_line(reader, &mut line, max_line).map_err(|source| ReplayError::Read { path: archive_name.into(), source })?;
             if n > 0 {
                 line_no += 1;
                 // Blank lines are not records and do not count towards a batch
                 // (lines of Unicode whitespace only are dropped when prepared).
                 if line_no > resume_after && !line.iter().all(u8::is_ascii_whitespace) {
+                    batch_bytes += line.len();
                     // The next line is likely about as long: one allocation, no regrowth.
-                    let capacity = line.len().max(256);
-                    lines.push((line_no, std::mem::replace(&mut line, Vec::with_capacity(capacity))));
+                    let capacity = line.len().clamp(256, max_line);
+                    let bytes = std::mem::replace(&mut line, Vec::with_capacity(capacity));
+                    lines.push(ArchiveLine { line_no, bytes, overlong: overlong.then_some(n) });
                 }
             }
-            if lines.len() >= BATCH || (n == 0 && !lines.is_empty()) {
+            if lines.len() >= BATCH || batch_bytes >= BATCH_MAX_BYTES || (n == 0 && !lines.is_empty()) {
+                batch_bytes = 0;
                 let batch = std::mem::replace(&mut lines, Vec::with_capacity(BATCH));
                 let done = checkpoint.as_ref().map(|key| vec![(key.clone(), line_no)]).unwrap_or_default();
                 let now = (self.now)();
@@ -298,9 +331,30 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
                             }
                         }
                     }
-                    if idle.elapsed() > timeout {
-                        tracing::warn!(%topic, "no record for {timeout:?}; ending the topic replay where it stands");
-                        break;
+                    // Never end quietly short of the range: a backfill that stops
+                    // at a broker outage and exits 0 looks complete.
+                    if idle.elapsed() > range.stall_timeout {
+                        if !batch.is_empty() {
+                            self.deliver(&batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of))?;
+                        }
+                        let positions = consumer.position().ok();
+                        let mut waiting: Vec<String> = end
+                            .iter()
+                            .map(|(partition, stop)| {
+                                let at = positions
+                                    .as_ref()
+                                    .and_then(|p| p.find_partition(topic, *partition))
+                                    .and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o.to_string()) } else { None })
+                                    .unwrap_or_else(|| "?".into());
+                                format!("partition {partition} (at offset {at} of {stop})")
+                            })
+                            .collect();
+                        waiting.sort();
+                        return Err(ReplayError::TopicStalled {
+                            topic: topic.to_string(),
+                            seconds: range.stall_timeout.as_secs().max(1),
+                            waiting: waiting.join(", "),
+                        });
                     }
                 }
             }
@@ -361,13 +415,20 @@ struct PreparedLines {
 
 impl PreparedLines {
     /// Parse the lines as envelopes and normalize them, on the pipeline's threads.
-    fn prepare(pipeline: &Pipeline, lines: Vec<(i64, Vec<u8>)>, archive_name: &str, now: DateTime<Utc>, done: Vec<(Vec<u8>, i64)>) -> PreparedLines {
-        let lines: Vec<(i64, String)> =
-            lines.into_iter().map(|(line_no, bytes)| (line_no, text_lossy(bytes))).filter(|(_, line)| !line.trim().is_empty()).collect();
-        let parsed = crate::parallel::map_ordered(&lines, pipeline.threads, |(_, line)| Envelope::from_kcat_json(line.trim()));
+    fn prepare(pipeline: &Pipeline, lines: Vec<ArchiveLine>, archive_name: &str, now: DateTime<Utc>, done: Vec<(Vec<u8>, i64)>) -> PreparedLines {
+        let max_line = max_line_bytes(pipeline.carriers.max_body_bytes);
+        let lines: Vec<(i64, String, Option<usize>)> = lines
+            .into_iter()
+            .map(|line| (line.line_no, text_lossy(line.bytes), line.overlong))
+            .filter(|(_, line, _)| !line.trim().is_empty())
+            .collect();
+        let parsed = crate::parallel::map_ordered(&lines, pipeline.threads, |(_, line, overlong)| match overlong {
+            Some(size) => Err(crate::error::RecordError::LineTooLong { size: *size, limit: max_line }),
+            None => Envelope::from_kcat_json(line.trim()),
+        });
         let mut envelopes = Vec::with_capacity(lines.len());
         let mut malformed = Vec::new();
-        for ((line_no, line), parsed) in lines.iter().zip(parsed) {
+        for ((line_no, line, _), parsed) in lines.iter().zip(parsed) {
             match parsed {
                 Ok(envelope) => envelopes.push(envelope),
                 Err(error) => {
@@ -397,14 +458,68 @@ fn text_lossy(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// One archive line as read: its number (from 1) and bytes.
+struct ArchiveLine {
+    line_no: i64,
+    bytes: Vec<u8>,
+    /// The line's whole length when it was over [`max_line_bytes`] and only its
+    /// start was kept.
+    overlong: Option<usize>,
+}
+
+/// Read one line (up to and including `\n`) into `line`, holding at most `max`
+/// bytes of it: past that, only the first [`OVERLONG_LINE_KEPT`] bytes are kept
+/// and the rest is read and dropped. Returns the line's whole length (0 at the
+/// end of the input) and whether it was over `max`. So one line without a
+/// newline (a corrupt or binary file) cannot take all memory.
+fn read_bounded_line(reader: &mut dyn BufRead, line: &mut Vec<u8>, max: usize) -> std::io::Result<(usize, bool)> {
+    let mut total = 0usize;
+    let mut overlong = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok((total, overlong));
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let used = chunk.len();
+        if !overlong && line.len() + used > max {
+            overlong = true;
+            line.truncate(OVERLONG_LINE_KEPT);
+        }
+        let room = if overlong { OVERLONG_LINE_KEPT.saturating_sub(line.len()) } else { used };
+        line.extend_from_slice(&chunk[..room.min(used)]);
+        total += used;
+        reader.consume(used);
+        if done {
+            return Ok((total, overlong));
+        }
+    }
+}
+
 /// Where a topic replay starts and stops.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TopicRange {
     /// First record at or after this time (`None`: each partition's beginning).
     pub since: Option<DateTime<Utc>>,
     /// Last record before this time (`None`: each partition's end when the replay
     /// starts; records produced later are not read).
     pub until: Option<DateTime<Utc>>,
+    /// How long the replay may go without a record while the range is not read
+    /// to its end before it fails ([`TOPIC_STALL_TIMEOUT`] by default).
+    pub stall_timeout: std::time::Duration,
+}
+
+impl Default for TopicRange {
+    fn default() -> Self {
+        TopicRange { since: None, until: None, stall_timeout: TOPIC_STALL_TIMEOUT }
+    }
 }
 
 /// The key under which a replay source's progress is stored (offsets keyspace):
@@ -528,5 +643,97 @@ mod tests {
         let kept = serde_json::to_string(&sink.dead_letters[0].envelope).unwrap();
         assert!(kept.contains('\u{fffd}'), "the dead letter keeps the line, its invalid bytes replaced: {kept}");
         assert_eq!(sink.dead_letters[0].envelope.offset, 4, "line numbers count every line read");
+    }
+
+    /// A line is held up to its limit, whatever its length: an overlong one keeps
+    /// its start and the reader goes on at the next line.
+    #[test]
+    fn lines_are_read_up_to_a_bound_and_the_rest_of_an_overlong_one_is_skipped() {
+        let mut input = b"ab\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 1_000_000));
+        input.extend_from_slice(b"\ncd");
+        // A tiny buffer, so every line arrives in many pieces.
+        let mut reader = std::io::BufReader::with_capacity(7, input.as_slice());
+        let mut line = Vec::new();
+        assert_eq!(read_bounded_line(&mut reader, &mut line, 10).unwrap(), (3, false));
+        assert_eq!(line, b"ab\n");
+        line.clear();
+        assert_eq!(read_bounded_line(&mut reader, &mut line, 10).unwrap(), (1_000_001, true));
+        assert_eq!(line.len(), OVERLONG_LINE_KEPT, "only the start of an overlong line is held");
+        line.clear();
+        assert_eq!(read_bounded_line(&mut reader, &mut line, 10).unwrap(), (2, false));
+        assert_eq!(line, b"cd", "the last line needs no newline");
+        line.clear();
+        assert_eq!(read_bounded_line(&mut reader, &mut line, 10).unwrap(), (0, false));
+    }
+
+    /// A line longer than any envelope of an acceptable body (a corrupt file, a
+    /// binary file without newlines) is a `too_large` dead letter, and the lines
+    /// after it are replayed.
+    #[test]
+    fn an_overlong_line_is_a_too_large_dead_letter_and_the_replay_goes_on() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let traffic = generate(&TrafficSpec { seed: 3, shipments: 5, ..TrafficSpec::default() });
+        let mut pipeline = Pipeline::default();
+        pipeline.carriers.max_body_bytes = 1000;
+        let limit = max_line_bytes(1000);
+        let mut archive = traffic.envelopes[0].to_kcat_json().into_bytes();
+        archive.push(b'\n');
+        archive.extend(std::iter::repeat_n(b'{', limit + 1));
+        archive.push(b'\n');
+        archive.extend_from_slice(traffic.envelopes[1].to_kcat_json().as_bytes());
+        let store = MemoryStore::default();
+        let mut sink = MemorySink::default();
+        let clock = move || now;
+        let mut progress = |_: &Summary| {};
+        let mut replay = Replay { pipeline: &pipeline, store: &store, sink: &mut sink, now: &clock, summary: Summary::default(), on_progress: &mut progress, resume: false };
+        replay.stream(&mut archive.as_slice(), "archive.ndjson").unwrap();
+        let summary = replay.summary.clone();
+        assert_eq!(summary.records, 3);
+        assert_eq!(summary.invalid, 1);
+        assert_eq!(summary.invalid_by_kind.get("too_large"), Some(&1));
+        assert!(summary.events > 0, "the envelopes around the long line were normalized");
+        let dead = &sink.dead_letters[0];
+        assert_eq!(dead.envelope.offset, 2, "the dead letter names the line");
+        assert!(dead.reason.contains(&format!("{} bytes", limit + 2)), "the reason gives the line's whole length: {}", dead.reason);
+    }
+
+    /// A topic replay that stops receiving records before the end of its range
+    /// (a broker that stops answering fetches) fails with what to do, instead of
+    /// ending where it stands and exiting 0 as if the backfill were complete.
+    #[test]
+    fn a_topic_replay_that_stops_receiving_fails_instead_of_ending_short() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("tracking.raw.easypost", 2, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        let traffic = generate(&TrafficSpec { seed: 5, shipments: 5, ..TrafficSpec::default() });
+        for (i, envelope) in traffic.envelopes.iter().take(6).enumerate() {
+            let record = BaseRecord::<(), [u8]>::to("tracking.raw.easypost").partition((i % 2) as i32).payload(&envelope.payload[..]);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(std::time::Duration::from_secs(10)).unwrap();
+        // Every fetch fails from now on; listing offsets still works.
+        cluster.request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5000]);
+
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let mut sink = MemorySink::default();
+        let clock = move || now;
+        let mut progress = |_: &Summary| {};
+        let mut replay = Replay { pipeline: &pipeline, store: &store, sink: &mut sink, now: &clock, summary: Summary::default(), on_progress: &mut progress, resume: false };
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", &brokers);
+        let range = TopicRange { stall_timeout: std::time::Duration::from_secs(2), ..TopicRange::default() };
+        let error = replay.topic(&client, "tracking.raw.easypost", &range).unwrap_err();
+        assert!(matches!(error, ReplayError::TopicStalled { .. }), "{error}");
+        let text = error.to_string();
+        assert!(text.contains("partition 0 (at offset") && text.contains("partition 1 (at offset"), "{text}");
+        assert!(text.contains("Run the same command again"), "{text}");
     }
 }
