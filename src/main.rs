@@ -382,7 +382,7 @@ fn main() -> ExitCode {
             } else {
                 load_config(config.config.as_deref(), Overrides::default()).and_then(|c| {
                     let source = match from_topic {
-                        Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until }),
+                        Some(topic) => ReplaySource::Topic(topic, replay::TopicRange { since, until, ..replay::TopicRange::default() }),
                         None => ReplaySource::Archive(input.unwrap_or_else(|| "-".into())),
                     };
                     let target = ReplayTarget {
@@ -544,6 +544,7 @@ fn run(config: Config) -> Result<(), Failure> {
 
 /// `waymark produce`.
 fn produce_cmd(config: &Config, input: &str, options: &waymark::produce::ProduceOptions) -> Result<(), Failure> {
+    validate_kafka(config)?;
     let mut client = waymark::worker::producer_config(config);
     client.set("linger.ms", "20");
     let files = if input == "-" { vec![] } else { replay::archive_files(Path::new(input)).map_err(anyhow::Error::new)? };
@@ -585,9 +586,16 @@ fn produce_cmd(config: &Config, input: &str, options: &waymark::produce::Produce
     Ok(())
 }
 
+/// Every librdkafka property of the configuration, checked before a command
+/// creates a client: a bad one exits 2 naming the property and never its value
+/// (librdkafka's own message quotes the value, which may be a password).
+fn validate_kafka(config: &Config) -> Result<(), Failure> {
+    waymark::worker::client::validate(config).map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })
+}
+
 /// `waymark check`: everything that can be checked before `run`.
 fn check(config: &Config, connect: bool) -> Result<(), Failure> {
-    waymark::worker::client::validate(config).map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })?;
+    validate_kafka(config)?;
     println!("configuration ok: {} input topic(s), delivery {:?}, routing {}", config.kafka.input_topics.len(), config.delivery, config.placement.layout());
     if !connect {
         return Ok(());
@@ -670,6 +678,9 @@ fn replay_cmd(
     report: Option<&Path>,
     resume: bool,
 ) -> Result<(), Failure> {
+    if matches!(source, ReplaySource::Topic(..)) || target.to_topic.is_some() {
+        validate_kafka(config)?;
+    }
     let pipeline = config.pipeline();
     let guarded = Arc::new(GuardedClock::system(waymark::clock::DEFAULT_MAX_STEP));
     let rocks = match state_dir {
@@ -936,6 +947,9 @@ fn state_cmd(command: StateCommand) -> Result<(), Failure> {
             // write the partition's state straight back.
             let store = open_existing(&state_dir)?;
             let config = load_config(config.config.as_deref(), Overrides::default())?;
+            if config.changelog.is_some() && !local_only {
+                validate_kafka(&config)?;
+            }
             let changelog = waymark::worker::changelog::topic_for(&config.kafka.group_id, topic);
             if config.changelog.is_none() {
                 // No changelog: the local copy is the only one.

@@ -46,6 +46,31 @@ fn check_names_a_bad_property_or_setting_with_exit_2_and_never_its_value() {
 /// `replay --input F --since/--until` replayed the whole
 /// archive (and with --state-dir committed it to state). Options that do not
 /// apply to a source are refused with exit 2 and the reason.
+/// Every command that creates a Kafka client checks the properties first: a
+/// misspelled secret property exits 2 naming it, and its value (librdkafka's own
+/// message would quote it) is never printed.
+#[test]
+fn commands_that_talk_to_kafka_never_echo_a_property_value() {
+    let secret = ("WAYMARK_KAFKA__SASL_PASWORD", "hunter2-c0ffee");
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    // A state directory for `state drop` to lock (the lock comes before the config).
+    let (code, _, err) = waymark(&["replay", "--input", "/dev/null", "--state-dir", state_dir], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let commands: [&[&str]; 4] = [
+        &["produce", "--input", "/dev/null", "--topic", "t"],
+        &["replay", "--from-topic", "t"],
+        &["replay", "--input", "/dev/null", "--to-topic", "t"],
+        &["state", "drop", "--state-dir", state_dir, "--topic", "waymark-repartition", "--partition", "0"],
+    ];
+    for args in commands {
+        let (code, out, err) = waymark(args, &[secret]);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("sasl.pasword"), "{args:?} names the property: {err}");
+        assert!(!err.contains(secret.1) && !out.contains(secret.1), "{args:?} echoed the value: {err}");
+    }
+}
+
 #[test]
 fn replay_refuses_a_time_range_for_an_archive() {
     let archive = crate::common::repo().join("replay/sample.ndjson");
