@@ -19,8 +19,10 @@ use crate::store::StoreOptions;
 /// A configuration problem: always exit code 2, with what to change.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // `error`, not `source`: the message already quotes it, and a source would
+    // be printed a second time by callers that print the error's chain.
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("environment variable {name}: {message}")]
@@ -59,6 +61,16 @@ pub enum DeliveryMode {
     /// Outputs and consumer offsets in one Kafka transaction; state written after it
     /// commits and caught up from the input on assignment.
     ExactlyOnce,
+}
+
+/// The mode as the configuration spells it.
+impl std::fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeliveryMode::AtLeastOnce => "at-least-once",
+            DeliveryMode::ExactlyOnce => "exactly-once",
+        })
+    }
 }
 
 /// `[kafka]`
@@ -447,7 +459,8 @@ pub struct RawConfig {
     pub base_dir: Option<PathBuf>,
 }
 
-/// Overrides from flags (already merged with their `WAYMARK_*` env vars by clap).
+/// Overrides from command-line flags: applied after the file and the `WAYMARK_*`
+/// variables, so a flag wins.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub brokers: Option<String>,
@@ -540,9 +553,93 @@ const KAFKA_SETTINGS: [&str; 10] = [
     "producer_properties",
 ];
 
+/// Short names of the settings an orchestrator most often sets, kept beside the
+/// `WAYMARK_<SECTION>__<KEY>` rule as exact aliases: every command reads them
+/// the same way, and setting both names of one setting to different values is
+/// an error.
+pub const ENV_ALIASES: [(&str, &str); 10] = [
+    ("WAYMARK_BROKERS", "WAYMARK_KAFKA__BROKERS"),
+    ("WAYMARK_GROUP_ID", "WAYMARK_KAFKA__GROUP_ID"),
+    ("WAYMARK_INPUT_TOPICS", "WAYMARK_KAFKA__INPUT_TOPICS"),
+    ("WAYMARK_OUTPUT_TOPIC", "WAYMARK_KAFKA__OUTPUT_TOPIC"),
+    ("WAYMARK_DEAD_LETTER_TOPIC", "WAYMARK_KAFKA__DEAD_LETTER_TOPIC"),
+    ("WAYMARK_DELIVERY", "WAYMARK_KAFKA__DELIVERY"),
+    ("WAYMARK_TRANSACTIONAL_ID", "WAYMARK_KAFKA__TRANSACTIONAL_ID"),
+    ("WAYMARK_STATE_DIR", "WAYMARK_STATE__DIR"),
+    ("WAYMARK_HTTP_LISTEN", "WAYMARK_HTTP__LISTEN"),
+    ("WAYMARK_LOG_FORMAT", "WAYMARK_LOG__FORMAT"),
+];
+
+/// `WAYMARK_` variables that are not settings: the configuration file's path,
+/// the log filter, the test failpoint, and the variables of the repository's
+/// scripts, tests and benchmarks (a developer's shell exports some of them, and
+/// the tests' workers inherit them). Any other `WAYMARK_` name is refused, so a
+/// misspelled setting (`WAYMARK_BROKER`, `WAYMARK_WORKER_BATCH_SIZE`) is an
+/// error instead of a default silently kept.
+pub const NON_SETTING_VARIABLES: [&str; 26] = [
+    "WAYMARK_CONFIG",
+    "WAYMARK_LOG",
+    "WAYMARK_FAILPOINT",
+    "WAYMARK_TEST_BROKERS",
+    "WAYMARK_KAFKA_PORT",
+    "WAYMARK_KAFKA_CONTROLLER_PORT",
+    "WAYMARK_KAFKA_DATA",
+    "WAYMARK_KAFKA_HOME",
+    "WAYMARK_KAFKA_HEAP",
+    "WAYMARK_KAFKA_JAVA_OPTS",
+    "WAYMARK_KAFKA_START_TIMEOUT",
+    "WAYMARK_KAFKA_STOP_TIMEOUT",
+    "WAYMARK_MVN_ARGS",
+    "WAYMARK_GIT_COMMIT",
+    "WAYMARK_FUZZ_SECONDS",
+    "WAYMARK_FUZZ_RUNS",
+    "WAYMARK_FUZZ_SANITIZER",
+    "WAYMARK_FUZZ_TARGET_DIR",
+    "WAYMARK_BLESS",
+    "WAYMARK_FIXTURES",
+    "WAYMARK_SIM_SEED",
+    "WAYMARK_SIM_SEEDS",
+    "WAYMARK_FAULT_SCALE",
+    "WAYMARK_GROUP_CONTROL",
+    "WAYMARK_E2E_SMOKE",
+    "WAYMARK_CHAOS_SMOKE",
+];
+
+/// The canonical `WAYMARK_<SECTION>__<KEY>` name of a `WAYMARK_` variable, or
+/// `None` for a variable that is not a setting ([`NON_SETTING_VARIABLES`]).
+/// An unknown name is an error that suggests the setting it probably meant.
+fn canonical_env_name(name: &str, table: &toml::Table) -> Result<Option<String>, ConfigError> {
+    if let Some((_, canonical)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
+        return Ok(Some((*canonical).to_string()));
+    }
+    if name.contains("__") {
+        return Ok(Some(name.to_string()));
+    }
+    if NON_SETTING_VARIABLES.contains(&name) {
+        return Ok(None);
+    }
+    // `WAYMARK_WORKER_BATCH_SIZE` for `WAYMARK_WORKER__BATCH_SIZE`.
+    let wanted = name.trim_start_matches("WAYMARK_").to_ascii_lowercase();
+    let suggestion = table
+        .iter()
+        .filter_map(|(section, value)| value.as_table().map(|keys| (section, keys)))
+        .flat_map(|(section, keys)| keys.keys().map(move |key| (section, key)))
+        .find(|(section, key)| wanted == format!("{section}_{key}"))
+        .map(|(section, key)| format!("; did you mean WAYMARK_{}__{}?", section.to_ascii_uppercase(), key.to_ascii_uppercase()))
+        .unwrap_or_default();
+    let aliases: Vec<&str> = ENV_ALIASES.iter().map(|(alias, _)| *alias).collect();
+    Err(ConfigError::Env {
+        name: name.to_string(),
+        message: format!(
+            "not a Waymark setting{suggestion} (settings are WAYMARK_<SECTION>__<KEY>, e.g. WAYMARK_WORKER__BATCH_SIZE, or one of {}); unset it",
+            aliases.join(", ")
+        ),
+    })
+}
+
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
         let mut raw = RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
         raw.base_dir = path.parent().map(Path::to_path_buf);
         Ok(raw)
@@ -557,15 +654,35 @@ impl RawConfig {
     /// (`WAYMARK_WORKER__BATCH_SIZE=1000`, `WAYMARK_ROUTING__PARTITIONS=32`,
     /// lists comma-separated). Under `KAFKA`, a name that is not a `[kafka]`
     /// setting is a librdkafka property, dots written as `_`
-    /// (`WAYMARK_KAFKA__SECURITY_PROTOCOL=SASL_SSL`). `WAYMARK_LOG_FORMAT` is kept
-    /// as a short form of `WAYMARK_LOG__FORMAT`.
+    /// (`WAYMARK_KAFKA__SECURITY_PROTOCOL=SASL_SSL`). The short names of
+    /// [`ENV_ALIASES`] are the same settings; any other `WAYMARK_` variable that
+    /// is not in [`NON_SETTING_VARIABLES`] is refused, naming it.
     pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
         let base_dir = self.base_dir.take();
         let mut table = toml::Table::try_from(&*self).map_err(|e| ConfigError::Invalid(format!("configuration cannot be re-read: {e}")))?;
         let mut touched = Vec::new();
+        // Each setting once, by its canonical name; a short alias and the
+        // canonical name may both be set only to the same value.
+        let mut settings: std::collections::BTreeMap<String, (String, String)> = std::collections::BTreeMap::new();
         for (name, value) in vars {
-            let name = if name == "WAYMARK_LOG_FORMAT" { "WAYMARK_LOG__FORMAT".to_string() } else { name };
-            let Some((section, key)) = name.strip_prefix("WAYMARK_").and_then(|rest| rest.split_once("__")) else {
+            if !name.starts_with("WAYMARK_") {
+                continue;
+            }
+            let Some(canonical) = canonical_env_name(&name, &table)? else { continue };
+            match settings.get(&canonical) {
+                Some((other, earlier)) if *earlier != value => {
+                    return Err(ConfigError::Env {
+                        name: format!("{other} and {name}"),
+                        message: "both set the same setting, to different values: keep one".into(),
+                    })
+                }
+                _ => {
+                    settings.insert(canonical, (name, value));
+                }
+            }
+        }
+        for (canonical, (name, value)) in settings {
+            let Some((section, key)) = canonical.strip_prefix("WAYMARK_").and_then(|rest| rest.split_once("__")) else {
                 continue;
             };
             let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());

@@ -65,13 +65,15 @@ impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
             return Err(SinkError::Io(std::io::Error::other("an NDJSON sink cannot take repartition records (a bug)")));
         }
         for upsert in upserts {
-            serde_json::to_writer(&mut self.upserts, upsert).map_err(std::io::Error::other)?;
+            // `io::Error::from` hands back the writer's own error (a closed
+            // pipe stays a BrokenPipe); only encoding errors become `Other`.
+            serde_json::to_writer(&mut self.upserts, upsert).map_err(std::io::Error::from)?;
             self.upserts.write_all(b"\n")?;
         }
         self.upserts.flush()?;
         if let Some(out) = self.dead_letters.as_mut() {
             for dead in dead_letters {
-                serde_json::to_writer(&mut *out, dead).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut *out, dead).map_err(std::io::Error::from)?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;
