@@ -1,4 +1,5 @@
-//! The binary's own surface: `--version`, completions, the man page, `check`.
+//! The binary's own surface: `--version`, completions, the man page, `check`,
+//! the `WAYMARK_*` variables, a closed stdout.
 
 use std::process::Command;
 
@@ -84,4 +85,96 @@ fn replay_refuses_a_time_range_for_an_archive() {
     let (code, out, err) = waymark(&["replay", "--since", "2030-01-01T00:00:00Z"], &[]);
     assert_eq!(code, Some(2), "without --input (stdin): {err}");
     assert!(out.is_empty());
+}
+
+/// One rule for the variables, in every command: the short names are the
+/// settings' aliases (`check` sees what `run` would), a misspelled name exits 2
+/// naming it, and the two names of one setting may not disagree.
+#[test]
+fn variables_follow_one_rule_and_a_misspelled_one_exits_2() {
+    let (code, out, err) = waymark(&["check"], &[("WAYMARK_INPUT_TOPICS", "a,b,c"), ("WAYMARK_DELIVERY", "exactly-once")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("3 input topic(s), delivery exactly-once"), "{out}");
+    // A value `run` refuses, `check` refuses too.
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_DELIVERY", "exactly_once")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("exactly_once"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_BROKER", "10.0.0.1:9092")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("WAYMARK_BROKER:") && err.contains("not a Waymark setting"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_WORKER_BATCH_SIZE", "5")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("did you mean WAYMARK_WORKER__BATCH_SIZE?"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_BROKERS", "a:1"), ("WAYMARK_KAFKA__BROKERS", "b:2")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("WAYMARK_BROKERS") && err.contains("WAYMARK_KAFKA__BROKERS") && err.contains("different values"), "{err}");
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_BROKERS", "a:1"), ("WAYMARK_KAFKA__BROKERS", "a:1")]);
+    assert_eq!(code, Some(0), "the same value under both names is fine: {err}");
+    // The scripts' and tests' own variables are not settings, and not errors.
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_KAFKA_PORT", "19092"), ("WAYMARK_TEST_BROKERS", "127.0.0.1:19092")]);
+    assert_eq!(code, Some(0), "{err}");
+    // A log filter that does not parse is an error, not a silent `info`.
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_LOG", "info,[")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("WAYMARK_LOG"), "{err}");
+}
+
+/// The state subcommands find the directory in the configuration file (or
+/// `WAYMARK_STATE_DIR`) when `--state-dir` is not given, as `run` does.
+#[test]
+fn state_commands_take_the_directory_from_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (code, _, err) = waymark(&["replay", "--input", "/dev/null", "--state-dir", state.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let config = dir.path().join("waymark.toml");
+    std::fs::write(&config, format!("[state]\ndir = \"{}\"\n", state.display())).unwrap();
+    let (code, out, err) = waymark(&["state", "stats", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("keyspace"), "{out}");
+    let (code, out, err) = waymark(&["state", "stats"], &[("WAYMARK_STATE_DIR", state.to_str().unwrap())]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("keyspace"), "{out}");
+    // A drop of a partition that can own no state says so instead of succeeding.
+    let (code, _, err) = waymark(
+        &["state", "drop", "--config", config.to_str().unwrap(), "--topic", "tracking.raw.easypost", "--partition", "0", "--local-only"],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("owns no state") && err.contains("waymark-repartition"), "{err}");
+    // A failed import into a new directory leaves no directory behind.
+    let garbage = dir.path().join("garbage.ndjson");
+    std::fs::write(&garbage, "not an export\n").unwrap();
+    let fresh = dir.path().join("fresh");
+    let (code, _, err) = waymark(&["state", "import", "--state-dir", fresh.to_str().unwrap(), "--input", garbage.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!fresh.exists(), "the failed import left {} behind", fresh.display());
+}
+
+/// A reader that is gone before the output is written (`waymark man | head`)
+/// ends the command quietly: exit 0, nothing on stderr, no panic.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let sample = crate::common::repo().join("replay/sample.ndjson");
+    let commands: [&[&str]; 3] = [&["completions", "bash"], &["man"], &["replay", "--input", sample.to_str().unwrap()]];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(waymark_bin()).args(args).stdout(writer).stderr(std::process::Stdio::piped()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("error"), "{args:?}: {err}");
+    }
+}
+
+/// With JSON logs, the line that says why a command stopped is JSON too.
+#[test]
+fn the_fatal_line_is_json_when_logs_are() {
+    let (code, _, err) = waymark(&["check"], &[("WAYMARK_LOG_FORMAT", "json"), ("WAYMARK_WORKER__BATCH_SIZE", "lots")]);
+    assert_eq!(code, Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    let line: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}"));
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["fields"]["exit_code"], 2);
+    assert!(line["fields"]["error"].as_str().unwrap_or_default().contains("WAYMARK_WORKER__BATCH_SIZE"), "{line}");
 }

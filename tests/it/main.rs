@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod connection;
 mod declared;
 mod deploy;
 mod failover;

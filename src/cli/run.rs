@@ -1,0 +1,122 @@
+//! `waymark run`: the Kafka worker, with its HTTP endpoint, until SIGTERM or
+//! SIGINT (or a fatal error).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use waymark::clock::GuardedClock;
+use waymark::config::Config;
+use waymark::http::{self, Health};
+use waymark::store::RocksStore;
+use waymark::telemetry::Telemetry;
+
+use super::args::{ConfigArgs, KafkaArgs, WorkerArgs};
+use super::{layout_failure, load_config, millis_clock, Failure};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+pub fn exec(args: Args) -> Result<(), Failure> {
+    // The worker checks the librdkafka properties itself (exit 2 naming one).
+    run(load_config(&args.config, args.worker.overrides(args.kafka))?)
+}
+
+fn run(config: Config) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let handle = http::install_recorder().context("cannot install the metrics recorder")?;
+    let health = Arc::new(Health::default());
+    let listener = runtime.block_on(http::bind(config.http_listen))?;
+    tracing::info!(addr = %config.http_listen, "serving /metrics, /healthz, /readyz");
+    // One guarded wall clock for decisions and for the compaction filter's expiry.
+    let clock = Arc::new(GuardedClock::system(waymark::clock::DEFAULT_MAX_STEP));
+    let store = Arc::new(
+        RocksStore::open(&config.state_dir, &config.store, millis_clock(&clock))
+            .with_context(|| format!("state directory {}", config.state_dir.display()))?,
+    );
+    store.check_layout(&config.placement.layout(), true).map_err(layout_failure)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(http::serve(listener, handle, health.clone(), async {
+        let _ = http_stopped.await;
+    }));
+
+    let worker = {
+        let (config, store, health, shutdown, guarded) = (config.clone(), store.clone(), health.clone(), shutdown.clone(), clock.clone());
+        std::thread::Builder::new()
+            .name("waymark-worker".into())
+            .spawn(move || {
+                let pipeline = config.pipeline();
+                let telemetry = Telemetry::new(config.tenant_label).with_carriers(pipeline.carriers.names());
+                let clock = || guarded.now();
+                let result = waymark::worker::run_worker(waymark::worker::WorkerDeps {
+                    config: &config,
+                    pipeline: &pipeline,
+                    store,
+                    telemetry: &telemetry,
+                    health: health.clone(),
+                    shutdown: &shutdown,
+                    clock: &clock,
+                });
+                if result.is_err() {
+                    health.failed.store(true, Ordering::SeqCst);
+                }
+                result
+            })
+            .context("cannot start the worker thread")?
+    };
+
+    // Wait for SIGTERM/SIGINT, or for the worker to stop by itself (a fatal error).
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => if worker.is_finished() { break },
+            }
+        }
+    });
+    shutdown.store(true, Ordering::SeqCst);
+    tracing::info!(deadline = ?config.shutdown_timeout, "stopping");
+    let deadline = std::time::Instant::now() + config.shutdown_timeout + Duration::from_secs(5);
+    while !worker.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = stop_http.send(());
+    if !worker.is_finished() && health.drained.load(Ordering::SeqCst) {
+        // Everything in flight is committed; leaving the group is what hangs (a
+        // rebalance in progress). The group notices the member is gone after
+        // session.timeout.ms; nothing is lost, so this is a clean stop.
+        tracing::warn!("leaving the consumer group did not finish in time; all work is committed, exiting");
+        return Ok(());
+    }
+    if !worker.is_finished() {
+        return Err(anyhow::anyhow!(
+            "the worker did not finish within worker.shutdown_timeout ({:?}); uncommitted work will be re-processed on restart",
+            config.shutdown_timeout
+        )
+        .into());
+    }
+    match worker.join() {
+        Ok(Ok(())) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(Failure { code: e.exit_code(), error: anyhow::Error::new(e).context("worker stopped") }),
+        Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
+    }
+}
