@@ -92,7 +92,7 @@ impl GuardedClock {
     pub fn now_ms(&self) -> i64 {
         let reading = self.read();
         if reading.step_ms != 0 {
-            metrics::counter!("waymark_clock_steps_total").increment(1);
+            metrics::counter!(crate::telemetry::CLOCK_STEPS).increment(1);
             tracing::warn!(
                 step_seconds = reading.step_ms as f64 / 1000.0,
                 "the wall clock stepped; expiry keeps following the monotonic clock until the worker restarts (check NTP or the VM's clock)"

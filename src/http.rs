@@ -14,43 +14,16 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::*;
 
-/// Install the Prometheus recorder for this process (once).
+/// Install the Prometheus recorder for this process (once), with the buckets of
+/// every histogram of [`CATALOG`]; `describe_and_zero` then describes them.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(PROCESS_SECONDS.into()),
-            &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0],
-        )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(BATCH_STAGE_SECONDS.into()),
-            &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
-        )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(STORE_LOOKUP_SECONDS.into()),
-            &[0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.01],
-        )?
-        .install_recorder()?;
-    metrics::describe_counter!(EVENTS, "Canonical events by carrier and dedupe outcome (new, duplicate_key, duplicate_hash, invalid)");
-    metrics::describe_gauge!(DEDUPE_HIT_RATIO, "Share of canonical events found to be duplicates, per carrier, since start");
-    metrics::describe_counter!(MILESTONES, "Ensure-milestone upserts emitted");
-    metrics::describe_counter!(REGRESSIONS, "Events that would have moved a shipment status backwards");
-    metrics::describe_counter!(OUT_OF_ORDER, "New events older than the latest seen for their shipment");
-    metrics::describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter output, by reason");
-    metrics::describe_counter!(KEY_COLLISIONS, "Same composite key, different content hash");
-    metrics::describe_gauge!(STORE_KEYS, "Estimated live keys per state keyspace");
-    metrics::describe_gauge!(STORE_MEMORY, "Memory the state store holds, by kind (memtables, block_cache, table_readers)");
-    metrics::describe_counter!(STORE_EXPIRED, "State entries dropped by compaction after their TTL");
-    metrics::describe_histogram!(PROCESS_SECONDS, "Pipeline time per record (normalize, dedupe, order)");
-    metrics::describe_histogram!(STORE_LOOKUP_SECONDS, "State store lookup latency, by operation and keyspace");
-    metrics::describe_histogram!(
-        BATCH_STAGE_SECONDS,
-        "Time of each stage of a batch: poll (waiting for and reading records), process, output (until acknowledged or committed), changelog, state"
-    );
-    metrics::describe_gauge!(CONSUMER_LAG, "Records not read yet, per assigned partition: its end for a read_committed reader (last stable offset) minus the consumer's own position");
-    metrics::describe_gauge!(INPUT_TOPIC_MISSING, "1 while an input topic is missing or not readable by this worker (nothing of it is consumed), else 0");
-    metrics::describe_counter!(TOPIC_RECREATED, "Topics found deleted and re-created under the worker (their records are read from the new start, none skipped)");
-    metrics::describe_gauge!(REORDER_HELD, "Records held by the bounded reorder window, not yet processed or committed");
-    Ok(handle)
+    let mut builder = PrometheusBuilder::new();
+    for metric in CATALOG {
+        if let Kind::Histogram(buckets) = metric.kind {
+            builder = builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(metric.name.into()), buckets)?;
+        }
+    }
+    Ok(builder.install_recorder()?)
 }
 
 /// Liveness and readiness, shared with the HTTP endpoint.
@@ -187,7 +160,7 @@ impl Health {
         }
         let missing = self.missing_inputs.load(Ordering::SeqCst);
         if missing > 0 {
-            return Err(format!("not ready: {missing} input topic(s) missing or not readable (see waymark_input_topics_missing and the log)"));
+            return Err(format!("not ready: {missing} input topic(s) missing or not readable (see waymark_input_topic_missing and the log)"));
         }
         if self.assigned.load(Ordering::SeqCst) == 0 {
             return Err("not ready: no partitions assigned".into());

@@ -25,20 +25,151 @@ pub const REGRESSIONS: &str = "waymark_status_regressions_prevented_total";
 pub const OUT_OF_ORDER: &str = "waymark_out_of_order_total";
 pub const DEAD_LETTERS: &str = "waymark_dead_letter_total";
 pub const KEY_COLLISIONS: &str = "waymark_key_collisions_total";
-pub const STORE_KEYS: &str = "waymark_store_keys";
-pub const STORE_MEMORY: &str = "waymark_store_memory_bytes";
-pub const STORE_EXPIRED: &str = "waymark_store_expired_total";
-pub const STORE_LOOKUP_SECONDS: &str = "waymark_store_lookup_seconds";
-pub const PROCESS_SECONDS: &str = "waymark_process_seconds";
-pub const BATCH_STAGE_SECONDS: &str = "waymark_batch_stage_seconds";
-pub const CONSUMER_LAG: &str = "waymark_consumer_lag";
 pub const RECORDS: &str = "waymark_records_total";
-pub const REORDER_HELD: &str = "waymark_reorder_held_records";
-pub const LAST_PROGRESS: &str = "waymark_last_progress_timestamp_seconds";
-pub const KEYING_CONFLICTS: &str = "waymark_shipment_partition_conflicts_total";
-pub const ROUTED: &str = "waymark_repartition_records_total";
+pub const STORE_KEYS: &str = "waymark_store_keys";
+pub const STORE_EXPIRED: &str = "waymark_store_expired_total";
+pub const PROCESS_SECONDS: &str = "waymark_process_seconds";
+pub const STORE_MEMORY: &str = "waymark_store_memory_bytes";
+pub const BATCH_STAGE_SECONDS: &str = "waymark_batch_stage_seconds";
+pub const STORE_LOOKUP_SECONDS: &str = "waymark_store_lookup_seconds";
+pub const CONSUMER_LAG: &str = "waymark_consumer_lag";
 pub const INPUT_TOPIC_MISSING: &str = "waymark_input_topic_missing";
 pub const TOPIC_RECREATED: &str = "waymark_topic_recreated_total";
+pub const RESTORE_WAITS: &str = "waymark_restore_waits_total";
+pub const REORDER_HELD: &str = "waymark_reorder_held_records";
+pub const OUTPUT_RETRIES: &str = "waymark_output_retries_total";
+pub const RECORDS_SKIPPED: &str = "waymark_records_skipped_total";
+pub const ROUTED: &str = "waymark_repartition_records_total";
+pub const KEYING_CONFLICTS: &str = "waymark_shipment_partition_conflicts_total";
+pub const LAST_PROGRESS: &str = "waymark_last_progress_timestamp_seconds";
+pub const CHANGELOG_RESTORED: &str = "waymark_changelog_restored_total";
+pub const CHANGELOG_RESTORE_SECONDS: &str = "waymark_changelog_restore_seconds";
+pub const BATCHES_ABANDONED: &str = "waymark_batches_abandoned_total";
+pub const CLOCK_STEPS: &str = "waymark_clock_steps_total";
+pub const CHANGELOG_DROPS_APPLIED: &str = "waymark_changelog_drops_applied_total";
+pub const CHANGELOG_SKIPPED: &str = "waymark_changelog_skipped_total";
+pub const PRODUCER_RECREATED: &str = "waymark_producer_recreated_total";
+pub const TRANSACTION_RETRIES: &str = "waymark_transaction_retries_total";
+pub const RECORDS_CAUGHT_UP: &str = "waymark_records_caught_up_total";
+
+/// What a metric is, for Prometheus's `# TYPE`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// With the buckets, in seconds (exported as a Prometheus histogram, so
+    /// `histogram_quantile` works and pods can be aggregated).
+    Histogram(&'static [f64]),
+}
+
+/// One metric as the worker exports it: the single source of its name, type,
+/// labels and help text. The HTTP endpoint describes every metric from this
+/// table, the README's Metrics table and the deployment's dashboard and alerts
+/// are tested against it, and the metrics without labels are exported from the
+/// start (at zero), so a dashboard of a healthy new instance shows no gaps.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn counter_of(name: &'static str, labels: &'static [&'static str], help: &'static str) -> Metric {
+    Metric { name, kind: Kind::Counter, labels, help }
+}
+const fn gauge_of(name: &'static str, labels: &'static [&'static str], help: &'static str) -> Metric {
+    Metric { name, kind: Kind::Gauge, labels, help }
+}
+const fn histogram_of(name: &'static str, buckets: &'static [f64], labels: &'static [&'static str], help: &'static str) -> Metric {
+    Metric { name, kind: Kind::Histogram(buckets), labels, help }
+}
+
+/// Every metric the worker exports, in the README's order.
+pub const CATALOG: &[Metric] = &[
+    counter_of(EVENTS, &["carrier", "outcome"], "Canonical events by carrier and dedupe outcome (new, duplicate_key, duplicate_hash, invalid); with telemetry.tenant_label also by tenant"),
+    gauge_of(DEDUPE_HIT_RATIO, &["carrier"], "Share of canonical events found to be duplicates, per carrier, since start"),
+    counter_of(MILESTONES, &["carrier", "status"], "Ensure-milestone upserts emitted"),
+    counter_of(REGRESSIONS, &["carrier"], "Events that would have moved a shipment status backwards"),
+    counter_of(OUT_OF_ORDER, &["carrier"], "New events older than the latest seen for their shipment"),
+    counter_of(DEAD_LETTERS, &["carrier", "reason"], "Records sent to the dead-letter output, by reason"),
+    counter_of(KEY_COLLISIONS, &["carrier"], "Same composite key, different content hash"),
+    counter_of(RECORDS, &["carrier", "outcome"], "Raw records processed or dead-lettered"),
+    gauge_of(STORE_KEYS, &["keyspace"], "Estimated live keys per state keyspace"),
+    counter_of(STORE_EXPIRED, &["keyspace"], "State entries dropped by compaction after their TTL"),
+    histogram_of(PROCESS_SECONDS, &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0], &[], "Pipeline time per record (normalize, dedupe, order)"),
+    gauge_of(STORE_MEMORY, &["kind"], "Memory the state store holds, by kind (memtables, block_cache, table_readers)"),
+    histogram_of(
+        BATCH_STAGE_SECONDS,
+        &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+        &["stage"],
+        "Time of each stage of a batch: poll (waiting for and reading records), process, wait (for the batch in flight), output (until acknowledged or committed), changelog, state",
+    ),
+    histogram_of(
+        STORE_LOOKUP_SECONDS,
+        &[0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.01],
+        &["op", "keyspace"],
+        "State store lookup latency, by operation and keyspace",
+    ),
+    gauge_of(CONSUMER_LAG, &["topic", "partition"], "Records not read yet, per assigned partition: its end for a read_committed reader (last stable offset) minus the consumer's own position"),
+    gauge_of(INPUT_TOPIC_MISSING, &["topic"], "1 while an input topic is missing or not readable by this worker (nothing of it is consumed), else 0"),
+    counter_of(TOPIC_RECREATED, &["topic"], "Topics found deleted and re-created under the worker (their records are read from the new start, none skipped)"),
+    counter_of(RESTORE_WAITS, &[], "Restores that waited for the group's committed offset (an open transaction of a departed member) or for the partition to start; never fatal before worker.restore_timeout without progress"),
+    gauge_of(REORDER_HELD, &[], "Records held by the bounded reorder window, not yet processed or committed"),
+    counter_of(OUTPUT_RETRIES, &[], "Output batches sent again after a retriable produce error"),
+    counter_of(RECORDS_SKIPPED, &[], "Records below their partition's progress, skipped as already processed (stale fetches)"),
+    counter_of(ROUTED, &["carrier"], "Records the first stage produced to the repartition topic (one per shipment per raw record)"),
+    counter_of(KEYING_CONFLICTS, &["carrier"], "routing.mode = input only: events of shipments last seen on another input partition"),
+    gauge_of(LAST_PROGRESS, &[], "Unix time of the last completed batch (outputs acknowledged, state written), or of the start"),
+    counter_of(CHANGELOG_RESTORED, &[], "State entries replayed from the changelog topics into the local store on partition assignment"),
+    histogram_of(
+        CHANGELOG_RESTORE_SECONDS,
+        &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0],
+        &[],
+        "Time to restore one partition's state from its changelog",
+    ),
+    counter_of(BATCHES_ABANDONED, &[], "Batches abandoned because this member lost its partitions while they were in flight (re-run by the partitions' next owner)"),
+    counter_of(CLOCK_STEPS, &[], "Wall-clock steps of more than 60 s the guarded clock did not follow (check NTP)"),
+    counter_of(CHANGELOG_DROPS_APPLIED, &[], "Drop markers (waymark state drop) met while restoring: the partition's earlier state was forgotten"),
+    counter_of(CHANGELOG_SKIPPED, &[], "Changelog records that are no state entry of this Waymark, skipped on restore"),
+    counter_of(PRODUCER_RECREATED, &[], "Transactional producers re-created after an indefinite transaction outcome"),
+    counter_of(TRANSACTION_RETRIES, &[], "Batches retried after their transaction was not committed"),
+    counter_of(RECORDS_CAUGHT_UP, &[], "exactly-once with changelogs off: records whose outputs were committed before a crash, re-processed silently to rebuild local state"),
+];
+
+/// Describe every metric of [`CATALOG`] to the installed recorder, and export
+/// the ones without labels at zero (a counter that has not moved yet is a 0,
+/// not a missing series). `carriers` are the configured carrier names: the
+/// per-carrier event and record counters start at zero for each.
+pub fn describe_and_zero<'a>(carriers: impl IntoIterator<Item = &'a str>) {
+    for metric in CATALOG {
+        match metric.kind {
+            Kind::Counter => {
+                metrics::describe_counter!(metric.name, metric.help);
+                if metric.labels.is_empty() {
+                    counter!(metric.name).increment(0);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(metric.name, metric.help);
+                // A gauge at zero would claim a value (a lag, a time): only
+                // the ones whose zero is the truth at start.
+                if metric.name == REORDER_HELD {
+                    gauge!(metric.name).set(0.0);
+                }
+            }
+            Kind::Histogram(_) => metrics::describe_histogram!(metric.name, metric.help),
+        }
+    }
+    for carrier in carriers {
+        for outcome in ["new", "duplicate_key", "duplicate_hash", "invalid"] {
+            counter!(EVENTS, "carrier" => carrier.to_string(), "outcome" => outcome).increment(0);
+        }
+        for outcome in ["processed", "dead_letter"] {
+            counter!(RECORDS, "carrier" => carrier.to_string(), "outcome" => outcome).increment(0);
+        }
+    }
+}
 
 /// Turns pipeline outcomes into metrics.
 #[derive(Debug, Default)]

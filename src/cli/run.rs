@@ -38,6 +38,7 @@ fn run(config: Config) -> Result<(), Failure> {
         .build()
         .context("cannot start the async runtime")?;
     let handle = http::install_recorder().context("cannot install the metrics recorder")?;
+    waymark::telemetry::describe_and_zero(config.pipeline().carriers.names());
     let health = Arc::new(Health::default());
     let listener = runtime.block_on(http::bind(config.http_listen))?;
     tracing::info!(addr = %config.http_listen, "serving /metrics, /healthz, /readyz");

@@ -39,9 +39,15 @@ pub(crate) fn metrics_referenced_by_deploy() -> BTreeSet<String> {
     [DASHBOARD, ALERTS].iter().flat_map(|file| metric_names_in(&read(file))).collect()
 }
 
-/// Metric families the worker can emit: every `"waymark_..."` string literal under
-/// `src/` (names are literals, directly or as constants).
+/// Metric families the worker can emit: the catalog in `src/telemetry.rs`, the
+/// one place that names them (and no `"waymark_..."` literal under `src/` names
+/// a metric outside it: see `metric_literals_in_src_are_in_the_catalog`).
 pub(crate) fn metrics_the_worker_emits() -> BTreeSet<String> {
+    waymark::telemetry::CATALOG.iter().map(|m| m.name.to_string()).collect()
+}
+
+/// Every `"waymark_..."` string literal under `src/`, as a metric family.
+fn metric_literals_in_src() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for file in files_under(&repo().join("src"), &["rs"]) {
         let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
@@ -133,6 +139,45 @@ fn emitted_metrics_are_documented_in_the_readme() {
     let documented = metrics_in_readme_table();
     let missing: Vec<_> = metrics_the_worker_emits().into_iter().filter(|m| !documented.contains(m)).collect();
     assert!(missing.is_empty(), "add rows to README.md's Metrics table for metrics the worker emits: {missing:?}");
+}
+
+/// A metric named in a literal but missing from the catalog would have no
+/// help text and no README row, and would escape the checks above.
+#[test]
+fn metric_literals_in_src_are_in_the_catalog() {
+    let catalog = metrics_the_worker_emits();
+    let stray: Vec<_> = metric_literals_in_src().into_iter().filter(|n| !catalog.contains(n)).collect();
+    assert!(stray.is_empty(), "metric names under src/ that are not in telemetry::CATALOG: {stray:?}");
+}
+
+/// The README's Metrics table is the catalog: the same names, and each row's
+/// labels column names the metric's labels (and none for a metric without).
+#[test]
+fn the_readme_metrics_table_is_the_catalog() {
+    let readme = read("README.md");
+    let section = readme.split("\n## ").find(|s| s.starts_with("Metrics\n")).expect("a Metrics section");
+    let mut rows: BTreeMap<String, String> = BTreeMap::new();
+    for line in section.lines().filter(|l| l.trim_start().starts_with("| `waymark_")) {
+        let cells: Vec<&str> = line.split('|').collect();
+        for (i, token) in cells[1].split('`').enumerate() {
+            if i % 2 == 1 {
+                if let Some(name) = metric_name_at(token) {
+                    rows.insert(name, cells[2].trim().to_string());
+                }
+            }
+        }
+    }
+    let documented: BTreeSet<String> = rows.keys().cloned().collect();
+    assert_eq!(documented, metrics_the_worker_emits(), "README.md's Metrics table and telemetry::CATALOG differ");
+    for metric in waymark::telemetry::CATALOG {
+        let labels = &rows[metric.name];
+        if metric.labels.is_empty() {
+            assert!(labels.is_empty(), "README.md gives {} labels ({labels}) the catalog does not", metric.name);
+        }
+        for label in metric.labels {
+            assert!(labels.contains(label), "README.md's row of {} does not name its label `{label}`: {labels}", metric.name);
+        }
+    }
 }
 
 #[test]

@@ -68,6 +68,7 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert!(metrics.contains("waymark_dedupe_hit_ratio{carrier=\"easypost\"}"), "{metrics}");
     assert!(metrics.contains("waymark_store_lookup_seconds_bucket{op=\"scan\",keyspace=\"keys\""), "{metrics}");
     assert!(metrics.contains("waymark_process_seconds_count"), "{metrics}");
+    check_against_the_catalog(&metrics);
     // Lag comes from librdkafka's statistics, every 5 s.
     let lag_seen = (0..40).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
@@ -846,4 +847,28 @@ fn offsets_whose_batch_commits_failed_are_committed_once_the_worker_is_idle() {
     let (distinct, _) = check_at_least_once(&output, &expected);
     assert_eq!(lag, 0, "30 s after the last record the group still lags by {lag} records: failed batch commits were never retried");
     println!("checked: every per-batch commit failed; {distinct} milestones delivered and the idle worker brought the group's lag to 0");
+}
+
+/// What a live worker exports matches `telemetry::CATALOG`: every family has
+/// its help text and the catalog's type (histograms are histograms, not
+/// summaries), and every counter without labels is there from the start.
+fn check_against_the_catalog(metrics: &str) {
+    use waymark::telemetry::{Kind, CATALOG};
+    for metric in CATALOG {
+        let kind = match metric.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram(_) => "histogram",
+        };
+        let typed = metrics.lines().find(|l| l.starts_with(&format!("# TYPE {} ", metric.name)));
+        if let Some(line) = typed {
+            assert_eq!(line, format!("# TYPE {} {kind}", metric.name), "{metrics}");
+            assert!(metrics.contains(&format!("# HELP {} ", metric.name)), "no help text for {}: {metrics}", metric.name);
+        }
+        if metric.kind == Kind::Counter && metric.labels.is_empty() {
+            assert!(typed.is_some() && metrics.lines().any(|l| l.starts_with(&format!("{} ", metric.name))), "{} is not exported from the start: {metrics}", metric.name);
+        }
+    }
+    // A partition's restore ran: its time is a histogram with buckets.
+    assert!(metrics.contains("waymark_changelog_restore_seconds_bucket{le="), "{metrics}");
 }
