@@ -639,6 +639,68 @@ fn prometheus_scrapes_the_worker_and_loads_the_rules() {
 // ---------------------------------------------------------------------------------
 // Alert rules
 
+/// A runbook quotes the worker's log lines so an operator can search for them:
+/// every quoted line (text in double quotes that starts lower-case, up to its
+/// first `<placeholder>` or `...`) is written by the worker, so a reworded log
+/// line cannot leave a runbook pointing at nothing.
+#[test]
+fn runbooks_quote_log_lines_the_worker_writes() {
+    let sources: String = files_under(&repo().join("src"), &["rs"]).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let rules_file = single_document(ALERTS);
+    let mut quoted = 0;
+    for rule in rules_file["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten()) {
+        let Some(description) = rule["annotations"]["description"].as_str() else { continue };
+        let description = description.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (i, part) in description.split('"').enumerate() {
+            if i % 2 == 0 || !part.starts_with(|c: char| c.is_ascii_lowercase()) || part.contains('*') {
+                continue;
+            }
+            let fixed = part.split(['<', '.']).next().unwrap_or("").trim_end();
+            if fixed.len() < 8 {
+                continue;
+            }
+            quoted += 1;
+            let written = sources.contains(fixed) || format_literals(&sources).iter().any(|literal| starts_an_expansion(literal, fixed));
+            assert!(written, "alert {}: its runbook quotes \"{part}\", which no log line under src/ writes", rule["alert"]);
+        }
+    }
+    assert!(quoted >= 3, "the runbooks quote {quoted} log lines; expected the ones they name");
+}
+
+/// String literals under `src/` with `{...}` format placeholders (read line by
+/// line, so a quote character in a char literal or an escape spoils one line,
+/// not the rest of the file).
+fn format_literals(sources: &str) -> Vec<&str> {
+    sources.lines().flat_map(|line| line.split('"').skip(1).step_by(2)).filter(|l| l.contains('{') && l.contains('}')).collect()
+}
+
+/// Whether `text` begins some expansion of the format string `literal`, each
+/// `{...}` standing for one word, with most of `text` (two thirds) matched by
+/// the literal's own words: `"{} {} {}"` expands to any three words, and quotes
+/// nothing.
+fn starts_an_expansion(literal: &str, text: &str) -> bool {
+    fixed_chars_matched(literal, text).is_some_and(|fixed| fixed * 3 >= text.len() * 2)
+}
+
+/// The most characters of `text` that `literal`'s fixed parts match when
+/// `text` begins an expansion of it; `None` when it does not.
+fn fixed_chars_matched(literal: &str, text: &str) -> Option<usize> {
+    let Some(open) = literal.find('{') else {
+        return literal.starts_with(text).then_some(text.len());
+    };
+    let (fixed, rest) = literal.split_at(open);
+    let rest = &rest[rest.find('}')? + 1..];
+    if text.len() <= fixed.len() {
+        return fixed.starts_with(text).then_some(text.len());
+    }
+    let after = text.strip_prefix(fixed)?;
+    let word = after.find(char::is_whitespace).unwrap_or(after.len());
+    (1..=word)
+        .filter_map(|n| if after[n..].is_empty() { Some(0) } else { fixed_chars_matched(rest, &after[n..]) })
+        .max()
+        .map(|matched| fixed.len() + matched)
+}
+
 #[test]
 fn alert_rules_have_for_severity_and_a_runbook() {
     let rules_file = single_document(ALERTS);
