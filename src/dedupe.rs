@@ -29,7 +29,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::error::StoreError;
-use crate::event::TrackingEvent;
+use crate::event::{SourceRef, TrackingEvent};
 use crate::state::{Keyspace, Scope, StateStore, Staged};
 
 /// Version tag of the content encoding; bump it (and the golden test) on any change.
@@ -221,6 +221,10 @@ fn sortable_ms(ms: i64) -> [u8; 8] {
     ((ms as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+fn ms_of_sortable(bytes: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
 fn key_prefix(scope: Scope, identity: &[u8; 16]) -> Vec<u8> {
     let mut key = Vec::with_capacity(32);
     key.extend_from_slice(&scope.0);
@@ -241,7 +245,10 @@ fn hash_key(scope: Scope, hash: &[u8; 32]) -> Vec<u8> {
     key
 }
 
-/// Value layouts: Keys = expires_at_ms (8, BE) | content hash (32); Hashes = expires_at_ms (8, BE).
+/// Value layouts: Keys = expires_at_ms (8, BE) | content hash (32) | sighting;
+/// Hashes = expires_at_ms (8, BE) | sighting. Readers take the leading fields
+/// only, so values without a sighting (written before sightings existed) and
+/// with one read alike.
 pub fn expires_at_ms(keyspace: Keyspace, value: &[u8]) -> Result<i64, StoreError> {
     keyspace.expiry(value).ok_or_else(|| StoreError::Corrupt {
         keyspace: keyspace.name(),
@@ -249,20 +256,25 @@ pub fn expires_at_ms(keyspace: Keyspace, value: &[u8]) -> Result<i64, StoreError
     })
 }
 
-/// Decide whether `event` is new, and if so stage its key and hash.
-pub fn check_and_stage<S: StateStore + ?Sized>(
-    state: &mut Staged<'_, S>,
-    scope: Scope,
-    policy: DedupePolicy,
-    event: &TrackingEvent,
-    now: DateTime<Utc>,
-) -> Result<Verdict, StoreError> {
+/// The live entry an event matches, if any: what decides its verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    None,
+    /// The content hash was seen: the hash entry's value.
+    Hash { value: Vec<u8> },
+    /// The composite key was seen within the skew: the key entry's key and value.
+    Key { key: Vec<u8>, value: Vec<u8>, collision: bool },
+}
+
+/// Look `event` up, reading only: the same lookups, in the same order, that
+/// decide [`check_and_stage`]'s verdict (and `waymark explain`'s answer; a
+/// reader wraps its store in a [`Staged`] with nothing staged).
+pub fn find<S: StateStore + ?Sized>(state: &Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>) -> Result<Match, StoreError> {
     let now_ms = now.timestamp_millis();
     let hash = content_hash(event);
-    let hkey = hash_key(scope, &hash);
-    if let Some(value) = state.get(Keyspace::Hashes, &hkey)? {
+    if let Some(value) = state.get(Keyspace::Hashes, &hash_key(scope, &hash))? {
         if now_ms < expires_at_ms(Keyspace::Hashes, &value)? {
-            return Ok(Verdict::DuplicateHash);
+            return Ok(Match::Hash { value });
         }
     }
     let identity = identity_digest(event);
@@ -271,19 +283,203 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
     let from = composite_key(scope, &identity, occurred_ms.saturating_sub(skew_ms));
     // Exclusive upper bound one millisecond past the tolerance.
     let to = composite_key(scope, &identity, occurred_ms.saturating_add(skew_ms).saturating_add(1));
-    for (_, value) in state.scan(Keyspace::Keys, &from, &to)? {
+    for (key, value) in state.scan(Keyspace::Keys, &from, &to)? {
         if now_ms < expires_at_ms(Keyspace::Keys, &value)? {
             let collision = value.get(8..40) != Some(&hash[..]);
-            return Ok(Verdict::DuplicateKey { collision });
+            return Ok(Match::Key { key, value, collision });
         }
     }
+    Ok(Match::None)
+}
+
+/// Decide whether `event` is new, and if so stage its key and hash, each with
+/// where and when it was first seen ([`Sighting`]).
+pub fn check_and_stage<S: StateStore + ?Sized>(
+    state: &mut Staged<'_, S>,
+    scope: Scope,
+    policy: DedupePolicy,
+    event: &TrackingEvent,
+    now: DateTime<Utc>,
+) -> Result<Verdict, StoreError> {
+    let verdict = check(state, scope, policy, event, now)?;
+    if verdict == Verdict::New {
+        stage_new(state, scope, policy, event, now, &Outcome::default());
+    }
+    Ok(verdict)
+}
+
+/// The verdict on `event`, staging nothing.
+pub fn check<S: StateStore + ?Sized>(state: &Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>) -> Result<Verdict, StoreError> {
+    Ok(match find(state, scope, policy, event, now)? {
+        Match::Hash { .. } => Verdict::DuplicateHash,
+        Match::Key { collision, .. } => Verdict::DuplicateKey { collision },
+        Match::None => Verdict::New,
+    })
+}
+
+/// What the ordering made of a new event, kept in its composite-key entry so
+/// `waymark explain` can tell a prevented regression afterwards (the shipment's
+/// state only holds where it stands now).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    pub regression_prevented: bool,
+    pub out_of_order: bool,
+    /// The shipment's status after the event (the upsert's `shipment_status`).
+    pub shipment_status: String,
+}
+
+/// Stage a new event's composite key and content hash, with its sighting and
+/// `outcome`.
+pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>, outcome: &Outcome) {
+    let now_ms = now.timestamp_millis();
+    let hash = content_hash(event);
     let expires = now_ms.saturating_add(policy.ttl_ms()).to_be_bytes();
-    let mut key_value = Vec::with_capacity(40);
+    let mut seen = Vec::with_capacity(64);
+    encode_sighting(&mut seen, now_ms, event);
+    let mut key_value = Vec::with_capacity(40 + seen.len() + 48);
     key_value.extend_from_slice(&expires);
     key_value.extend_from_slice(&hash);
-    state.put(Keyspace::Keys, composite_key(scope, &identity, occurred_ms), key_value);
-    state.put(Keyspace::Hashes, hkey, expires.to_vec());
-    Ok(Verdict::New)
+    key_value.extend_from_slice(&seen);
+    encode_key_facts(&mut key_value, event);
+    let mut hash_value = Vec::with_capacity(8 + seen.len());
+    hash_value.extend_from_slice(&expires);
+    hash_value.extend_from_slice(&seen);
+    let occurred_ms = event.occurred_at.timestamp_millis();
+    key_value.push(u8::from(outcome.regression_prevented) | (u8::from(outcome.out_of_order) << 1));
+    put_short(&mut key_value, &outcome.shipment_status);
+    state.put(Keyspace::Keys, composite_key(scope, &identity_digest(event), occurred_ms), key_value);
+    state.put(Keyspace::Hashes, hash_key(scope, &hash), hash_value);
+}
+
+/// Tag of the sighting encoding that follows a dedupe value's leading fields.
+const SIGHTING_V1: u8 = 1;
+
+/// Where and when an entry's event was first seen, and, for a composite-key
+/// entry, what it is about: what `waymark explain` reports a duplicate matched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sighting {
+    /// The clock's time when the event was first seen (new).
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub first_seen: DateTime<Utc>,
+    /// When the entry stops deciding anything (first seen plus the TTL).
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub expires_at: DateTime<Utc>,
+    /// The raw record (topic, partition, offset; an archive's recorded ones) the
+    /// event came from.
+    pub source: SourceRef,
+    /// Composite-key entries only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub milestone: Option<KeyFacts>,
+}
+
+/// What a composite-key entry is about.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyFacts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shipment_ref: Option<String>,
+    pub status: String,
+    pub carrier_status_code: String,
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub occurred_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub shipment: [u8; 8],
+    /// What the ordering made of it when it was new.
+    pub outcome: Outcome,
+}
+
+/// Eight bytes naming a shipment (tenant, carrier, tracking number) in a
+/// composite-key entry, so one home partition's entries can be filtered by
+/// shipment without the shipment ref.
+pub fn shipment_filter(tenant: &str, carrier: &str, tracking: &str) -> [u8; 8] {
+    let mut enc = Encoder::new(b"waymark.sighting.shipment.v1");
+    enc.str(tenant);
+    enc.str(carrier);
+    enc.str(tracking);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&enc.finish().as_bytes()[..8]);
+    out
+}
+
+/// A string of at most 255 bytes (cut at a character), length first.
+fn put_short(out: &mut Vec<u8>, text: &str) {
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.push(end as u8);
+    out.extend_from_slice(&text.as_bytes()[..end]);
+}
+
+fn take_short<'a>(bytes: &mut &'a [u8]) -> Option<&'a str> {
+    let (&len, rest) = bytes.split_first()?;
+    let (text, rest) = rest.split_at_checked(usize::from(len))?;
+    *bytes = rest;
+    std::str::from_utf8(text).ok()
+}
+
+fn take<const N: usize>(bytes: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, rest) = bytes.split_at_checked(N)?;
+    *bytes = rest;
+    head.try_into().ok()
+}
+
+/// tag (1) | first seen ms (8, BE) | partition (4, BE) | offset (8, BE) | topic (short string).
+fn encode_sighting(out: &mut Vec<u8>, now_ms: i64, event: &TrackingEvent) {
+    out.push(SIGHTING_V1);
+    out.extend_from_slice(&now_ms.to_be_bytes());
+    out.extend_from_slice(&event.source.partition.to_be_bytes());
+    out.extend_from_slice(&event.source.offset.to_be_bytes());
+    put_short(out, &event.source.topic);
+}
+
+/// shipment filter (8) | shipment ref (0: none, else 1 and a short string) |
+/// status | code; [`stage_new`] then adds the outcome: flags (1) | shipment status.
+fn encode_key_facts(out: &mut Vec<u8>, event: &TrackingEvent) {
+    out.extend_from_slice(&shipment_filter(&event.tenant_id, &event.carrier, &event.tracking_number));
+    match &event.shipment_ref {
+        Some(reference) => {
+            out.push(1);
+            put_short(out, reference);
+        }
+        None => out.push(0),
+    }
+    put_short(out, event.status.as_str());
+    put_short(out, &event.carrier_status_code);
+}
+
+/// The sighting of a dedupe entry (`key` and `value` as stored), or `None` for
+/// an entry written before sightings existed (or one this version cannot read).
+pub fn sighting(keyspace: Keyspace, key: &[u8], value: &[u8]) -> Option<Sighting> {
+    let expires_at = DateTime::from_timestamp_millis(keyspace.expiry(value)?)?;
+    let mut rest = match keyspace {
+        Keyspace::Keys => value.get(40..)?,
+        Keyspace::Hashes => value.get(8..)?,
+        Keyspace::Shipments | Keyspace::Offsets => return None,
+    };
+    if take::<1>(&mut rest)? != [SIGHTING_V1] {
+        return None;
+    }
+    let first_seen = DateTime::from_timestamp_millis(i64::from_be_bytes(take(&mut rest)?))?;
+    let partition = i32::from_be_bytes(take(&mut rest)?);
+    let offset = i64::from_be_bytes(take(&mut rest)?);
+    let topic = take_short(&mut rest)?.to_string();
+    let milestone = match keyspace {
+        Keyspace::Keys => {
+            let shipment = take::<8>(&mut rest)?;
+            let shipment_ref = match take::<1>(&mut rest)? {
+                [0] => None,
+                _ => Some(take_short(&mut rest)?.to_string()),
+            };
+            let status = take_short(&mut rest)?.to_string();
+            let carrier_status_code = take_short(&mut rest)?.to_string();
+            let [flags] = take::<1>(&mut rest)?;
+            let outcome = Outcome { regression_prevented: flags & 1 != 0, out_of_order: flags & 2 != 0, shipment_status: take_short(&mut rest)?.to_string() };
+            let occurred_ms = key.get(key.len().checked_sub(8)?..).and_then(|b| b.try_into().ok()).map(ms_of_sortable)?;
+            Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at: DateTime::from_timestamp_millis(occurred_ms)?, shipment, outcome })
+        }
+        _ => None,
+    };
+    Some(Sighting { first_seen, expires_at, source: SourceRef { topic, partition, offset }, milestone })
 }
 
 #[cfg(test)]
@@ -323,6 +519,72 @@ pub(crate) mod tests {
         let verdict = check_and_stage(&mut staged, Scope::of("t", 0), policy, e, at(now_ms)).unwrap();
         store.write(staged.take_batch()).unwrap();
         verdict
+    }
+
+    /// A new event's entries record where and when it was first seen; a later
+    /// duplicate finds them, and the entry it matched says so.
+    #[test]
+    fn entries_record_their_first_sighting_and_duplicates_find_it() {
+        let store = MemoryStore::default();
+        let scope = Scope([3; 8]);
+        let policy = DedupePolicy::default();
+        let mut first = event("1Z", Status::InTransit, T0);
+        first.source = SourceRef { topic: "tracking.raw.easypost".into(), partition: 2, offset: 41 };
+        first.shipment_ref = Some("shp_1".into());
+        let mut staged = Staged::new(&store);
+        assert_eq!(check_and_stage(&mut staged, scope, policy, &first, at(T0 + 5_000)).unwrap(), Verdict::New);
+        store.write(staged.take_batch()).unwrap();
+
+        // The same content again, from another record: a hash match, first seen at 41.
+        let mut again = first.clone();
+        again.source.offset = 99;
+        let reader = Staged::new(&store);
+        let Match::Hash { value } = find(&reader, scope, policy, &again, at(T0 + 60_000)).unwrap() else { panic!("expected a hash match") };
+        let seen = sighting(Keyspace::Hashes, &[], &value).expect("a sighting");
+        assert_eq!(seen.source, first.source);
+        assert_eq!(seen.first_seen, at(T0 + 5_000));
+        assert_eq!(seen.expires_at, at(T0 + 5_000 + policy.ttl_ms()));
+        assert!(seen.milestone.is_none());
+
+        // One second of skew and another description: a key match with a collision.
+        let mut skewed = again.clone();
+        skewed.occurred_at = at(T0 + 1_000);
+        skewed.description = Some("Arrived at facility".into());
+        let Match::Key { key, value, collision } = find(&reader, scope, policy, &skewed, at(T0 + 60_000)).unwrap() else { panic!("expected a key match") };
+        assert!(collision);
+        let seen = sighting(Keyspace::Keys, &key, &value).expect("a sighting");
+        assert_eq!(seen.source, first.source);
+        let facts = seen.milestone.expect("what the key is about");
+        assert_eq!(facts.occurred_at, at(T0), "the matched entry's own time, not the duplicate's");
+        assert_eq!((facts.status.as_str(), facts.carrier_status_code.as_str()), ("in_transit", "AR"));
+        assert_eq!(facts.shipment_ref.as_deref(), Some("shp_1"));
+        assert_eq!(facts.shipment, shipment_filter("acme", "easypost", "1Z"));
+    }
+
+    /// Values written before sightings existed still decide (they have no
+    /// sighting to report), and a long topic name is cut, not refused.
+    #[test]
+    fn values_without_a_sighting_still_decide() {
+        let store = MemoryStore::default();
+        let scope = Scope([3; 8]);
+        let policy = DedupePolicy::default();
+        let e = event("1Z", Status::InTransit, T0);
+        let expires = (T0 + policy.ttl_ms()).to_be_bytes().to_vec();
+        let mut batch = crate::state::StateBatch::default();
+        batch.put(Keyspace::Hashes, hash_key(scope, &content_hash(&e)), expires.clone());
+        store.write(batch).unwrap();
+        let reader = Staged::new(&store);
+        let Match::Hash { value } = find(&reader, scope, policy, &e, at(T0)).unwrap() else { panic!("an old value still matches") };
+        assert_eq!(sighting(Keyspace::Hashes, &[], &value), None);
+
+        let mut long = event("2Z", Status::Delivered, T0);
+        long.source.topic = "t".repeat(300);
+        let mut staged = Staged::new(&store);
+        assert_eq!(check_and_stage(&mut staged, scope, policy, &long, at(T0)).unwrap(), Verdict::New);
+        store.write(staged.take_batch()).unwrap();
+        let reader = Staged::new(&store);
+        let Match::Hash { value } = find(&reader, scope, policy, &long, at(T0)).unwrap() else { panic!() };
+        assert_eq!(sighting(Keyspace::Hashes, &[], &value).unwrap().source.topic.len(), 255);
     }
 
     #[test]

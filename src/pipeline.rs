@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::carriers::CarrierRegistry;
-use crate::dedupe::{check_and_stage, DedupeConfig, Verdict};
+use crate::dedupe::{self, check, DedupeConfig, Verdict};
 use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
 use crate::error::{RecordError, StoreError};
 use crate::event::{Status, TrackingEvent};
@@ -358,7 +358,7 @@ impl Pipeline {
         state: &mut Staged<'_, S>,
     ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
         let policy = self.dedupe.policy(&event.carrier);
-        let verdict = check_and_stage(state, scope, policy, &event, now)?;
+        let verdict = check(state, scope, policy, &event, now)?;
         let mut outcome = EventOutcome { verdict, status: event.status, occurred_at: event.occurred_at, applied: Applied::default() };
         if verdict != Verdict::New {
             return Ok((outcome, None));
@@ -379,6 +379,12 @@ impl Pipeline {
             None => ShipmentState::new(event.status, event.occurred_at, expires_at_ms),
         };
         state.put(Keyspace::Shipments, key, shipment.encode());
+        let decided = dedupe::Outcome {
+            regression_prevented: outcome.applied.regression_prevented,
+            out_of_order: outcome.applied.out_of_order,
+            shipment_status: shipment.shipment_status.as_str().to_string(),
+        };
+        dedupe::stage_new(state, scope, policy, &event, now, &decided);
         Ok((outcome, Some(MilestoneUpsert::new(event, shipment.shipment_status, shipment.latest_status))))
     }
 }
