@@ -270,13 +270,26 @@ pub enum Match {
 /// decide [`check_and_stage`]'s verdict (and `waymark explain`'s answer; a
 /// reader wraps its store in a [`Staged`] with nothing staged).
 pub fn find<S: StateStore + ?Sized>(state: &Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>) -> Result<Match, StoreError> {
-    let now_ms = now.timestamp_millis();
     let hash = content_hash(event);
     if let Some(value) = state.get(Keyspace::Hashes, &hash_key(scope, &hash))? {
-        if now_ms < expires_at_ms(Keyspace::Hashes, &value)? {
+        if now.timestamp_millis() < expires_at_ms(Keyspace::Hashes, &value)? {
             return Ok(Match::Hash { value });
         }
     }
+    find_key(state, scope, policy, event, now, &hash)
+}
+
+/// The live composite-key entry within the skew of `event`, if any (`hash`:
+/// its content hash, to tell a collision).
+pub fn find_key<S: StateStore + ?Sized>(
+    state: &Staged<'_, S>,
+    scope: Scope,
+    policy: DedupePolicy,
+    event: &TrackingEvent,
+    now: DateTime<Utc>,
+    hash: &[u8; 32],
+) -> Result<Match, StoreError> {
+    let now_ms = now.timestamp_millis();
     let identity = identity_digest(event);
     let occurred_ms = event.occurred_at.timestamp_millis();
     let skew_ms = policy.skew_ms();

@@ -14,6 +14,7 @@ pub mod dedupe;
 pub mod envelope;
 pub mod error;
 pub mod event;
+pub mod explain;
 pub mod order;
 pub mod output;
 pub mod parallel;

@@ -43,6 +43,9 @@ enum Command {
     /// carrier mappings and every librdkafka property (exit 2 naming what is
     /// wrong); with --connect, also reach the brokers and check the topics.
     Check(cli::check::Args),
+    /// Why a record's events came out as they did (--record, --input), or where a
+    /// shipment stands (--shipment), from the state (read-only, beside a running worker).
+    Explain(cli::explain::Args),
     /// Probe a running worker's /healthz (exit 0 healthy, 1 not): the container
     /// health check, with nothing but the binary.
     Health(cli::health::Args),
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => cli::produce::exec(args),
         Command::Normalize(args) => cli::normalize::exec(args),
         Command::Check(args) => cli::check::exec(args),
+        Command::Explain(args) => cli::explain::exec(args),
         Command::Health(args) => cli::health::exec(args),
         Command::State { command } => cli::state::exec(command),
         Command::Completions { shell } => {

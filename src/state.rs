@@ -91,6 +91,17 @@ pub trait StateStore {
     fn scan(&self, keyspace: Keyspace, from: &[u8], to: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     /// Apply a batch atomically: all of it or none of it, durable on return.
     fn write(&self, batch: StateBatch) -> Result<(), StoreError>;
+    /// Visit the entries with `from <= key < to` in key order until `f`
+    /// returns false, without holding them all (a whole partition's entries,
+    /// for `waymark explain`). The default collects a [`StateStore::scan`].
+    fn visit(&self, keyspace: Keyspace, from: &[u8], to: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        for (key, value) in self.scan(keyspace, from, to)? {
+            if !f(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A set of writes applied atomically.

@@ -468,6 +468,18 @@ fn keyspace_options(keyspace: Keyspace, options: &StoreOptions, cache: &Cache, c
 }
 
 impl StateStore for RocksStore {
+    fn visit(&self, keyspace: Keyspace, from: &[u8], to: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        let mut read_options = total_order();
+        read_options.set_iterate_upper_bound(to.to_vec());
+        for item in self.db.iterator_cf_opt(self.cf(keyspace)?, read_options, rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward)) {
+            let (key, value) = item.map_err(io)?;
+            if &*key >= to || !f(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let started = std::time::Instant::now();
         let value = self.db.get_cf(self.cf(keyspace)?, key).map_err(io);

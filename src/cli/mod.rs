@@ -12,6 +12,7 @@
 
 pub mod args;
 pub mod check;
+pub mod explain;
 pub mod health;
 pub mod normalize;
 pub mod produce;
