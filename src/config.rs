@@ -366,13 +366,33 @@ impl Default for RoutingSection {
 pub struct HttpSection {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Bearer token that turns on `/explain` (it shows tenants' tracking data,
+    /// so it is off without one). At least 16 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain_token: Option<String>,
 }
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
 }
 impl Default for HttpSection {
     fn default() -> Self {
-        HttpSection { listen: default_listen() }
+        HttpSection { listen: default_listen(), explain_token: None }
+    }
+}
+
+/// A secret that never shows in a log line, an error or a `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 
@@ -499,6 +519,8 @@ pub struct Config {
     /// Threads that prepare a batch's records (resolved: at least 1).
     pub normalize_threads: usize,
     pub http_listen: SocketAddr,
+    /// `/explain` is served only with a token (`http.explain_token`).
+    pub explain_token: Option<Secret>,
     pub tenant_label: bool,
     pub log_format: LogFormat,
     /// State hand-over through changelog topics (`None`: state stays local).
@@ -854,6 +876,13 @@ impl RawConfig {
         let http_listen = self.http.listen.parse().map_err(|e| {
             ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.http.listen))
         })?;
+        let explain_token = match self.http.explain_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(token) if token.len() < 16 => {
+                return Err(ConfigError::Invalid("http.explain_token is shorter than 16 characters: use a long random token (e.g. `openssl rand -hex 24`)".into()))
+            }
+            Some(token) => Some(Secret(token.to_string())),
+        };
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
         let longest_ttl = per_carrier.values().map(|p| p.ttl).chain([default_policy.ttl]).max().unwrap_or(default_policy.ttl);
         let reorder_window = duration("order.reorder_window", &self.order.reorder_window)?;
@@ -930,6 +959,7 @@ impl RawConfig {
                 n => n,
             },
             http_listen,
+            explain_token,
             tenant_label: self.telemetry.tenant_label,
             log_format: LogFormat::parse(&self.log.format)?,
             changelog,

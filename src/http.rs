@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and,
+//! with a bearer token configured, `/explain`.
 //!
 //! Three fixed GET routes do not justify a web framework's compile time; this is a
 //! minimal HTTP/1.1 responder on tokio that reads the request line and closes.
@@ -173,11 +174,32 @@ impl Health {
     }
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+/// What `/explain` asks: `?shipment=TENANT:CARRIER:TRACKING` or
+/// `?record=TOPIC:PARTITION:OFFSET` (percent-decoded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplainQuery {
+    Shipment(String),
+    Record(String),
+}
+
+/// Answers `/explain` queries as JSON, or `Err((status, reason))`. It runs on a
+/// blocking thread (it reads the state store, and for a record, Kafka).
+pub type Explainer = dyn Fn(ExplainQuery) -> Result<String, (u16, String)> + Send + Sync;
+
+/// `/explain`, served only with a token: it shows tenants' tracking data.
+#[derive(Clone)]
+pub struct ExplainRoute {
+    pub token: String,
+    pub explainer: Arc<Explainer>,
+}
+
+/// Serve `/metrics`, `/healthz`, `/readyz` (and `/explain` when `explain` is
+/// given) until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     health: Arc<Health>,
+    explain: Option<ExplainRoute>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -207,13 +229,84 @@ pub async fn serve(
                 let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
                 let handle = handle.clone();
                 let health = health.clone();
+                let explain = explain.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(MAX_CONNECTION_TIME, respond(stream, &handle, &health)).await;
+                    let _ = tokio::time::timeout(MAX_CONNECTION_TIME, respond(stream, &handle, &health, explain.as_ref())).await;
                     drop(permit);
                 });
             }
         }
     }
+}
+
+/// `/explain`: off without a token (404 saying how to turn it on), 401 without
+/// the right `Authorization: Bearer` header (compared in constant time), 400
+/// for a query it cannot read; otherwise the explainer's JSON.
+async fn explain_response(explain: Option<&ExplainRoute>, head: &str, query: &str) -> (&'static str, &'static str, String) {
+    let Some(route) = explain else {
+        return ("404 Not Found", "text/plain", "/explain is off: set http.explain_token (WAYMARK_HTTP__EXPLAIN_TOKEN) to turn it on\n".into());
+    };
+    let presented = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, value)| value.trim().strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), route.token.as_bytes()) {
+        return ("401 Unauthorized", "text/plain", "/explain needs `Authorization: Bearer <http.explain_token>`\n".into());
+    }
+    let mut asked = None;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(value) = percent_decode(value) else { continue };
+        asked = match name {
+            "shipment" => Some(ExplainQuery::Shipment(value)),
+            "record" => Some(ExplainQuery::Record(value)),
+            _ => asked,
+        };
+    }
+    let Some(asked) = asked else {
+        return ("400 Bad Request", "text/plain", "ask /explain?shipment=TENANT:CARRIER:TRACKING or /explain?record=TOPIC:PARTITION:OFFSET\n".into());
+    };
+    let explainer = route.explainer.clone();
+    match tokio::task::spawn_blocking(move || explainer(asked)).await {
+        Ok(Ok(json)) => ("200 OK", "application/json", json),
+        Ok(Err((400, why))) => ("400 Bad Request", "text/plain", format!("{why}\n")),
+        Ok(Err((404, why))) => ("404 Not Found", "text/plain", format!("{why}\n")),
+        Ok(Err((_, why))) => ("500 Internal Server Error", "text/plain", format!("{why}\n")),
+        Err(_) => ("500 Internal Server Error", "text/plain", "the explanation failed (a bug: see the log)\n".into()),
+    }
+}
+
+/// Equal bytes, in a time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `%XX` and `+` decoded; `None` for bad escapes or text that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Most HTTP connections served at once; more are closed on accept.
@@ -229,7 +322,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, health: &Health) -> std::io::Result<()> {
+async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, health: &Health, explain: Option<&ExplainRoute>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // Read the request head (bounded); we only need the request line.
@@ -245,9 +338,10 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, h
     }
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let (status, content_type, body) = match (method, path) {
+        ("GET", "/explain") => explain_response(explain, &head, query).await,
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
         ("GET", "/healthz") => match health.liveness() {
             Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
@@ -257,7 +351,7 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, h
             Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".into()),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz or /explain\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
     let response = format!(
@@ -366,7 +460,7 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let handle = PrometheusBuilder::new().build_recorder().handle();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, handle, Arc::new(Health::default()), async {
+            let server = tokio::spawn(serve(listener, handle, Arc::new(Health::default()), None, async {
                 let _ = stopped.await;
             }));
             let get = || async move {
@@ -400,7 +494,7 @@ mod tests {
             let health = Arc::new(Health::default());
             let handle = PrometheusBuilder::new().build_recorder().handle();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, handle, health.clone(), async {
+            let server = tokio::spawn(serve(listener, handle, health.clone(), None, async {
                 let _ = stopped.await;
             }));
             let get = |path: &'static str| async move {
@@ -422,6 +516,57 @@ mod tests {
             assert_eq!(get("/healthz").await, "503");
             assert_eq!(get("/metrics").await, "200");
             assert_eq!(get("/nope").await, "404");
+            let _ = stop.send(());
+            server.await.unwrap();
+        });
+    }
+
+    /// `/explain` is off without a token, refuses a missing or wrong one, reads
+    /// percent-encoded queries, and hands them to the explainer.
+    #[test]
+    fn explain_needs_its_token_and_reads_the_query() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let start = |explain: Option<ExplainRoute>| async move {
+                let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let handle = PrometheusBuilder::new().build_recorder().handle();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(serve(listener, handle, Arc::new(Health::default()), explain, async {
+                    let _ = stopped.await;
+                }));
+                (addr, stop, server)
+            };
+            let get = |addr: SocketAddr, target: &'static str, token: Option<&'static str>| async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+                stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes()).await.unwrap();
+                let mut response = String::new();
+                let _ = stream.read_to_string(&mut response).await;
+                let status = response.split_whitespace().nth(1).unwrap_or("closed").to_string();
+                (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+            };
+
+            let (addr, stop, server) = start(None).await;
+            let (status, body) = get(addr, "/explain?shipment=a:b:c", Some("0123456789abcdef")).await;
+            assert_eq!(status, "404");
+            assert!(body.contains("http.explain_token"), "{body}");
+            let _ = stop.send(());
+            server.await.unwrap();
+
+            let explainer: Arc<Explainer> = Arc::new(|query| match query {
+                ExplainQuery::Shipment(s) => Ok(format!("{{\"shipment\":{s:?}}}")),
+                ExplainQuery::Record(_) => Err((404, "no such record".into())),
+            });
+            let (addr, stop, server) = start(Some(ExplainRoute { token: "0123456789abcdef".into(), explainer })).await;
+            assert_eq!(get(addr, "/explain?shipment=a:b:c", None).await.0, "401");
+            assert_eq!(get(addr, "/explain?shipment=a:b:c", Some("0123456789abcdeX")).await.0, "401");
+            assert_eq!(get(addr, "/explain?shipment=a:b:c", Some("0123456789abcde")).await.0, "401", "a prefix of the token is not the token");
+            let (status, body) = get(addr, "/explain?shipment=acme%3Aups%3A1Z+9", Some("0123456789abcdef")).await;
+            assert_eq!(status, "200");
+            assert_eq!(body, "{\"shipment\":\"acme:ups:1Z 9\"}");
+            assert_eq!(get(addr, "/explain?record=t:0:1", Some("0123456789abcdef")).await.0, "404");
+            assert_eq!(get(addr, "/explain?nothing=1", Some("0123456789abcdef")).await.0, "400");
             let _ = stop.send(());
             server.await.unwrap();
         });

@@ -99,7 +99,7 @@ fn body(input: &str, carrier: &str, tenant: &str) -> Result<Envelope, Failure> {
 
 /// The record at TOPIC:PARTITION:OFFSET, read from Kafka without a consumer
 /// group (nothing committed, the live group untouched).
-fn fetch(config: &Config, at: &str) -> Result<Envelope, Failure> {
+pub(super) fn fetch(config: &Config, at: &str) -> Result<Envelope, Failure> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let parsed = at.rsplitn(3, ':').collect::<Vec<_>>();

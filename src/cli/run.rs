@@ -51,7 +51,11 @@ fn run(config: Config) -> Result<(), Failure> {
     store.check_layout(&config.placement.layout(), true).map_err(layout_failure)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    runtime.spawn(http::serve(listener, handle, health.clone(), async {
+    let explain = config.explain_token.as_ref().map(|token| {
+        tracing::info!("serving /explain (bearer token required)");
+        http::ExplainRoute { token: token.expose().to_string(), explainer: explainer(&config, store.clone(), clock.clone()) }
+    });
+    runtime.spawn(http::serve(listener, handle, health.clone(), explain, async {
         let _ = http_stopped.await;
     }));
 
@@ -120,4 +124,30 @@ fn run(config: Config) -> Result<(), Failure> {
         Ok(Err(e)) => Err(Failure { code: e.exit_code(), error: anyhow::Error::new(e).context("worker stopped") }),
         Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
     }
+}
+
+/// `/explain`'s answers: the same reports as `waymark explain --json`, from the
+/// worker's own store (RocksDB serves reads beside the worker's writes).
+fn explainer(config: &Config, store: Arc<RocksStore>, clock: Arc<GuardedClock>) -> Arc<http::Explainer> {
+    let config = config.clone();
+    let pipeline = config.pipeline();
+    Arc::new(move |query| {
+        let now = clock.now();
+        let json = match query {
+            http::ExplainQuery::Shipment(shipment) => {
+                let mut parts = shipment.splitn(3, ':');
+                let (Some(tenant), Some(carrier), Some(tracking)) = (parts.next(), parts.next(), parts.next()) else {
+                    return Err((400, format!("shipment={shipment}: write TENANT:CARRIER:TRACKING_NUMBER")));
+                };
+                let report = waymark::explain::shipment(&pipeline, &*store, tenant, carrier, tracking, now).map_err(|e| (400, e.to_string()))?;
+                serde_json::to_string_pretty(&report)
+            }
+            http::ExplainQuery::Record(at) => {
+                let envelope = super::explain::fetch(&config, &at).map_err(|f| (if f.code == 2 { 400 } else { 404 }, format!("{:#}", f.error)))?;
+                let report = waymark::explain::record(&pipeline, &*store, &envelope, now).map_err(|e| (500, e.to_string()))?;
+                serde_json::to_string_pretty(&report)
+            }
+        };
+        json.map_err(|e| (500, e.to_string()))
+    })
 }
