@@ -105,6 +105,16 @@ impl Location {
     pub fn is_empty(&self) -> bool {
         self.city.is_none() && self.region.is_none() && self.postal_code.is_none() && self.country.is_none()
     }
+
+    /// The same place as dedupe compares places: each part trimmed, case ignored.
+    pub fn eq_ignore_case(&self, other: &Location) -> bool {
+        let same = |a: &Option<String>, b: &Option<String>| match (a, b) {
+            (Some(a), Some(b)) => a.trim().to_uppercase() == b.trim().to_uppercase(),
+            (None, None) => true,
+            _ => false,
+        };
+        same(&self.city, &other.city) && same(&self.region, &other.region) && same(&self.postal_code, &other.postal_code) && same(&self.country, &other.country)
+    }
 }
 
 /// Where a raw record came from. Volatile: never part of identity or content hash.

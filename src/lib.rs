@@ -27,6 +27,8 @@ pub mod telemetry;
 
 // The adapters.
 #[cfg(feature = "runtime")]
+pub mod audit;
+#[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod http;

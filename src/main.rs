@@ -43,6 +43,9 @@ enum Command {
     /// carrier mappings and every librdkafka property (exit 2 naming what is
     /// wrong); with --connect, also reach the brokers and check the topics.
     Check(cli::check::Args),
+    /// Recompute what a raw topic's range should have produced and compare it
+    /// with the output topic (exit 1 on any divergence).
+    Audit(cli::audit::Args),
     /// Why a record's events came out as they did (--record, --input), or where a
     /// shipment stands (--shipment), from the state (read-only, beside a running worker).
     Explain(cli::explain::Args),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Normalize(args) => cli::normalize::exec(args),
         Command::Check(args) => cli::check::exec(args),
         Command::Explain(args) => cli::explain::exec(args),
+        Command::Audit(args) => cli::audit::exec(args),
         Command::Health(args) => cli::health::exec(args),
         Command::State { command } => cli::state::exec(command),
         Command::Completions { shell } => {

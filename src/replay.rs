@@ -234,7 +234,9 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
     /// Replay a topic's retained history (all partitions, `read_committed`) through
     /// the pipeline. The reading consumer assigns partitions itself and never commits:
     /// it joins no group, so the live group's membership and offsets are untouched.
-    pub fn topic(&mut self, client: &rdkafka::config::ClientConfig, topic: &str, range: &TopicRange) -> Result<(), ReplayError> {
+    ///
+    /// Returns the offsets it read, per partition: `[start, stop)`.
+    pub fn topic(&mut self, client: &rdkafka::config::ClientConfig, topic: &str, range: &TopicRange) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, ReplayError> {
         let (store, resume) = (self.store, self.resume);
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::Message;
@@ -279,6 +281,7 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
         let stops = offsets_at(range.until)?;
         let mut assignment = TopicPartitionList::new();
         let mut end: HashMap<i32, i64> = HashMap::new();
+        let mut read = std::collections::BTreeMap::new();
         for p in &partitions {
             let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(failed)?;
             let start = match (range.since, starts.get(p)) {
@@ -295,10 +298,11 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
             if start < stop {
                 assignment.add_partition_offset(topic, *p, Offset::Offset(start)).map_err(failed)?;
                 end.insert(*p, stop);
+                read.insert(*p, (start, stop));
             }
         }
         if end.is_empty() {
-            return Ok(());
+            return Ok(read);
         }
         consumer.assign(&assignment).map_err(failed)?;
         let mut batch: Vec<Envelope> = Vec::with_capacity(BATCH);
@@ -366,7 +370,7 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
         if !batch.is_empty() {
             self.deliver(&batch, Vec::new(), &topic_checkpoints(&batch, &checkpoint_of))?;
         }
-        Ok(())
+        Ok(read)
     }
 
     /// One batch through the pipeline and the commit order (outputs, then state);

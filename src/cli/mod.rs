@@ -11,6 +11,7 @@
 //! Exit codes: 0 success, 2 usage or configuration error, 1 runtime failure.
 
 pub mod args;
+pub mod audit;
 pub mod check;
 pub mod explain;
 pub mod health;

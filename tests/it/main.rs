@@ -7,6 +7,7 @@ mod common;
 mod connection;
 mod declared;
 mod deploy;
+mod explain;
 mod failover;
 mod faults;
 mod fixtures;
