@@ -12,11 +12,12 @@
 //! the `shipment_status` of each upsert on the way (compared per shipment at
 //! the end, where it does not depend on order).
 //!
-//! Exact when the raw topic still holds everything the worker saw within the
-//! dedupe TTL before the range: an event the worker deduped against older
-//! history (gone from the topic, or before `--since`) is new to the scratch
-//! state and is reported missing. Audit the whole retained topic, or read
-//! `missing` with that in mind.
+//! So that the range's events meet what came before them, as they did in the
+//! worker, the recomputation starts the longest dedupe TTL before the range
+//! (or at the topic's beginning), and only the range is compared. Exact when
+//! the raw topic still holds that history: an event the worker deduped against
+//! records the topic no longer holds is new to the scratch state, and is
+//! reported missing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -115,8 +116,33 @@ fn same_scan(a: &MilestoneUpsert, b: &MilestoneUpsert, dedupe: &DedupeConfig) ->
         && (a.occurred_at.timestamp_millis() - b.occurred_at.timestamp_millis()).abs() <= skew
 }
 
+/// Each partition's first offset at or after `at` (the partition's end when
+/// none is), as the broker's time index answers.
+pub fn offsets_at(client: &ClientConfig, topic: &str, at: chrono::DateTime<chrono::Utc>) -> Result<BTreeMap<i32, i64>, String> {
+    let consumer: BaseConsumer = client.create().map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(30);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> =
+        metadata.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+    let mut query = TopicPartitionList::new();
+    for p in &partitions {
+        query.add_partition_offset(topic, *p, Offset::Offset(at.timestamp_millis())).map_err(|e| e.to_string())?;
+    }
+    let mut out = BTreeMap::new();
+    for element in consumer.offsets_for_times(query, timeout).map_err(|e| e.to_string())?.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(o) => o,
+            _ => consumer.fetch_watermarks(topic, element.partition(), timeout).map_err(|e| e.to_string())?.1,
+        };
+        out.insert(element.partition(), offset);
+    }
+    Ok(out)
+}
+
 /// Compare what the range should have produced (`expected`, in order) with the
-/// output topic's records (`output`, in order).
+/// output topic's records (`output`, in order). Only milestones whose source is
+/// in `raw_range` count, on both sides: the replay may have read earlier
+/// history too, so that the range's events meet what came before them.
 pub fn compare(
     raw_topic: &str,
     output_topic: &str,
@@ -144,6 +170,8 @@ pub fn compare(
         });
         entry.1.push(record.value.clone());
     }
+    let expected: Vec<MilestoneUpsert> = expected.iter().filter(|u| in_range(u)).cloned().collect();
+    let expected = expected.as_slice();
     let expected_ids: BTreeSet<&str> = expected.iter().map(|u| u.milestone_id.as_str()).collect();
     let mut missing: Vec<&MilestoneUpsert> = expected.iter().filter(|u| !seen.contains_key(&u.milestone_id)).collect();
     let mut extra: Vec<&MilestoneUpsert> = order.iter().map(|id| &seen[id].0).filter(|u| !expected_ids.contains(u.milestone_id.as_str())).collect();
@@ -372,6 +400,21 @@ mod tests {
         let mut with_other = expected.clone();
         with_other.push(elsewhere);
         assert!(!compare("tracking.raw.easypost", "out", range(), &expected, &records(&with_other), &dedupe, false).diverges);
+    }
+
+    /// Only the audited range counts, on both sides: history read before it (so
+    /// its events meet what came before them) is not expected on the output.
+    #[test]
+    fn only_the_range_is_compared() {
+        let expected = sample_upserts();
+        let cut = expected[expected.len() / 2].source.offset;
+        let later: Vec<MilestoneUpsert> = expected.iter().filter(|u| u.source.offset >= cut).cloned().collect();
+        let range = BTreeMap::from([(0, (cut, 2000))]);
+        let report = compare("tracking.raw.easypost", "out", range.clone(), &expected, &records(&later), &DedupeConfig::default(), false);
+        assert!(!report.diverges, "{}", render(&report));
+        assert_eq!(report.expected_milestones, later.len());
+        let report = compare("tracking.raw.easypost", "out", range, &expected, &records(&later[1..]), &DedupeConfig::default(), false);
+        assert_eq!(report.missing.len(), 1);
     }
 
     /// The other copy of one scan, within the skew, is not a divergence.

@@ -73,6 +73,11 @@ impl DedupeConfig {
     pub fn policy(&self, carrier: &str) -> DedupePolicy {
         self.per_carrier.get(carrier).copied().unwrap_or(self.default)
     }
+
+    /// The longest TTL of any carrier: how far back an event can be deduped.
+    pub fn longest_ttl(&self) -> Duration {
+        self.per_carrier.values().map(|p| p.ttl).chain([self.default.ttl]).max().unwrap_or(self.default.ttl)
+    }
 }
 
 /// What dedupe decided for one event.

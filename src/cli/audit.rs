@@ -26,12 +26,18 @@ pub struct Args {
     /// The raw topic whose range is audited.
     #[arg(long)]
     from_topic: String,
-    /// Start at raw records from this time (RFC 3339); default: the topic's beginning.
-    #[arg(long, value_parser = parse_time)]
+    /// Audit raw records from this time (RFC 3339); default: the topic's beginning.
+    #[arg(long, value_parser = parse_time, conflicts_with = "last")]
     since: Option<chrono::DateTime<Utc>>,
-    /// Stop before raw records from this time (RFC 3339); default: the topic's end now.
-    #[arg(long, value_parser = parse_time)]
+    /// Audit raw records before this time (RFC 3339); default: now minus --settle.
+    #[arg(long, value_parser = parse_time, conflicts_with = "last")]
     until: Option<chrono::DateTime<Utc>>,
+    /// Audit the raw records of this long before now minus --settle (e.g. 1h): for a schedule.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    last: Option<Duration>,
+    /// Records newer than this are left out: the worker may not have processed them yet.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    settle: Duration,
     /// The output topic to check (default: kafka.output_topic).
     #[arg(long)]
     against: Option<String>,
@@ -60,8 +66,24 @@ pub fn exec(args: Args) -> Result<(), Failure> {
         }
     };
     let mut run = replay::Replay { pipeline: &pipeline, store: &store, sink: &mut sink, now: &clock, summary: Summary::default(), on_progress: &mut on_progress, resume: false };
-    let range = replay::TopicRange { since: args.since, until: args.until, ..replay::TopicRange::default() };
+    let until = args.until.unwrap_or_else(|| Utc::now() - chrono::Duration::from_std(args.settle).unwrap_or_default());
+    let since = match args.last {
+        Some(last) => Some(until - chrono::Duration::from_std(last).unwrap_or_default()),
+        None => args.since,
+    };
+    // Read from the longest TTL before the range, so its events meet what came
+    // before them; compare the range only.
+    let longest_ttl = pipeline.dedupe.longest_ttl();
+    let read_from = since.map(|s| s - chrono::Duration::from_std(longest_ttl).unwrap_or_default());
+    let range = replay::TopicRange { since: read_from, until: Some(until), ..replay::TopicRange::default() };
     let read = run.topic(&client, &args.from_topic, &range).map_err(anyhow::Error::new)?;
+    let audited = match since {
+        Some(since) => {
+            let starts = waymark::audit::offsets_at(&client, &args.from_topic, since).map_err(|e| anyhow::anyhow!("{}: {e}", args.from_topic))?;
+            read.iter().map(|(p, (start, stop))| (*p, ((*start).max(starts.get(p).copied().unwrap_or(*start)), *stop))).collect()
+        }
+        None => read,
+    };
     tracing::info!(milestones = sink.upserts.len(), seconds = started.elapsed().as_secs(), "audit: range recomputed; reading the output topic");
 
     // 2. What the output topic holds.
@@ -70,7 +92,7 @@ pub fn exec(args: Args) -> Result<(), Failure> {
 
     // 3. Compare. At-least-once output may repeat a milestone byte for byte.
     let repeats_allowed = config.delivery == DeliveryMode::AtLeastOnce;
-    let report = waymark::audit::compare(&args.from_topic, &output_topic, read, &sink.upserts, &output, &pipeline.dedupe, repeats_allowed);
+    let report = waymark::audit::compare(&args.from_topic, &output_topic, audited, &sink.upserts, &output, &pipeline.dedupe, repeats_allowed);
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report).context("cannot encode the report")?)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;

@@ -141,7 +141,7 @@ fn explain_run(mode: &[&str]) {
     let audit = |against: &str| {
         let report = setup.state_dir.with_extension("audit.json");
         let out = Command::new(waymark_bin())
-            .args(["audit", "--config", config, "--from-topic", &setup.input, "--against", against, "--report"])
+            .args(["audit", "--config", config, "--from-topic", &setup.input, "--against", against, "--settle", "0s", "--report"])
             .arg(&report)
             .output()
             .unwrap();
