@@ -317,11 +317,13 @@ pub fn shipment<S: StateStore + ?Sized>(pipeline: &Pipeline, store: &S, tenant: 
 
 /// `record` for people: one paragraph per event.
 pub fn render_record(report: &RecordReport) -> String {
+    let what = if report.source.partition < 0 {
+        format!("body (as a record of {})", report.source.topic)
+    } else {
+        format!("record {}:{}:{}", report.source.topic, report.source.partition, report.source.offset)
+    };
     let mut out = format!(
-        "record {}:{}:{} ({}, tenant {})\n",
-        report.source.topic,
-        report.source.partition,
-        report.source.offset,
+        "{what} ({}, tenant {})\n",
         report.carrier.as_deref().unwrap_or("carrier unknown"),
         report.tenant_id.as_deref().unwrap_or("unknown")
     );

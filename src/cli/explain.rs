@@ -88,8 +88,9 @@ fn body(input: &str, carrier: &str, tenant: &str) -> Result<Envelope, Failure> {
     };
     Ok(Envelope {
         topic: format!("{}{carrier}", waymark::envelope::RAW_TOPIC_PREFIX),
-        partition: 0,
-        offset: 0,
+        // Not a record of any topic: no sighting can be this body's own.
+        partition: -1,
+        offset: -1,
         timestamp_ms: Some(Utc::now().timestamp_millis()),
         headers: vec![("tenant-id".into(), Some(tenant.as_bytes().to_vec()))],
         key: None,
