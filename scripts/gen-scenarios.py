@@ -158,7 +158,27 @@ def second_tenant():
     a.write("second-tenant")
 
 
+def corrected_description():
+    """Providers correct a scan's text after the fact: each shipment's history, then
+    the same history with the first scan's message corrected (a revision of that
+    milestone, same id), that correction re-sent (a duplicate), and, for every
+    third shipment, the uncorrected history again with its clock 1 s off (a late
+    copy of the earlier version: a duplicate, it must not undo the correction)."""
+    rng, a = random.Random(6), Archive()
+    ships = shipments(rng, 20, "EZR")
+    for tracking, scans in ships:
+        a.add("easypost", "acme", easypost(f"evt_{tracking}", tracking, scans))
+    for i, (tracking, scans) in enumerate(ships):
+        status, code, t, city, msg = scans[0]
+        fixed = [(status, code, t, city, msg + " (corrected by the carrier)")] + scans[1:]
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_fix", tracking, fixed))
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_fix_again", tracking, fixed))
+        if i % 3 == 0:
+            a.add("easypost", "acme", easypost(f"evt_{tracking}_late", tracking, scans, shift=timedelta(seconds=1)))
+    a.write("corrected-description")
+
+
 if __name__ == "__main__":
-    for scenario in (provider_replay_week, retry_storm, out_of_order_batches, clock_skew, second_tenant):
+    for scenario in (provider_replay_week, retry_storm, out_of_order_batches, clock_skew, second_tenant, corrected_description):
         scenario()
         print(f"wrote {scenario.__name__}")

@@ -100,6 +100,14 @@ fn finding(upsert: &MilestoneUpsert) -> Finding {
     }
 }
 
+/// A milestone's id, and its revision when it is one.
+fn revision_key(upsert: &MilestoneUpsert) -> String {
+    match upsert.revision {
+        0 => upsert.milestone_id.clone(),
+        n => format!("{} revision {n}", upsert.milestone_id),
+    }
+}
+
 fn shipment_of(upsert: &MilestoneUpsert) -> String {
     format!("{}:{}:{}", upsert.tenant_id, upsert.carrier, upsert.tracking_number)
 }
@@ -163,7 +171,8 @@ pub fn compare(
         if !in_range(&upsert) {
             continue;
         }
-        let id = upsert.milestone_id.clone();
+        // A revision shares its milestone's id: each revision is its own upsert.
+        let id = revision_key(&upsert);
         let entry = seen.entry(id.clone()).or_insert_with(|| {
             order.push(id.clone());
             (upsert, Vec::new())
@@ -172,9 +181,9 @@ pub fn compare(
     }
     let expected: Vec<MilestoneUpsert> = expected.iter().filter(|u| in_range(u)).cloned().collect();
     let expected = expected.as_slice();
-    let expected_ids: BTreeSet<&str> = expected.iter().map(|u| u.milestone_id.as_str()).collect();
-    let mut missing: Vec<&MilestoneUpsert> = expected.iter().filter(|u| !seen.contains_key(&u.milestone_id)).collect();
-    let mut extra: Vec<&MilestoneUpsert> = order.iter().map(|id| &seen[id].0).filter(|u| !expected_ids.contains(u.milestone_id.as_str())).collect();
+    let expected_ids: BTreeSet<String> = expected.iter().map(revision_key).collect();
+    let mut missing: Vec<&MilestoneUpsert> = expected.iter().filter(|u| !seen.contains_key(&revision_key(u))).collect();
+    let mut extra: Vec<&MilestoneUpsert> = order.iter().map(|id| &seen[id].0).filter(|u| !expected_ids.contains(&revision_key(u))).collect();
     // Pair a missing milestone with an extra copy of the same scan.
     let mut equivalent_copies = 0;
     missing.retain(|m| match extra.iter().position(|x| same_scan(m, x, dedupe)) {

@@ -50,6 +50,8 @@ pub struct Summary {
     pub duplicate_hash: u64,
     pub duplicate_key: u64,
     pub key_collisions: u64,
+    /// Corrections of milestones already emitted (same milestone id, new text).
+    pub revisions: u64,
     pub invalid: u64,
     pub regressions_prevented: u64,
     pub out_of_order: u64,
@@ -132,6 +134,7 @@ impl Summary {
                     counts.duplicates += 1;
                     self.key_collisions += collision as u64;
                 }
+                Verdict::Revision { .. } => self.revisions += 1,
             }
         }
         counter(&mut self.by_carrier, result.carrier.as_deref().unwrap_or("unknown")).merge(&counts);
@@ -145,6 +148,7 @@ impl Summary {
         self.duplicate_hash += other.duplicate_hash;
         self.duplicate_key += other.duplicate_key;
         self.key_collisions += other.key_collisions;
+        self.revisions += other.revisions;
         self.invalid += other.invalid;
         self.regressions_prevented += other.regressions_prevented;
         self.out_of_order += other.out_of_order;
@@ -172,6 +176,9 @@ impl std::fmt::Display for Summary {
         writeln!(f, "milestones emitted:     {}", self.new_milestones)?;
         writeln!(f, "duplicates (hash):      {}", self.duplicate_hash)?;
         writeln!(f, "duplicates (key):       {}  ({} with different content)", self.duplicate_key, self.key_collisions)?;
+        if self.revisions > 0 {
+            writeln!(f, "revisions emitted:      {}  (corrected text of milestones already emitted)", self.revisions)?;
+        }
         writeln!(f, "status regressions prevented: {}", self.regressions_prevented)?;
         write!(f, "invalid (dead letters): {}", self.invalid)?;
         for (kind, n) in &self.invalid_by_kind {

@@ -85,8 +85,15 @@ impl DedupeConfig {
 pub enum Verdict {
     New,
     DuplicateHash,
-    /// `collision`: the stored key carries a different content hash.
+    /// `collision`: the stored key carries a different content hash (here,
+    /// only the time differs, within the skew tolerance).
     DuplicateKey { collision: bool },
+    /// The same composite key, and different descriptive content (description,
+    /// status detail, the place's spelling) at the same time: the provider
+    /// corrected the scan. Emitted again under the same milestone id, with
+    /// `revision` (1 for the first correction); `original_ms` is the time of
+    /// the scan as first seen (the milestone's time).
+    Revision { revision: u32, original_ms: i64 },
 }
 
 impl Verdict {
@@ -95,7 +102,13 @@ impl Verdict {
             Verdict::New => "new",
             Verdict::DuplicateHash => "duplicate_hash",
             Verdict::DuplicateKey { .. } => "duplicate_key",
+            Verdict::Revision { .. } => "revision",
         }
+    }
+
+    /// A verdict that emits nothing: the event was seen.
+    pub fn is_duplicate(self) -> bool {
+        matches!(self, Verdict::DuplicateHash | Verdict::DuplicateKey { .. })
     }
 }
 
@@ -319,20 +332,125 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
     event: &TrackingEvent,
     now: DateTime<Utc>,
 ) -> Result<Verdict, StoreError> {
-    let verdict = check(state, scope, policy, event, now)?;
-    if verdict == Verdict::New {
-        stage_new(state, scope, policy, event, now, &Outcome::default());
+    match find(state, scope, policy, event, now)? {
+        Match::Hash { .. } => Ok(Verdict::DuplicateHash),
+        Match::Key { key, value, collision } => {
+            let verdict = key_verdict(state, scope, event, &key, &value, collision, now)?;
+            if let Verdict::Revision { revision, .. } = verdict {
+                stage_revision(state, scope, key, &value, event, revision, now);
+            }
+            Ok(verdict)
+        }
+        Match::None => {
+            stage_new(state, scope, policy, event, now, &Outcome::default());
+            Ok(Verdict::New)
+        }
     }
-    Ok(verdict)
 }
 
 /// The verdict on `event`, staging nothing.
 pub fn check<S: StateStore + ?Sized>(state: &Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>) -> Result<Verdict, StoreError> {
     Ok(match find(state, scope, policy, event, now)? {
         Match::Hash { .. } => Verdict::DuplicateHash,
-        Match::Key { collision, .. } => Verdict::DuplicateKey { collision },
+        Match::Key { key, value, collision } => key_verdict(state, scope, event, &key, &value, collision, now)?,
         Match::None => Verdict::New,
     })
+}
+
+/// A composite-key match: a duplicate, unless the content differs by more than
+/// the time from every version of the scan seen so far (a correction of its
+/// text or place: a revision). A late copy of an earlier version (a provider
+/// replaying old history after a correction) is a duplicate: it must not undo
+/// the correction.
+pub fn key_verdict<S: StateStore + ?Sized>(
+    state: &Staged<'_, S>,
+    scope: Scope,
+    event: &TrackingEvent,
+    key: &[u8],
+    value: &[u8],
+    collision: bool,
+    now: DateTime<Utc>,
+) -> Result<Verdict, StoreError> {
+    let Some(original_ms) = key.get(key.len().saturating_sub(8)..).and_then(|b| b.try_into().ok()).map(ms_of_sortable) else {
+        return Ok(Verdict::DuplicateKey { collision });
+    };
+    let at_original = content_hash_at(event, original_ms);
+    if !collision || value.get(8..40) == Some(&at_original[..]) {
+        // The same scan, or the same scan with its clock skewed.
+        return Ok(Verdict::DuplicateKey { collision });
+    }
+    // An earlier version of the scan (each version's hash, at its own time, is
+    // kept; the first one's time is the scan's).
+    if let Some(seen) = state.get(Keyspace::Hashes, &hash_key(scope, &at_original))? {
+        if now.timestamp_millis() < expires_at_ms(Keyspace::Hashes, &seen)? {
+            return Ok(Verdict::DuplicateKey { collision });
+        }
+    }
+    Ok(Verdict::Revision { revision: revision_of(value).saturating_add(1), original_ms })
+}
+
+/// The content hash `event` has at the time `occurred_ms` (its scan as first seen).
+fn content_hash_at(event: &TrackingEvent, occurred_ms: i64) -> [u8; 32] {
+    if event.occurred_at.timestamp_millis() == occurred_ms {
+        return content_hash(event);
+    }
+    let mut at = event.clone();
+    at.occurred_at = DateTime::from_timestamp_millis(occurred_ms).unwrap_or(event.occurred_at);
+    content_hash(&at)
+}
+
+/// The revision a composite-key entry holds (0: as first seen; entries of
+/// Waymarks before revisions have none).
+fn revision_of(value: &[u8]) -> u32 {
+    key_tail(value).and_then(|tail| tail.get(..4)).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0)
+}
+
+/// The bytes of a composite-key value after its outcome (the revision), if
+/// the value has a sighting this version reads.
+fn key_tail(value: &[u8]) -> Option<&[u8]> {
+    let mut rest = value.get(40..)?;
+    if take::<1>(&mut rest)? != [SIGHTING_V1] {
+        return None;
+    }
+    take::<20>(&mut rest)?;
+    take_short(&mut rest)?;
+    take::<8>(&mut rest)?;
+    if take::<1>(&mut rest)? != [0] {
+        take_short(&mut rest)?;
+    }
+    take_short(&mut rest)?;
+    take_short(&mut rest)?;
+    take::<1>(&mut rest)?;
+    take_short(&mut rest)?;
+    Some(rest)
+}
+
+/// Stage a revision of the composite-key entry `key` (its `value` as stored):
+/// the entry keeps its first sighting and expiry, and now holds the revised
+/// content (so the same correction sent again is a duplicate) and its revision
+/// number; the revised content's own hash is staged too, seen in this record.
+pub fn stage_revision<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope, key: Vec<u8>, value: &[u8], event: &TrackingEvent, revision: u32, now: DateTime<Utc>) {
+    let Some(original_ms) = key.get(key.len().saturating_sub(8)..).and_then(|b| b.try_into().ok()).map(ms_of_sortable) else { return };
+    let mut revised = value.to_vec();
+    if revised.len() >= 40 {
+        revised[8..40].copy_from_slice(&content_hash_at(event, original_ms));
+    }
+    let tail_at = key_tail(&revised).map(|tail| revised.len() - tail.len());
+    if let Some(at) = tail_at {
+        revised.truncate(at);
+        revised.extend_from_slice(&revision.to_be_bytes());
+    }
+    let expires = value.get(..8).map(<[u8]>::to_vec).unwrap_or_default();
+    let mut hash_value = expires;
+    encode_sighting(&mut hash_value, now.timestamp_millis(), event);
+    // The version at its own time (an exact re-send is a duplicate by content)
+    // and at the scan's time (a skewed copy of it is one by key).
+    let at_original = content_hash_at(event, original_ms);
+    if at_original != content_hash(event) {
+        state.put(Keyspace::Hashes, hash_key(scope, &at_original), hash_value.clone());
+    }
+    state.put(Keyspace::Hashes, hash_key(scope, &content_hash(event)), hash_value);
+    state.put(Keyspace::Keys, key, revised);
 }
 
 /// What the ordering made of a new event, kept in its composite-key entry so
@@ -365,6 +483,7 @@ pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope
     let occurred_ms = event.occurred_at.timestamp_millis();
     key_value.push(u8::from(outcome.regression_prevented) | (u8::from(outcome.out_of_order) << 1));
     put_short(&mut key_value, &outcome.shipment_status);
+    key_value.extend_from_slice(&0u32.to_be_bytes());
     state.put(Keyspace::Keys, composite_key(scope, &identity_digest(event), occurred_ms), key_value);
     state.put(Keyspace::Hashes, hash_key(scope, &hash), hash_value);
 }
@@ -403,6 +522,8 @@ pub struct KeyFacts {
     pub shipment: [u8; 8],
     /// What the ordering made of it when it was new.
     pub outcome: Outcome,
+    /// Corrections of the scan so far (0: as first seen).
+    pub revision: u32,
 }
 
 /// Eight bytes naming a shipment (tenant, carrier, tracking number) in a
@@ -451,7 +572,8 @@ fn encode_sighting(out: &mut Vec<u8>, now_ms: i64, event: &TrackingEvent) {
 }
 
 /// shipment filter (8) | shipment ref (0: none, else 1 and a short string) |
-/// status | code; [`stage_new`] then adds the outcome: flags (1) | shipment status.
+/// status | code; [`stage_new`] then adds the outcome: flags (1) | shipment
+/// status, and the revision (4, BE; 0 as first seen).
 fn encode_key_facts(out: &mut Vec<u8>, event: &TrackingEvent) {
     out.extend_from_slice(&shipment_filter(&event.tenant_id, &event.carrier, &event.tracking_number));
     match &event.shipment_ref {
@@ -493,7 +615,8 @@ pub fn sighting(keyspace: Keyspace, key: &[u8], value: &[u8]) -> Option<Sighting
             let [flags] = take::<1>(&mut rest)?;
             let outcome = Outcome { regression_prevented: flags & 1 != 0, out_of_order: flags & 2 != 0, shipment_status: take_short(&mut rest)?.to_string() };
             let occurred_ms = key.get(key.len().checked_sub(8)?..).and_then(|b| b.try_into().ok()).map(ms_of_sortable)?;
-            Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at: DateTime::from_timestamp_millis(occurred_ms)?, shipment, outcome })
+            let revision = take::<4>(&mut rest).map(u32::from_be_bytes).unwrap_or(0);
+            Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at: DateTime::from_timestamp_millis(occurred_ms)?, shipment, outcome, revision })
         }
         _ => None,
     };

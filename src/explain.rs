@@ -37,9 +37,12 @@ pub enum Decision {
     /// The same composite key was seen within the carrier's skew tolerance,
     /// with the same content.
     DuplicateKey,
-    /// The same composite key within the skew, told differently (a skewed
-    /// clock, a reworded description): still the same milestone.
+    /// The same composite key within the skew, only the time told differently
+    /// (a skewed clock): still the same milestone.
     DuplicateKeyDifferentContent,
+    /// The same scan with corrected text or place: emitted again under the
+    /// same milestone id, as a revision.
+    Revision,
     /// No live entry: the record was not processed yet (or not by this state
     /// directory), or its entries expired; processed now, the event is new.
     NotSeen,
@@ -52,9 +55,8 @@ impl Decision {
             Decision::RegressionPrevented => "new, milestone emitted, but the shipment's status did not move back (it was already further along)",
             Decision::DuplicateHash => "duplicate: the same content was seen before (nothing emitted)",
             Decision::DuplicateKey => "duplicate: the same scan (status, code, place, time within the skew) was seen before (nothing emitted)",
-            Decision::DuplicateKeyDifferentContent => {
-                "duplicate: the same scan was seen before, told differently (skewed clock or reworded text; nothing emitted)"
-            }
+            Decision::DuplicateKeyDifferentContent => "duplicate: the same scan was seen before, its time within the skew tolerance (nothing emitted)",
+            Decision::Revision => "revision: a correction of a scan already emitted (its text or place), emitted again under the same milestone id",
             Decision::NotSeen => "not in this state: not processed here yet, or its entries expired (processed now, it would be new)",
         }
     }
@@ -149,7 +151,12 @@ pub fn record<S: StateStore + ?Sized>(pipeline: &Pipeline, store: &S, envelope: 
                         _ => None,
                     };
                     let prevented = key_entry.as_ref().and_then(|s| s.milestone.as_ref()).is_some_and(|m| m.outcome.regression_prevented);
-                    let decision = if prevented { Decision::RegressionPrevented } else { Decision::New };
+                    let decision = match &key_entry {
+                        // The scan was first seen elsewhere: this record corrected it.
+                        Some(first) if first.source != event.source => Decision::Revision,
+                        _ if prevented => Decision::RegressionPrevented,
+                        _ => Decision::New,
+                    };
                     (decision, Some(Matched { entry: "composite_key", sighting: key_entry.or(sighting) }))
                 } else {
                     (Decision::DuplicateHash, Some(Matched { entry: "content_hash", sighting }))
@@ -157,7 +164,11 @@ pub fn record<S: StateStore + ?Sized>(pipeline: &Pipeline, store: &S, envelope: 
             }
             Match::Key { key, value, collision } => {
                 let sighting = dedupe::sighting(Keyspace::Keys, &key, &value);
-                let decision = if collision { Decision::DuplicateKeyDifferentContent } else { Decision::DuplicateKey };
+                let decision = match dedupe::key_verdict(&reader, scope, &event, &key, &value, collision, now)? {
+                    dedupe::Verdict::Revision { .. } => Decision::Revision,
+                    _ if collision => Decision::DuplicateKeyDifferentContent,
+                    _ => Decision::DuplicateKey,
+                };
                 (decision, Some(Matched { entry: "composite_key", sighting }))
             }
         };
@@ -193,7 +204,11 @@ fn explanation(decision: Decision, matched: Option<&Matched>) -> String {
     let mut text = decision.sentence().to_string();
     match matched.map(|m| &m.sighting) {
         Some(Some(seen)) => {
-            let first = if matches!(decision, Decision::New | Decision::RegressionPrevented) { "first seen" } else { "matches the entry first seen" };
+            let first = match decision {
+                Decision::New | Decision::RegressionPrevented => "first seen",
+                Decision::Revision => "corrects the scan first seen",
+                _ => "matches the entry first seen",
+            };
             text.push_str(&format!(
                 "; {first} in {}:{}:{} at {}, deciding until {}",
                 seen.source.topic,
@@ -431,6 +446,7 @@ mod tests {
                     .find(|o| o.status.as_str() == explained.status && o.occurred_at == explained.occurred_at)
                     .expect("the same event among the pipeline's outcomes");
                 let expected = match outcome.verdict {
+                    dedupe::Verdict::Revision { .. } => Decision::Revision,
                     dedupe::Verdict::New if outcome.applied.regression_prevented => Decision::RegressionPrevented,
                     dedupe::Verdict::New => Decision::New,
                     dedupe::Verdict::DuplicateHash => Decision::DuplicateHash,

@@ -37,6 +37,16 @@ pub struct MilestoneUpsert {
     /// Status of the latest event by occurred_at (ties by rank).
     pub latest_status: Status,
     pub source: SourceRef,
+    /// Corrections of this milestone's text or place so far: absent (0) for the
+    /// first emission, 1 for the first correction the provider sent, ... A
+    /// revision has the same `milestone_id`: apply it as an update, never as a
+    /// new milestone (no second notification).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl MilestoneUpsert {
@@ -105,6 +115,7 @@ impl MilestoneUpsert {
             shipment_status,
             latest_status,
             source: event.source,
+            revision: 0,
         }
     }
 }

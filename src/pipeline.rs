@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::carriers::CarrierRegistry;
-use crate::dedupe::{self, check, DedupeConfig, Verdict};
+use crate::dedupe::{self, DedupeConfig, Match, Verdict};
 use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
 use crate::error::{RecordError, StoreError};
 use crate::event::{Status, TrackingEvent};
@@ -358,8 +358,31 @@ impl Pipeline {
         state: &mut Staged<'_, S>,
     ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
         let policy = self.dedupe.policy(&event.carrier);
-        let verdict = check(state, scope, policy, &event, now)?;
+        let (verdict, matched) = match dedupe::find(state, scope, policy, &event, now)? {
+            Match::None => (Verdict::New, None),
+            Match::Hash { .. } => (Verdict::DuplicateHash, None),
+            Match::Key { key, value, collision } => (dedupe::key_verdict(state, scope, &event, &key, &value, collision, now)?, Some((key, value))),
+        };
         let mut outcome = EventOutcome { verdict, status: event.status, occurred_at: event.occurred_at, applied: Applied::default() };
+        if let (Verdict::Revision { revision, original_ms }, Some((key, value))) = (verdict, matched) {
+            // A correction of a scan already emitted: the same milestone (its
+            // first time), the corrected text; the shipment's status is not
+            // touched (the scan's status did not change).
+            dedupe::stage_revision(state, scope, key, &value, &event, revision, now);
+            let shipment_key = shipment_key(scope, &event.tenant_id, &event.carrier, &event.tracking_number, event.shipment_ref.as_deref());
+            let (shipment_status, latest_status) = match state.get(Keyspace::Shipments, &shipment_key)? {
+                Some(bytes) => {
+                    let shipment = ShipmentState::decode(&bytes)?;
+                    (shipment.shipment_status, shipment.latest_status)
+                }
+                None => (event.status, event.status),
+            };
+            let mut corrected = event;
+            corrected.occurred_at = DateTime::from_timestamp_millis(original_ms).unwrap_or(corrected.occurred_at);
+            let mut upsert = MilestoneUpsert::new(corrected, shipment_status, latest_status);
+            upsert.revision = revision;
+            return Ok((outcome, Some(upsert)));
+        }
         if verdict != Verdict::New {
             return Ok((outcome, None));
         }
@@ -424,6 +447,57 @@ pub fn stored_offset<S: StateStore + ?Sized>(store: &S, key: &[u8]) -> Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider re-sends a scan with corrected text: the same milestone id,
+    /// emitted again as revision 1 (no new milestone, the status untouched); the
+    /// same correction again is a duplicate; a second correction is revision 2;
+    /// a copy whose clock is skewed within the tolerance stays a duplicate.
+    #[test]
+    fn a_corrected_scan_is_a_revision_of_the_same_milestone() {
+        use crate::state::MemoryStore;
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let now = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 1, 0, 0, 0).unwrap();
+        let sample = include_str!("../replay/sample.ndjson");
+        let first = Envelope::from_kcat_json(sample.lines().next().unwrap()).unwrap();
+        let run = |envelope: &Envelope| {
+            let output = crate::batch::process(&pipeline, &store, std::slice::from_ref(envelope), now, false, None).unwrap();
+            store.write(output.state.clone()).unwrap();
+            output
+        };
+        let original = run(&first);
+        assert!(!original.upserts.is_empty());
+        let body = String::from_utf8(first.payload.clone()).unwrap();
+        let message = original.upserts[0].description.clone().expect("the sample's scan has a description");
+        let mut corrected = first.clone();
+        corrected.offset += 1;
+        corrected.payload = body.replace(&message, "Shipment information sent to carrier (corrected)").into_bytes();
+        let revised = run(&corrected);
+        assert_eq!(revised.summary.revisions, 1, "{:?}", revised.summary);
+        assert_eq!(revised.summary.new_milestones, 0);
+        assert_eq!(revised.upserts.len(), 1);
+        let upsert = &revised.upserts[0];
+        assert_eq!(upsert.milestone_id, original.upserts[0].milestone_id, "a revision keeps the milestone id");
+        assert_eq!(upsert.occurred_at, original.upserts[0].occurred_at);
+        assert_eq!(upsert.revision, 1);
+        assert_eq!(upsert.description.as_deref(), Some("Shipment information sent to carrier (corrected)"));
+        assert_eq!(upsert.shipment_status, original.upserts[0].shipment_status, "the status does not move");
+        let json = serde_json::to_value(upsert).unwrap();
+        assert_eq!(json["revision"], 1);
+        assert!(serde_json::to_value(&original.upserts[0]).unwrap().get("revision").is_none(), "a first emission carries no revision field");
+
+        // The same correction again: a duplicate, nothing emitted.
+        let mut again = corrected.clone();
+        again.offset += 1;
+        assert!(run(&again).upserts.is_empty());
+        // A second correction: revision 2.
+        let mut second = first.clone();
+        second.offset += 10;
+        second.payload = body.replace(&message, "Shipment information sent to carrier (corrected twice)").into_bytes();
+        let revised = run(&second);
+        assert_eq!(revised.upserts.iter().map(|u| u.revision).collect::<Vec<_>>(), [2]);
+    }
+
     use crate::state::MemoryStore;
     use chrono::TimeZone;
 

@@ -87,7 +87,7 @@ const fn histogram_of(name: &'static str, buckets: &'static [f64], labels: &'sta
 
 /// Every metric the worker exports, in the README's order.
 pub const CATALOG: &[Metric] = &[
-    counter_of(EVENTS, &["carrier", "outcome"], "Canonical events by carrier and dedupe outcome (new, duplicate_key, duplicate_hash, invalid); with telemetry.tenant_label also by tenant"),
+    counter_of(EVENTS, &["carrier", "outcome"], "Canonical events by carrier and dedupe outcome (new, duplicate_key, duplicate_hash, revision, invalid); with telemetry.tenant_label also by tenant"),
     gauge_of(DEDUPE_HIT_RATIO, &["carrier"], "Share of canonical events found to be duplicates, per carrier, since start"),
     counter_of(MILESTONES, &["carrier", "status"], "Ensure-milestone upserts emitted"),
     counter_of(REGRESSIONS, &["carrier"], "Events that would have moved a shipment status backwards"),
@@ -162,7 +162,7 @@ pub fn describe_and_zero<'a>(carriers: impl IntoIterator<Item = &'a str>) {
         }
     }
     for carrier in carriers {
-        for outcome in ["new", "duplicate_key", "duplicate_hash", "invalid"] {
+        for outcome in ["new", "duplicate_key", "duplicate_hash", "revision", "invalid"] {
             counter!(EVENTS, "carrier" => carrier.to_string(), "outcome" => outcome).increment(0);
         }
         for outcome in ["processed", "dead_letter"] {
@@ -246,6 +246,8 @@ impl Telemetry {
                         counter!(OUT_OF_ORDER, "carrier" => carrier.clone()).increment(1);
                     }
                 }
+                // Counted under its outcome, `revision`; not a duplicate.
+                Verdict::Revision { .. } => {}
                 Verdict::DuplicateHash => duplicates += 1,
                 Verdict::DuplicateKey { collision } => {
                     duplicates += 1;

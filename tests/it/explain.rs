@@ -54,6 +54,7 @@ fn truth(input: &[Envelope]) -> Vec<Vec<(String, String, String)>> {
                 .iter()
                 .map(|o| {
                     let decision = match o.verdict {
+                        waymark::dedupe::Verdict::Revision { .. } => "revision",
                         waymark::dedupe::Verdict::New if o.applied.regression_prevented => "regression_prevented",
                         waymark::dedupe::Verdict::New => "new",
                         waymark::dedupe::Verdict::DuplicateHash => "duplicate_hash",

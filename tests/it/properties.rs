@@ -110,8 +110,67 @@ fn envelope_with(statuses: &[(&str, &str)], offset: usize, scan: &Scan, delivery
     }
 }
 
+/// [`envelope`] with the scan's message (its description) replaced: the
+/// provider's correction of the scan's text.
+fn corrected(offset: usize, scan: &Scan, delivery: &Delivery, text: &str) -> Envelope {
+    let mut envelope = envelope(offset, scan, delivery);
+    let (_, code) = STATUSES[scan.status];
+    let body = String::from_utf8(envelope.payload).unwrap().replace(&format!("\"message\":\"{code}\""), &format!("\"message\":\"{text}\""));
+    envelope.payload = body.into_bytes();
+    envelope
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Whatever the interleaving of copies and corrections: a correction is one
+    /// revision of its scan's milestone (same id, revision 1, never a second
+    /// milestone or a second notification), sending it again (skewed or not) is
+    /// a duplicate, and a late copy of the uncorrected scan does not undo it.
+    #[test]
+    fn a_correction_is_one_revision_of_its_milestone(
+        (scans, deliveries) in scenario(),
+        fix in prop::collection::vec(any::<bool>(), 25),
+        copies in prop::collection::vec(-1000i64..=1000, 1..4),
+    ) {
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let now = Utc.with_ymd_and_hms(2026, 5, 2, 0, 0, 0).unwrap();
+        let mut firsts: BTreeMap<usize, String> = BTreeMap::new();
+        let mut revisions: Vec<(usize, String, u32)> = Vec::new();
+        let mut offset = 0;
+        let run = |envelope: Envelope, scan: usize, firsts: &mut BTreeMap<usize, String>, revisions: &mut Vec<(usize, String, u32)>| {
+            let mut staged = Staged::new(&store);
+            let result = pipeline.process(&envelope, now, &mut staged).unwrap();
+            store.write(staged.take_batch()).unwrap();
+            for upsert in result.upserts {
+                match upsert.revision {
+                    0 => assert!(firsts.insert(scan, upsert.milestone_id).is_none(), "a scan became two milestones"),
+                    n => revisions.push((scan, upsert.milestone_id, n)),
+                }
+            }
+        };
+        for delivery in &deliveries {
+            offset += 1;
+            run(envelope(offset, &scans[delivery.scan], delivery), delivery.scan, &mut firsts, &mut revisions);
+        }
+        for (i, scan) in scans.iter().enumerate().filter(|(i, _)| fix[*i]) {
+            for skew_ms in &copies {
+                offset += 1;
+                let delivery = Delivery { scan: i, event_id: 9000 + offset as u32, skew_ms: *skew_ms };
+                run(corrected(offset, scan, &delivery, "Corrected by the carrier"), i, &mut firsts, &mut revisions);
+                offset += 1;
+                run(envelope(offset, scan, &delivery), i, &mut firsts, &mut revisions);
+            }
+        }
+        prop_assert_eq!(firsts.len(), scans.len());
+        let fixed = scans.iter().enumerate().filter(|(i, _)| fix[*i]).count();
+        prop_assert_eq!(revisions.len(), fixed, "one revision per corrected scan: {:?}", revisions);
+        for (scan, id, n) in &revisions {
+            prop_assert_eq!(*n, 1);
+            prop_assert_eq!(Some(id), firsts.get(scan), "a revision keeps its milestone's id");
+        }
+    }
 
     #[test]
     fn emitted_milestones_are_exactly_the_distinct_events_once_each((scans, deliveries) in scenario()) {

@@ -35,7 +35,8 @@ fn every_scenario_replays_to_its_expected_timeline() {
         assert!(out.status.success(), "{name}: {stderr}");
         let timeline = String::from_utf8(out.stdout).unwrap();
         let upserts: Vec<serde_json::Value> = timeline.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let ids: BTreeSet<&str> = upserts.iter().map(|u| u["milestone_id"].as_str().unwrap()).collect();
+        // One upsert per milestone and revision (a correction shares its milestone's id).
+        let ids: BTreeSet<(&str, u64)> = upserts.iter().map(|u| (u["milestone_id"].as_str().unwrap(), u["revision"].as_u64().unwrap_or(0))).collect();
         assert_eq!(ids.len(), upserts.len(), "{name}: a milestone was emitted twice");
         let rank = |s: &str| waymark::Status::parse(s).unwrap().rank();
         let mut reached: HashMap<String, u8> = HashMap::new();
@@ -55,4 +56,29 @@ fn every_scenario_replays_to_its_expected_timeline() {
         let summary = stderr.lines().filter(|l| l.contains("milestones emitted") || l.contains("duplicates")).collect::<Vec<_>>().join("; ");
         println!("checked scenario {name}: {} milestones, {} shipments; {summary}", upserts.len(), reached.len());
     }
+}
+
+/// `corrected-description`: each shipment's first scan corrected once. The
+/// correction is one revision of the same milestone (same id, revision 1, the
+/// corrected text), re-sending it is a duplicate, and a late copy of the
+/// uncorrected history does not undo it.
+#[test]
+fn a_correction_is_one_revision_that_a_late_copy_does_not_undo() {
+    let archive = repo().join("replay/scenarios/corrected-description.ndjson");
+    let out = Command::new(waymark_bin()).args(["replay", "--input"]).arg(&archive).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let upserts: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let firsts: HashMap<&str, &serde_json::Value> = upserts.iter().filter(|u| u.get("revision").is_none()).map(|u| (u["milestone_id"].as_str().unwrap(), u)).collect();
+    let revisions: Vec<&serde_json::Value> = upserts.iter().filter(|u| u.get("revision").is_some()).collect();
+    assert_eq!(revisions.len(), 20, "one correction per shipment");
+    for revision in revisions {
+        assert_eq!(revision["revision"], 1, "{revision}");
+        let id = revision["milestone_id"].as_str().unwrap();
+        let first = firsts.get(id).expect("a revision of a milestone emitted before");
+        assert_eq!(revision["occurred_at"], first["occurred_at"]);
+        assert!(revision["description"].as_str().unwrap().ends_with("(corrected by the carrier)"), "{revision}");
+        assert!(!first["description"].as_str().unwrap().contains("corrected"));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("revisions emitted:      20"), "{stderr}");
 }
