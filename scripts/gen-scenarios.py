@@ -178,7 +178,31 @@ def corrected_description():
     a.write("corrected-description")
 
 
+def reused_tracking_number():
+    """Carriers reuse tracking numbers. Each shipment is delivered; 90 days after its
+    delivery a new parcel with the same number begins (a new generation: its own
+    milestone ids, its status afresh); then the provider replays the first parcel's
+    history (old times, new ids: duplicates, and no new generation). For every
+    other shipment, a label re-printed 10 days after delivery (within the 30-day
+    gap): the same parcel, a prevented regression."""
+    rng, a = random.Random(7), Archive()
+    ships = shipments(rng, 12, "EZU")
+    for tracking, scans in ships:
+        a.add("easypost", "acme", easypost(f"evt_{tracking}", tracking, scans))
+    for i, (tracking, scans) in enumerate(ships):
+        delivered = scans[-1][2]
+        if i % 2 == 1:
+            reprint = [("pre_transit", "OC", delivered + timedelta(days=10), 0, "Label re-printed")]
+            a.add("easypost", "acme", easypost(f"evt_{tracking}_reprint", tracking, reprint))
+        second = history(rng, delivered + timedelta(days=90))
+        for k, snap in enumerate(snapshots(second)):
+            a.add("easypost", "acme", easypost(f"evt_{tracking}_b{k}", tracking, snap))
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_replayed", tracking, scans))
+    a.write("reused-tracking-number")
+
+
 if __name__ == "__main__":
-    for scenario in (provider_replay_week, retry_storm, out_of_order_batches, clock_skew, second_tenant, corrected_description):
+    for scenario in (provider_replay_week, retry_storm, out_of_order_batches, clock_skew, second_tenant, corrected_description,
+                     reused_tracking_number):
         scenario()
         print(f"wrote {scenario.__name__}")

@@ -1061,6 +1061,8 @@ impl Config {
             hop: false,
             keying_check: None,
             threads: self.normalize_threads,
+            generation_gaps: Default::default(),
+            default_generation_gap: None,
         }
     }
 }

@@ -437,8 +437,11 @@ pub fn stage_revision<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: 
     }
     let tail_at = key_tail(&revised).map(|tail| revised.len() - tail.len());
     if let Some(at) = tail_at {
+        // revision (4) | generation (4): the generation stays.
+        let generation = revised.get(at + 4..at + 8).map(<[u8]>::to_vec).unwrap_or_else(|| 0u32.to_be_bytes().to_vec());
         revised.truncate(at);
         revised.extend_from_slice(&revision.to_be_bytes());
+        revised.extend_from_slice(&generation);
     }
     let expires = value.get(..8).map(<[u8]>::to_vec).unwrap_or_default();
     let mut hash_value = expires;
@@ -462,6 +465,8 @@ pub struct Outcome {
     pub out_of_order: bool,
     /// The shipment's status after the event (the upsert's `shipment_status`).
     pub shipment_status: String,
+    /// The generation of its tracking number (part of its milestone's id after the first).
+    pub generation: u32,
 }
 
 /// Stage a new event's composite key and content hash, with its sighting and
@@ -484,6 +489,7 @@ pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope
     key_value.push(u8::from(outcome.regression_prevented) | (u8::from(outcome.out_of_order) << 1));
     put_short(&mut key_value, &outcome.shipment_status);
     key_value.extend_from_slice(&0u32.to_be_bytes());
+    key_value.extend_from_slice(&outcome.generation.to_be_bytes());
     state.put(Keyspace::Keys, composite_key(scope, &identity_digest(event), occurred_ms), key_value);
     state.put(Keyspace::Hashes, hash_key(scope, &hash), hash_value);
 }
@@ -573,7 +579,7 @@ fn encode_sighting(out: &mut Vec<u8>, now_ms: i64, event: &TrackingEvent) {
 
 /// shipment filter (8) | shipment ref (0: none, else 1 and a short string) |
 /// status | code; [`stage_new`] then adds the outcome: flags (1) | shipment
-/// status, and the revision (4, BE; 0 as first seen).
+/// status, the revision (4, BE; 0 as first seen) and the generation (4, BE).
 fn encode_key_facts(out: &mut Vec<u8>, event: &TrackingEvent) {
     out.extend_from_slice(&shipment_filter(&event.tenant_id, &event.carrier, &event.tracking_number));
     match &event.shipment_ref {
@@ -613,9 +619,11 @@ pub fn sighting(keyspace: Keyspace, key: &[u8], value: &[u8]) -> Option<Sighting
             let status = take_short(&mut rest)?.to_string();
             let carrier_status_code = take_short(&mut rest)?.to_string();
             let [flags] = take::<1>(&mut rest)?;
-            let outcome = Outcome { regression_prevented: flags & 1 != 0, out_of_order: flags & 2 != 0, shipment_status: take_short(&mut rest)?.to_string() };
+            let shipment_status = take_short(&mut rest)?.to_string();
             let occurred_ms = key.get(key.len().checked_sub(8)?..).and_then(|b| b.try_into().ok()).map(ms_of_sortable)?;
             let revision = take::<4>(&mut rest).map(u32::from_be_bytes).unwrap_or(0);
+            let generation = take::<4>(&mut rest).map(u32::from_be_bytes).unwrap_or(0);
+            let outcome = Outcome { regression_prevented: flags & 1 != 0, out_of_order: flags & 2 != 0, shipment_status, generation };
             Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at: DateTime::from_timestamp_millis(occurred_ms)?, shipment, outcome, revision })
         }
         _ => None,

@@ -62,6 +62,10 @@ impl Decision {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A partition of the stage that owns state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Home {
@@ -90,6 +94,9 @@ pub struct EventReport {
     pub occurred_at: DateTime<Utc>,
     /// The milestone the event is (or would be) emitted as.
     pub milestone_id: String,
+    /// Which use of the tracking number (0: the first known).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub generation: u32,
     pub home: Home,
     pub decision: Decision,
     pub explanation: String,
@@ -172,13 +179,20 @@ pub fn record<S: StateStore + ?Sized>(pipeline: &Pipeline, store: &S, envelope: 
                 (decision, Some(Matched { entry: "composite_key", sighting }))
             }
         };
+        // The generation of the tracking number the scan belongs to, as its
+        // composite-key entry recorded it (part of the milestone's id after the first).
+        let generation = match dedupe::find_key(&reader, scope, policy, &event, now, &dedupe::content_hash(&event))? {
+            Match::Key { key, value, .. } => dedupe::sighting(Keyspace::Keys, &key, &value).and_then(|s| s.milestone).map_or(0, |m| m.outcome.generation),
+            _ => 0,
+        };
         report.events.push(EventReport {
+            generation,
             tracking_number: event.tracking_number.clone(),
             shipment_ref: event.shipment_ref.clone(),
             status: event.status.as_str().to_string(),
             carrier_status_code: event.carrier_status_code.clone(),
             occurred_at: event.occurred_at,
-            milestone_id: crate::output::milestone_id(&event),
+            milestone_id: crate::output::milestone_id_in(&event, generation),
             home,
             decision,
             explanation: explanation(decision, matched.as_ref()),
@@ -248,6 +262,8 @@ pub struct ShipmentReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ShipmentView {
+    /// The current use of the tracking number (0: the first known).
+    pub generation: u32,
     pub shipment_status: String,
     pub latest_status: String,
     #[serde(with = "rfc3339_millis")]
@@ -308,6 +324,7 @@ pub fn shipment<S: StateStore + ?Sized>(pipeline: &Pipeline, store: &S, tenant: 
         Some(bytes) => {
             let state = ShipmentState::decode(&bytes)?;
             (state.expires_at_ms > now_ms).then(|| ShipmentView {
+                generation: state.generation,
                 shipment_status: state.shipment_status.as_str().into(),
                 latest_status: state.latest_status.as_str().into(),
                 latest_occurred_at: state.latest_occurred_at,
@@ -374,7 +391,8 @@ pub fn render_shipment(report: &ShipmentReport) -> String {
     );
     match &report.state {
         Some(state) => out.push_str(&format!(
-            "  status {} (latest scan: {} at {}); remembered until {}\n",
+            "  {}status {} (latest scan: {} at {}); remembered until {}\n",
+            if state.generation > 0 { format!("generation {} (the tracking number was reused), ", state.generation) } else { String::new() },
             state.shipment_status,
             state.latest_status,
             state.latest_occurred_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
@@ -384,7 +402,14 @@ pub fn render_shipment(report: &ShipmentReport) -> String {
     }
     for m in &report.milestones {
         let seen = &m.sighting;
-        let flag = seen.milestone.as_ref().is_some_and(|f| f.outcome.regression_prevented).then_some(" (status did not move back)").unwrap_or("");
+        let facts = seen.milestone.as_ref();
+        let mut flag = facts.is_some_and(|f| f.outcome.regression_prevented).then_some(" (status did not move back)").unwrap_or("").to_string();
+        if let Some(generation) = facts.map(|f| f.outcome.generation).filter(|g| *g > 0) {
+            flag.push_str(&format!(" [generation {generation}]"));
+        }
+        if let Some(revision) = facts.map(|f| f.revision).filter(|r| *r > 0) {
+            flag.push_str(&format!(" [revised {revision} time(s)]"));
+        }
         out.push_str(&format!(
             "  {} {} \"{}\"{flag}: first seen in {}:{}:{} at {}\n",
             m.occurred_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),

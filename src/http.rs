@@ -380,7 +380,7 @@ mod tests {
             carrier: Some("ups".into()),
             tenant_id: Some("acme".into()),
             events: vec![
-                outcome(Verdict::New, Applied { regression_prevented: true, out_of_order: true }),
+                outcome(Verdict::New, Applied { regression_prevented: true, out_of_order: true, ..Applied::default() }),
                 outcome(Verdict::DuplicateHash, Applied::default()),
                 outcome(Verdict::DuplicateKey { collision: true }, Applied::default()),
                 outcome(Verdict::DuplicateHash, Applied::default()),

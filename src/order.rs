@@ -12,6 +12,22 @@
 //!   left only along the return path (`returned_to_sender`).
 //! `latest_status` is the status of the latest event by `occurred_at`, ties broken
 //! by rank, so delivery-attempt cycles stay visible without flipping the status.
+//!
+//! **Generations.** Carriers reuse tracking numbers. A shipment that reached a
+//! terminal status (`delivered`, `returned_to_sender`, `cancelled`), followed by a
+//! new event with an early status (`label_created`, `picked_up`) whose own time is
+//! more than the carrier's generation gap after the shipment's latest event, is a
+//! new parcel: a new generation, whose status starts afresh and whose milestones
+//! get their own ids. Decided by event times only, never by arrival: a provider
+//! replaying the old parcel's history days later carries the old times and
+//! starts nothing. A late scan of an earlier generation (its time before the
+//! current generation began) is that generation's milestone and leaves the
+//! current one alone.
+//!
+//! **Suspected false deliveries.** A `delivered` followed by a later in-transit or
+//! out-for-delivery scan is often a mis-scan. The status is never changed
+//! automatically (a delivered parcel stays delivered); such scans are counted and
+//! logged, so an operator can find the cases.
 
 use chrono::{DateTime, TimeZone, Utc};
 
@@ -29,6 +45,14 @@ pub struct ShipmentState {
     pub latest_occurred_at: DateTime<Utc>,
     /// When this record may be forgotten (refreshed by every event).
     pub expires_at_ms: i64,
+    /// Which use of the tracking number this is (0: the first known).
+    pub generation: u32,
+    /// The time of the event that began this generation (0 for the first).
+    pub generation_start_ms: i64,
+    /// Where the previous generation ended (its late scans carry it as their
+    /// `shipment_status`, so its timeline never moves back); the first
+    /// generation's is its own status.
+    pub previous_status: Status,
 }
 
 /// What applying one event did.
@@ -38,6 +62,38 @@ pub struct Applied {
     pub regression_prevented: bool,
     /// The event is older than the latest one seen for the shipment.
     pub out_of_order: bool,
+    /// The event began a new generation of its tracking number.
+    pub new_generation: bool,
+    /// An in-transit or out-for-delivery scan later than a `delivered` one.
+    pub suspected_false_delivery: bool,
+}
+
+/// How long after a shipment's latest event an early-status event means a
+/// reused tracking number, by default: 30 days. Longer than a parcel's own
+/// legitimate early scans after a terminal one (a return picked up within the
+/// usual 30-day return window, a label re-printed), shorter than the months
+/// after which carriers reuse numbers.
+pub const DEFAULT_GENERATION_GAP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Is `status` where a parcel's life begins?
+fn is_early(status: Status) -> bool {
+    matches!(status, Status::LabelCreated | Status::PickedUp)
+}
+
+/// Does the life of a parcel end at `status`?
+fn is_terminal(status: Status) -> bool {
+    matches!(status, Status::Delivered | Status::ReturnedToSender | Status::Cancelled)
+}
+
+/// Where a new event with `status` at `occurred_at` belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Belongs {
+    /// The current generation.
+    Current,
+    /// A new generation: the tracking number was reused.
+    NewGeneration,
+    /// An earlier generation (its time is before the current one began).
+    Earlier,
 }
 
 /// The status after `incoming`, given the current one (`None` for a new shipment).
@@ -61,7 +117,38 @@ pub fn advance(current: Option<Status>, incoming: Status) -> Status {
 
 impl ShipmentState {
     pub fn new(status: Status, occurred_at: DateTime<Utc>, expires_at_ms: i64) -> Self {
-        ShipmentState { shipment_status: status, latest_status: status, latest_occurred_at: occurred_at, expires_at_ms }
+        ShipmentState {
+            shipment_status: status,
+            latest_status: status,
+            latest_occurred_at: occurred_at,
+            expires_at_ms,
+            generation: 0,
+            generation_start_ms: 0,
+            previous_status: status,
+        }
+    }
+
+    /// The state of the next generation, begun by an event with `status` at `occurred_at`.
+    pub fn next_generation(&self, status: Status, occurred_at: DateTime<Utc>, expires_at_ms: i64) -> Self {
+        ShipmentState {
+            generation: self.generation.saturating_add(1),
+            generation_start_ms: occurred_at.timestamp_millis(),
+            previous_status: self.shipment_status,
+            ..ShipmentState::new(status, occurred_at, expires_at_ms)
+        }
+    }
+
+    /// Where a new event belongs, by event times only (see the module's doc).
+    pub fn belongs(&self, status: Status, occurred_at: DateTime<Utc>, gap: std::time::Duration) -> Belongs {
+        let at = occurred_at.timestamp_millis();
+        if self.generation > 0 && at < self.generation_start_ms {
+            return Belongs::Earlier;
+        }
+        let gap_ms = i64::try_from(gap.as_millis()).unwrap_or(i64::MAX);
+        if is_terminal(self.shipment_status) && is_early(status) && at > self.latest_occurred_at.timestamp_millis().saturating_add(gap_ms) {
+            return Belongs::NewGeneration;
+        }
+        Belongs::Current
     }
 
     /// Apply one new event.
@@ -69,6 +156,9 @@ impl ShipmentState {
         let next = advance(Some(self.shipment_status), status);
         let regression_prevented = next == self.shipment_status && moves_backwards(self.shipment_status, status);
         let out_of_order = occurred_at < self.latest_occurred_at;
+        let suspected_false_delivery = self.shipment_status == Status::Delivered
+            && matches!(status, Status::InTransit | Status::OutForDelivery)
+            && occurred_at > self.latest_occurred_at;
         if occurred_at > self.latest_occurred_at
             || (occurred_at == self.latest_occurred_at && status.rank() > self.latest_status.rank())
         {
@@ -77,23 +167,31 @@ impl ShipmentState {
         }
         self.shipment_status = next;
         self.expires_at_ms = self.expires_at_ms.max(expires_at_ms);
-        Applied { regression_prevented, out_of_order }
+        Applied { regression_prevented, out_of_order, new_generation: false, suspected_false_delivery }
     }
 
-    /// Fixed 18-byte encoding: status index, latest index, latest ms (BE), expiry (BE).
+    /// 18 bytes: status index, latest index, latest ms (BE), expiry (BE); after
+    /// a tracking number's reuse, 31: then the generation (4, BE), its start ms
+    /// (8, BE) and the previous generation's final status index. The first
+    /// generation keeps the 18 bytes every Waymark reads.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(18);
+        let mut out = Vec::with_capacity(30);
         out.push(status_index(self.shipment_status));
         out.push(status_index(self.latest_status));
         out.extend_from_slice(&self.latest_occurred_at.timestamp_millis().to_be_bytes());
         out.extend_from_slice(&self.expires_at_ms.to_be_bytes());
+        if self.generation > 0 {
+            out.extend_from_slice(&self.generation.to_be_bytes());
+            out.extend_from_slice(&self.generation_start_ms.to_be_bytes());
+            out.push(status_index(self.previous_status));
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<ShipmentState, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt { keyspace: Keyspace::Shipments.name(), reason };
-        if bytes.len() != 18 {
-            return Err(corrupt(format!("expected 18 bytes, found {}", bytes.len())));
+        if bytes.len() != 18 && bytes.len() != 31 {
+            return Err(corrupt(format!("expected 18 or 31 bytes, found {}", bytes.len())));
         }
         let status = |i: u8| Status::ALL.get(i as usize).copied().ok_or_else(|| corrupt(format!("status index {i}")));
         let ms = |range: std::ops::Range<usize>| {
@@ -110,6 +208,12 @@ impl ShipmentState {
                 .single()
                 .ok_or_else(|| corrupt(format!("timestamp {latest_ms}")))?,
             expires_at_ms: ms(10..18),
+            generation: bytes.get(18..22).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0),
+            generation_start_ms: if bytes.len() == 31 { ms(22..30) } else { 0 },
+            previous_status: match bytes.get(30) {
+                Some(i) => status(*i)?,
+                None => status(bytes[0])?,
+            },
         })
     }
 }
@@ -170,7 +274,7 @@ mod tests {
         let t = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap();
         let mut state = ShipmentState::new(InTransit, t(10), 0);
         let late_pickup = state.apply(PickedUp, t(5), 0);
-        assert_eq!(late_pickup, Applied { regression_prevented: true, out_of_order: true });
+        assert_eq!(late_pickup, Applied { regression_prevented: true, out_of_order: true, ..Applied::default() });
         assert_eq!(state.shipment_status, InTransit);
         assert_eq!(state.latest_status, InTransit);
         let attempt = state.apply(DeliveryAttempted, t(20), 0);
@@ -180,5 +284,42 @@ mod tests {
         assert_eq!((state.shipment_status, state.latest_status), (DeliveryAttempted, OutForDelivery));
         assert_eq!(ShipmentState::decode(&state.encode()).unwrap(), state);
         assert!(ShipmentState::decode(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_reused_number_begins_a_generation_by_event_times_only() {
+        let day = |d: i64| Utc.timestamp_opt(1_700_000_000 + d * 86_400, 0).unwrap();
+        let gap = DEFAULT_GENERATION_GAP;
+        let mut state = ShipmentState::new(LabelCreated, day(0), 0);
+        state.apply(Delivered, day(3), 0);
+        // Within the gap: the same parcel (a return's pickup, a label re-printed).
+        assert_eq!(state.belongs(PickedUp, day(20), gap), Belongs::Current);
+        // Only early statuses begin a parcel.
+        assert_eq!(state.belongs(InTransit, day(90), gap), Belongs::Current);
+        // After the gap, an early status: a new parcel.
+        assert_eq!(state.belongs(LabelCreated, day(93), gap), Belongs::NewGeneration);
+        let next = state.next_generation(LabelCreated, day(93), 0);
+        assert_eq!((next.generation, next.shipment_status), (1, LabelCreated));
+        // The old parcel's history replayed: its times are old, so it is earlier.
+        assert_eq!(next.belongs(PickedUp, day(1), gap), Belongs::Earlier);
+        assert_eq!(next.belongs(InTransit, day(94), gap), Belongs::Current);
+        // Not terminal: no split, whatever the gap.
+        let open = ShipmentState::new(InTransit, day(0), 0);
+        assert_eq!(open.belongs(LabelCreated, day(300), gap), Belongs::Current);
+        // The encoding keeps the generation; the first one keeps 18 bytes.
+        assert_eq!(state.encode().len(), 18);
+        assert_eq!(ShipmentState::decode(&next.encode()).unwrap(), next);
+    }
+
+    #[test]
+    fn a_transit_scan_after_delivered_is_a_suspected_false_delivery() {
+        let t = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap();
+        let mut state = ShipmentState::new(OutForDelivery, t(0), 0);
+        state.apply(Delivered, t(10), 0);
+        let later = state.apply(InTransit, t(20), 0);
+        assert!(later.suspected_false_delivery && later.regression_prevented);
+        assert_eq!(state.shipment_status, Delivered, "never changed automatically");
+        let earlier = state.apply(OutForDelivery, t(5), 0);
+        assert!(!earlier.suspected_false_delivery, "a late scan from before the delivery is not");
     }
 }

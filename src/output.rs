@@ -43,6 +43,10 @@ pub struct MilestoneUpsert {
     /// new milestone (no second notification).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision: u32,
+    /// Which use of the tracking number the milestone belongs to: absent (0)
+    /// for the first known, 1 for the parcel that reused it, ...
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -85,6 +89,14 @@ pub fn shipment_key(tenant_id: &str, carrier: &str, tracking_number: &str) -> St
 /// occurred_at and the location, since two scans of one status
 /// at one instant in two places are two milestones.
 pub fn milestone_id(event: &TrackingEvent) -> String {
+    milestone_id_in(event, 0)
+}
+
+/// [`milestone_id`] of a scan in `generation` of its tracking number: the
+/// generation is part of the id after the first, so a reused number's
+/// milestones never meet the earlier parcel's (the first generation's ids are
+/// the ids Waymark always gave).
+pub fn milestone_id_in(event: &TrackingEvent, generation: u32) -> String {
     let mut enc = crate::dedupe::Encoder::new(b"waymark.milestone.v1");
     enc.str(&event.tenant_id);
     enc.str(&event.carrier);
@@ -93,14 +105,22 @@ pub fn milestone_id(event: &TrackingEvent) -> String {
     enc.str(&event.carrier_status_code);
     enc.i64(event.occurred_at.timestamp_millis());
     crate::dedupe::location_fields(&mut enc, event);
+    if generation > 0 {
+        enc.i64(i64::from(generation));
+    }
     enc.finish().to_hex().to_string()
 }
 
 impl MilestoneUpsert {
     pub fn new(event: TrackingEvent, shipment_status: Status, latest_status: Status) -> Self {
+        Self::new_in_generation(event, shipment_status, latest_status, 0)
+    }
+
+    /// The upsert of a scan in `generation` of its tracking number.
+    pub fn new_in_generation(event: TrackingEvent, shipment_status: Status, latest_status: Status, generation: u32) -> Self {
         MilestoneUpsert {
             kind: "ensure_milestone".into(),
-            milestone_id: milestone_id(&event),
+            milestone_id: milestone_id_in(&event, generation),
             tenant_id: event.tenant_id,
             carrier: event.carrier,
             tracking_number: event.tracking_number,
@@ -116,6 +136,7 @@ impl MilestoneUpsert {
             latest_status,
             source: event.source,
             revision: 0,
+            generation,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::dedupe::{self, DedupeConfig, Match, Verdict};
 use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
 use crate::error::{RecordError, StoreError};
 use crate::event::{Status, TrackingEvent};
-use crate::order::{shipment_key, Applied, ShipmentState};
+use crate::order::{shipment_key, Applied, Belongs, ShipmentState};
 use crate::output::{DeadLetter, MilestoneUpsert};
 use crate::routing::{self, KeyingCheck, Placement, RoutedRecord};
 use crate::state::{Keyspace, Scope, StateStore, Staged};
@@ -65,6 +65,11 @@ pub struct Pipeline {
     /// and ordering stay on one thread, in input order. 0 and 1: the calling
     /// thread only (see [`crate::parallel`]).
     pub threads: usize,
+    /// How long after a shipment's latest event an early-status event begins a
+    /// new generation (a reused tracking number): per carrier, else the default
+    /// ([`crate::order::DEFAULT_GENERATION_GAP`]).
+    pub generation_gaps: std::collections::BTreeMap<String, std::time::Duration>,
+    pub default_generation_gap: Option<std::time::Duration>,
 }
 
 /// What happened to one canonical event.
@@ -366,8 +371,9 @@ impl Pipeline {
         let mut outcome = EventOutcome { verdict, status: event.status, occurred_at: event.occurred_at, applied: Applied::default() };
         if let (Verdict::Revision { revision, original_ms }, Some((key, value))) = (verdict, matched) {
             // A correction of a scan already emitted: the same milestone (its
-            // first time), the corrected text; the shipment's status is not
-            // touched (the scan's status did not change).
+            // first time, its generation), the corrected text; the shipment's
+            // status is not touched (the scan's status did not change).
+            let (key_of_revision, value_of_revision) = (key.clone(), value.clone());
             dedupe::stage_revision(state, scope, key, &value, &event, revision, now);
             let shipment_key = shipment_key(scope, &event.tenant_id, &event.carrier, &event.tracking_number, event.shipment_ref.as_deref());
             let (shipment_status, latest_status) = match state.get(Keyspace::Shipments, &shipment_key)? {
@@ -377,9 +383,10 @@ impl Pipeline {
                 }
                 None => (event.status, event.status),
             };
+            let generation = dedupe::sighting(Keyspace::Keys, &key_of_revision, &value_of_revision).and_then(|s| s.milestone).map_or(0, |m| m.outcome.generation);
             let mut corrected = event;
             corrected.occurred_at = DateTime::from_timestamp_millis(original_ms).unwrap_or(corrected.occurred_at);
-            let mut upsert = MilestoneUpsert::new(corrected, shipment_status, latest_status);
+            let mut upsert = MilestoneUpsert::new_in_generation(corrected, shipment_status, latest_status, generation);
             upsert.revision = revision;
             return Ok((outcome, Some(upsert)));
         }
@@ -388,27 +395,67 @@ impl Pipeline {
         }
         let expires_at_ms = now.timestamp_millis().saturating_add(policy.ttl_ms());
         let key = shipment_key(scope, &event.tenant_id, &event.carrier, &event.tracking_number, event.shipment_ref.as_deref());
-        let shipment = match state.get(Keyspace::Shipments, &key)? {
+        let gap = self.generation_gap(&event.carrier);
+        let (shipment_status, latest_status, generation) = match state.get(Keyspace::Shipments, &key)? {
             Some(bytes) => {
                 let mut shipment = ShipmentState::decode(&bytes)?;
                 if shipment.expires_at_ms <= now.timestamp_millis() {
                     // Forgotten shipment (TTL passed): start its timeline afresh.
                     shipment = ShipmentState::new(event.status, event.occurred_at, expires_at_ms);
                 } else {
-                    outcome.applied = shipment.apply(event.status, event.occurred_at, expires_at_ms);
+                    match shipment.belongs(event.status, event.occurred_at, gap) {
+                        Belongs::Current => {
+                            outcome.applied = shipment.apply(event.status, event.occurred_at, expires_at_ms);
+                            if outcome.applied.suspected_false_delivery {
+                                tracing::warn!(
+                                    tenant = %event.tenant_id,
+                                    carrier = %event.carrier,
+                                    tracking_number = %event.tracking_number,
+                                    status = event.status.as_str(),
+                                    "suspected false delivery: a scan later than the shipment's delivery; the status stays delivered (waymark explain --shipment shows its scans)"
+                                );
+                            }
+                        }
+                        Belongs::NewGeneration => {
+                            shipment = shipment.next_generation(event.status, event.occurred_at, expires_at_ms);
+                            outcome.applied.new_generation = true;
+                        }
+                        Belongs::Earlier => {
+                            // A late scan of the previous use of the number: its
+                            // milestone, in that generation, at the status that
+                            // generation ended with; the current one is not touched.
+                            let generation = shipment.generation - 1;
+                            let ended = shipment.previous_status;
+                            outcome.applied.regression_prevented = true;
+                            let decided = dedupe::Outcome { shipment_status: ended.as_str().to_string(), generation, regression_prevented: true, ..dedupe::Outcome::default() };
+                            dedupe::stage_new(state, scope, policy, &event, now, &decided);
+                            return Ok((outcome, Some(MilestoneUpsert::new_in_generation(event, ended, ended, generation))));
+                        }
+                    }
                 }
-                shipment
+                state.put(Keyspace::Shipments, key, shipment.encode());
+                (shipment.shipment_status, shipment.latest_status, shipment.generation)
             }
-            None => ShipmentState::new(event.status, event.occurred_at, expires_at_ms),
+            None => {
+                let shipment = ShipmentState::new(event.status, event.occurred_at, expires_at_ms);
+                state.put(Keyspace::Shipments, key, shipment.encode());
+                (shipment.shipment_status, shipment.latest_status, 0)
+            }
         };
-        state.put(Keyspace::Shipments, key, shipment.encode());
         let decided = dedupe::Outcome {
             regression_prevented: outcome.applied.regression_prevented,
             out_of_order: outcome.applied.out_of_order,
-            shipment_status: shipment.shipment_status.as_str().to_string(),
+            shipment_status: shipment_status.as_str().to_string(),
+            generation,
         };
         dedupe::stage_new(state, scope, policy, &event, now, &decided);
-        Ok((outcome, Some(MilestoneUpsert::new(event, shipment.shipment_status, shipment.latest_status))))
+        Ok((outcome, Some(MilestoneUpsert::new_in_generation(event, shipment_status, latest_status, generation))))
+    }
+
+    /// How long after a shipment's latest event an early-status event means a
+    /// reused tracking number, for `carrier`.
+    pub fn generation_gap(&self, carrier: &str) -> std::time::Duration {
+        self.generation_gaps.get(carrier).copied().or(self.default_generation_gap).unwrap_or(crate::order::DEFAULT_GENERATION_GAP)
     }
 }
 

@@ -51,6 +51,8 @@ pub const CHANGELOG_SKIPPED: &str = "waymark_changelog_skipped_total";
 pub const PRODUCER_RECREATED: &str = "waymark_producer_recreated_total";
 pub const TRANSACTION_RETRIES: &str = "waymark_transaction_retries_total";
 pub const RECORDS_CAUGHT_UP: &str = "waymark_records_caught_up_total";
+pub const GENERATIONS: &str = "waymark_shipment_generations_total";
+pub const SUSPECTED_FALSE_DELIVERIES: &str = "waymark_suspected_false_deliveries_total";
 
 /// What a metric is, for Prometheus's `# TYPE`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,6 +136,8 @@ pub const CATALOG: &[Metric] = &[
     counter_of(CHANGELOG_SKIPPED, &[], "Changelog records that are no state entry of this Waymark, skipped on restore"),
     counter_of(PRODUCER_RECREATED, &[], "Transactional producers re-created after an indefinite transaction outcome"),
     counter_of(TRANSACTION_RETRIES, &[], "Batches retried after their transaction was not committed"),
+    counter_of(GENERATIONS, &["carrier"], "Tracking numbers reused: new generations begun (an early scan more than the generation gap after a terminal shipment's latest event)"),
+    counter_of(SUSPECTED_FALSE_DELIVERIES, &["carrier"], "In-transit or out-for-delivery scans later than a delivered one (the status stays delivered; often a mis-scanned delivery)"),
     counter_of(RECORDS_CAUGHT_UP, &[], "exactly-once with changelogs off: records whose outputs were committed before a crash, re-processed silently to rebuild local state"),
 ];
 
@@ -239,6 +243,12 @@ impl Telemetry {
             match event.verdict {
                 Verdict::New => {
                     counter!(MILESTONES, "carrier" => carrier.clone(), "status" => event.status.as_str()).increment(1);
+                    if event.applied.new_generation {
+                        counter!(GENERATIONS, "carrier" => carrier.clone()).increment(1);
+                    }
+                    if event.applied.suspected_false_delivery {
+                        counter!(SUSPECTED_FALSE_DELIVERIES, "carrier" => carrier.clone()).increment(1);
+                    }
                     if event.applied.regression_prevented {
                         counter!(REGRESSIONS, "carrier" => carrier.clone()).increment(1);
                     }

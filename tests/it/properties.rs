@@ -120,8 +120,71 @@ fn corrected(offset: usize, scan: &Scan, delivery: &Delivery, text: &str) -> Env
     envelope
 }
 
+/// One EasyPost scan of shipment `GEN1` at `minute` minutes after a base time.
+fn scan_at(offset: usize, status: &str, code: &str, minute: i64) -> Envelope {
+    let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::minutes(minute);
+    let body = json!({"object": "Event", "id": format!("evt_{offset}"), "description": "tracker.updated",
+        "result": {"object": "Tracker", "tracking_code": "GEN1",
+            "tracking_details": [{"status": status, "carrier_code": code, "message": code,
+                "datetime": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "tracking_location": {"city": "MEMPHIS", "state": "TN", "country": "US"}}]}});
+    Envelope {
+        topic: "tracking.raw.easypost".into(),
+        partition: 0,
+        offset: offset as i64,
+        timestamp_ms: None,
+        headers: vec![("tenant-id".into(), Some(b"acme".to_vec()))],
+        key: None,
+        payload: body.to_string().into_bytes(),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A delivered parcel, then an early scan `after` minutes after the
+    /// delivery: a new generation exactly when that is more than the gap; then
+    /// the first parcel's history replayed late (and one of its scans never
+    /// seen before) never begins another, and belongs to the first generation.
+    #[test]
+    fn generations_split_after_the_gap_only_and_an_old_replay_never_splits(
+        after in 0i64..(2 * 30 * 24 * 60),
+        late_minute in 0i64..2000,
+    ) {
+        let gap_minutes = (waymark::order::DEFAULT_GENERATION_GAP.as_secs() / 60) as i64;
+        let pipeline = Pipeline::default();
+        let store = MemoryStore::default();
+        let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let mut offset = 0;
+        let run = |envelope: Envelope| {
+            let mut staged = Staged::new(&store);
+            let result = pipeline.process(&envelope, now, &mut staged).unwrap();
+            store.write(staged.take_batch()).unwrap();
+            result.upserts
+        };
+        let first = [("pre_transit", "OC", 0), ("in_transit", "PU", 60), ("delivered", "DL", 2000)];
+        for (status, code, minute) in first {
+            offset += 1;
+            run(scan_at(offset, status, code, minute));
+        }
+        offset += 1;
+        let reused = run(scan_at(offset, "pre_transit", "OC", 2000 + after));
+        let expected_generation = u32::from(after > gap_minutes);
+        prop_assert_eq!(reused.iter().map(|u| u.generation).collect::<Vec<_>>(), vec![expected_generation]);
+        // The first parcel's history, replayed later: duplicates only.
+        for (status, code, minute) in first {
+            offset += 1;
+            prop_assert!(run(scan_at(offset, status, code, minute)).is_empty());
+        }
+        // A scan of the first parcel never seen before, arriving late: the first generation's.
+        offset += 1;
+        let late = run(scan_at(offset, "in_transit", "AR", 61 + late_minute % 1900));
+        prop_assert_eq!(late.len(), 1);
+        prop_assert_eq!(late[0].generation, 0);
+        if expected_generation == 1 {
+            prop_assert_eq!(late[0].shipment_status, Status::Delivered, "the first parcel ended delivered");
+        }
+    }
 
     /// Whatever the interleaving of copies and corrections: a correction is one
     /// revision of its scan's milestone (same id, revision 1, never a second

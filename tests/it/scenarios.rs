@@ -41,7 +41,8 @@ fn every_scenario_replays_to_its_expected_timeline() {
         let rank = |s: &str| waymark::Status::parse(s).unwrap().rank();
         let mut reached: HashMap<String, u8> = HashMap::new();
         for u in &upserts {
-            let shipment = format!("{}:{}:{}", u["tenant_id"], u["carrier"], u["tracking_number"]);
+            // Per generation: a reused number's new parcel starts afresh.
+            let shipment = format!("{}:{}:{}#{}", u["tenant_id"], u["carrier"], u["tracking_number"], u["generation"].as_u64().unwrap_or(0));
             let r = rank(u["shipment_status"].as_str().unwrap());
             let previous = reached.insert(shipment.clone(), r).unwrap_or(0);
             assert!(r >= previous, "{name}: {shipment} moved back at {u}");
@@ -81,4 +82,35 @@ fn a_correction_is_one_revision_that_a_late_copy_does_not_undo() {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("revisions emitted:      20"), "{stderr}");
+}
+
+/// `reused-tracking-number`: each number reused 90 days after its delivery.
+/// The new parcel is generation 1 (its own milestone ids, its status from the
+/// start again), the old parcel's history replayed later is all duplicates and
+/// begins nothing, and a label re-printed 10 days after delivery (within the
+/// gap) stays with the delivered parcel.
+#[test]
+fn a_reused_number_is_a_new_generation_and_an_old_replay_is_not() {
+    let archive = repo().join("replay/scenarios/reused-tracking-number.ndjson");
+    let out = Command::new(waymark_bin()).args(["replay", "--input"]).arg(&archive).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let upserts: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut per_shipment: HashMap<String, Vec<&serde_json::Value>> = HashMap::new();
+    for u in &upserts {
+        per_shipment.entry(u["tracking_number"].as_str().unwrap().to_string()).or_default().push(u);
+    }
+    assert_eq!(per_shipment.len(), 12);
+    for (tracking, upserts) in per_shipment {
+        let generations: BTreeSet<u64> = upserts.iter().map(|u| u["generation"].as_u64().unwrap_or(0)).collect();
+        assert_eq!(generations, BTreeSet::from([0, 1]), "{tracking}: two parcels, no third");
+        let second: Vec<&&serde_json::Value> = upserts.iter().filter(|u| u["generation"] == 1).collect();
+        assert_eq!(second[0]["status"], "label_created", "{tracking}: the new parcel begins with its label");
+        assert_eq!(second[0]["shipment_status"], "label_created", "{tracking}: its status starts afresh");
+        assert_eq!(second.last().unwrap()["shipment_status"], "delivered");
+        // Generation 1's ids are not generation 0's.
+        let first_ids: BTreeSet<&str> = upserts.iter().filter(|u| u.get("generation").is_none()).map(|u| u["milestone_id"].as_str().unwrap()).collect();
+        assert!(second.iter().all(|u| !first_ids.contains(u["milestone_id"].as_str().unwrap())));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("duplicates (hash):"), "{stderr}");
 }
