@@ -166,6 +166,11 @@ impl ShipmentState {
             self.latest_occurred_at = occurred_at;
         }
         self.shipment_status = next;
+        if self.generation == 0 {
+            // The first generation has no previous one: its field mirrors its
+            // own status (what the 18-byte encoding decodes to).
+            self.previous_status = next;
+        }
         self.expires_at_ms = self.expires_at_ms.max(expires_at_ms);
         Applied { regression_prevented, out_of_order, new_generation: false, suspected_false_delivery }
     }
@@ -309,6 +314,28 @@ mod tests {
         // The encoding keeps the generation; the first one keeps 18 bytes.
         assert_eq!(state.encode().len(), 18);
         assert_eq!(ShipmentState::decode(&next.encode()).unwrap(), next);
+    }
+
+    proptest::proptest! {
+        /// What a worker writes is what the next one (or a restore) reads back,
+        /// after any sequence of events, in any generation.
+        #[test]
+        fn a_state_reads_back_as_written_after_any_events(
+            first in 0..Status::ALL.len(),
+            events in proptest::collection::vec((0..Status::ALL.len(), -5i64..200), 0..12),
+        ) {
+            let day = |d: i64| Utc.timestamp_opt(1_700_000_000 + d * 86_400, 0).unwrap();
+            let mut state = ShipmentState::new(Status::ALL[first], day(0), 0);
+            for (status, at) in events {
+                let (status, at) = (Status::ALL[status], day(at));
+                match state.belongs(status, at, DEFAULT_GENERATION_GAP) {
+                    Belongs::NewGeneration => state = state.next_generation(status, at, 0),
+                    Belongs::Current => { state.apply(status, at, 0); }
+                    Belongs::Earlier => {}
+                }
+                proptest::prop_assert_eq!(ShipmentState::decode(&state.encode()).unwrap(), state);
+            }
+        }
     }
 
     #[test]
