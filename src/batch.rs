@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use crate::envelope::Envelope;
 use crate::error::StoreError;
-use crate::sink::{Sink, SinkError};
-use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::sink::{Outputs, Sink, SinkError};
+use crate::output::{DeadLetter, DecisionRecord, MilestoneUpsert};
 use crate::pipeline::{stage_progress, Pipeline, Prepared, RecordResult};
 use crate::routing::RoutedRecord;
 use crate::state::{StateBatch, StateStore, Staged};
@@ -26,9 +26,18 @@ pub struct BatchOutput {
     pub dead_letters: Vec<DeadLetter>,
     /// Stage one of the worker: canonical events on their way to their home partition.
     pub routed: Vec<RoutedRecord>,
+    /// Non-new decisions (with [`Pipeline::record_decisions`]).
+    pub decisions: Vec<DecisionRecord>,
     /// Apply only after the outputs are acknowledged.
     pub state: StateBatch,
     pub summary: Summary,
+}
+
+impl BatchOutput {
+    /// The records to send, by destination.
+    pub fn outputs(&self) -> Outputs<'_> {
+        Outputs { upserts: &self.upserts, dead_letters: &self.dead_letters, routed: &self.routed, decisions: &self.decisions }
+    }
 }
 
 /// Counts of one carrier or tenant in a [`Summary`].
@@ -275,35 +284,10 @@ fn account<S: StateStore + ?Sized>(
     output.upserts.extend(result.upserts);
     output.dead_letters.extend(result.dead_letter);
     output.routed.extend(result.routed);
+    output.decisions.extend(result.decisions);
 }
 
-/// The points between the side effects of committing a batch, where a process can
-/// die. The simulation (tests/it/simulation.rs) crashes at each of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failpoint {
-    /// Processed, nothing sent yet.
-    BeforeOutput,
-    /// Outputs acknowledged; state and progress not yet written.
-    AfterOutput,
-    /// The sink's durable copy of the state (the worker's changelog) acknowledged;
-    /// the local store not yet written.
-    AfterChangelog,
-    /// State and progress written; the group's offsets not yet committed (the
-    /// caller commits them after `deliver` returns).
-    AfterState,
-}
-
-impl Failpoint {
-    /// The name `WAYMARK_FAILPOINT` uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Failpoint::BeforeOutput => "before_output",
-            Failpoint::AfterOutput => "after_output",
-            Failpoint::AfterChangelog => "after_changelog",
-            Failpoint::AfterState => "after_state",
-        }
-    }
-}
+pub use crate::failpoint::Failpoint;
 
 /// How `deliver` stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +316,7 @@ pub fn deliver<S: StateStore + ?Sized>(
     if crash(Failpoint::BeforeOutput) {
         return Err(DeliverError::Crashed(Failpoint::BeforeOutput));
     }
-    sink.send(&output.upserts, &output.dead_letters, &output.routed)?;
+    sink.send(output.outputs())?;
     if crash(Failpoint::AfterOutput) {
         return Err(DeliverError::Crashed(Failpoint::AfterOutput));
     }

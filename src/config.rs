@@ -34,33 +34,26 @@ pub enum ConfigError {
     DeclaredCarrier(crate::carriers::declared::LoadError),
 }
 
-fn default_brokers() -> String {
-    "127.0.0.1:9092".into()
-}
-fn default_group() -> String {
-    "waymark".into()
-}
-fn default_inputs() -> Vec<String> {
-    vec!["tracking.raw.easypost".into()]
-}
-fn default_output() -> String {
-    "tracking.milestones".into()
-}
-fn default_dlq() -> String {
-    "tracking.dead-letter".into()
-}
-fn default_delivery() -> String {
-    "at-least-once".into()
-}
 
 /// How outputs and input offsets are committed (see `kafka` for the guarantees).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryMode {
     /// Idempotent producer; state and offsets written after outputs are acknowledged.
     AtLeastOnce,
     /// Outputs and consumer offsets in one Kafka transaction; state written after it
     /// commits and caught up from the input on assignment.
     ExactlyOnce,
+}
+
+impl DeliveryMode {
+    /// Are the input offsets committed inside the batch's transaction (and
+    /// never by the consumer itself)? Exactly-once: yes, so the consumer's
+    /// own commits (per batch, when idle, on revocation and shutdown) are off,
+    /// and the group's committed offset is the one truth of a partition's
+    /// progress. At-least-once: the consumer commits them after each batch.
+    pub fn offsets_in_transaction(self) -> bool {
+        matches!(self, DeliveryMode::ExactlyOnce)
+    }
 }
 
 /// The mode as the configuration spells it.
@@ -75,116 +68,96 @@ impl std::fmt::Display for DeliveryMode {
 
 /// `[kafka]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct KafkaSection {
     /// bootstrap.servers
-    #[serde(default = "default_brokers")]
     pub brokers: String,
     /// Consumer group: instances with the same id share the input partitions.
-    #[serde(default = "default_group")]
     pub group_id: String,
-    #[serde(default = "default_inputs")]
     pub input_topics: Vec<String>,
-    #[serde(default = "default_output")]
     pub output_topic: String,
-    #[serde(default = "default_dlq")]
     pub dead_letter_topic: String,
+    /// Where every decision that was not a plain new milestone goes
+    /// (duplicates, revisions, prevented regressions; schemas/decision.schema.json).
+    /// Unset (the default): no decisions are recorded.
+    pub decisions_topic: Option<String>,
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions).
-    #[serde(default = "default_delivery")]
     pub delivery: String,
     /// transactional.id of this instance (`exactly-once` outputs, and the
     /// changelog writes of `at-least-once` with state hand-over): stable across
     /// restarts of one instance, distinct between instances. Default:
     /// `waymark-<group_id>-<hostname>-<8 hex digits of the state directory>`.
-    #[serde(default)]
     pub transactional_id: Option<String>,
     /// librdkafka properties for both consumer and producer (security settings go here).
-    #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// librdkafka properties for the consumer only.
-    #[serde(default)]
     pub consumer_properties: BTreeMap<String, String>,
     /// librdkafka properties for the producer only.
-    #[serde(default)]
     pub producer_properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaSection {
     fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("empty kafka section has defaults"))
+        KafkaSection {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: crate::routing::DEFAULT_GROUP.into(),
+            input_topics: vec!["tracking.raw.easypost".into()],
+            output_topic: "tracking.milestones".into(),
+            dead_letter_topic: "tracking.dead-letter".into(),
+            decisions_topic: None,
+            delivery: "at-least-once".into(),
+            transactional_id: None,
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
     }
 }
 
 /// `[tenancy]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TenancySection {
-    #[serde(default)]
     pub require_tenant: bool,
-    #[serde(default = "default_tenant")]
     pub default_tenant: String,
-}
-fn default_tenant() -> String {
-    "default".into()
 }
 impl Default for TenancySection {
     fn default() -> Self {
-        TenancySection { require_tenant: false, default_tenant: default_tenant() }
+        TenancySection { require_tenant: false, default_tenant: "default".into() }
     }
 }
 
 /// `[state]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct StateSection {
-    #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
-    #[serde(default = "default_cache_mb")]
     pub block_cache_mb: usize,
-    #[serde(default = "default_memtable_mb")]
     pub memtable_mb: usize,
-    #[serde(default = "default_true")]
     pub sync_writes: bool,
     /// Log state changes to a compacted changelog topic per input topic, so a
     /// partition's dedupe and shipment state moves with it between instances.
-    #[serde(default = "default_true")]
     pub changelog: bool,
     /// Replication factor of changelog topics the worker creates (-1: the broker's
     /// `default.replication.factor`).
-    #[serde(default = "default_changelog_replication")]
     pub changelog_replication: i32,
-}
-fn default_changelog_replication() -> i32 {
-    -1
-}
-fn default_state_dir() -> PathBuf {
-    PathBuf::from("waymark-state")
-}
-fn default_cache_mb() -> usize {
-    128
-}
-fn default_memtable_mb() -> usize {
-    32
-}
-fn default_true() -> bool {
-    true
 }
 impl Default for StateSection {
     fn default() -> Self {
         StateSection {
-            dir: default_state_dir(),
-            block_cache_mb: default_cache_mb(),
-            memtable_mb: default_memtable_mb(),
+            dir: PathBuf::from("waymark-state"),
+            block_cache_mb: 128,
+            memtable_mb: 32,
             sync_writes: true,
             changelog: true,
-            changelog_replication: default_changelog_replication(),
+            changelog_replication: -1,
         }
     }
 }
 
 /// A dedupe policy as written in TOML (`ttl = "30d"`, `skew = "2s"`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PolicySection {
     pub ttl: Option<String>,
     pub skew: Option<String>,
@@ -192,24 +165,19 @@ pub struct PolicySection {
 
 /// `[dedupe]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DedupeSection {
     pub ttl: Option<String>,
     pub skew: Option<String>,
     /// `[dedupe.carriers.<name>]` overrides.
-    #[serde(default)]
     pub carriers: BTreeMap<String, PolicySection>,
 }
 
 /// `[limits]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
-    #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-}
-fn default_max_body() -> usize {
-    DEFAULT_MAX_BODY_BYTES
 }
 impl Default for LimitsSection {
     fn default() -> Self {
@@ -219,66 +187,41 @@ impl Default for LimitsSection {
 
 /// `[worker]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkerSection {
     /// Records per batch: one output flush and one state write per batch.
-    #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// Longest wait to fill a batch once its first record is in. The default,
     /// `0ms`, takes what has arrived and goes: under load the consumer's
     /// prefetched records fill batches at once (and batches grow, see
     /// `AdaptiveBatch`), and a quiet stream is not held back. A positive wait
     /// trades latency for fewer, larger batches.
-    #[serde(default = "default_batch_wait")]
     pub batch_wait: String,
     /// A batch also closes when its records' bodies reach this many bytes, so
     /// what the worker holds is bounded in bytes, not only in records.
-    #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
     /// Deadline for finishing in-flight work on SIGTERM.
-    #[serde(default = "default_shutdown")]
     pub shutdown_timeout: String,
     /// Longest a partition's state restore from its changelog may take on
     /// assignment before the worker stops with an error.
-    #[serde(default = "default_restore_timeout")]
     pub restore_timeout: String,
     /// `/healthz` fails when there is lag and no batch has completed for this
     /// long ("0s": never), so an orchestrator restarts a stuck worker.
-    #[serde(default = "default_stall_timeout")]
     pub stall_timeout: String,
     /// Threads that read and normalize a batch's records (the worker's and
     /// replay's): 0 is one per core. Dedupe and ordering use one thread whatever
     /// this is, and results do not depend on it.
-    #[serde(default)]
     pub normalize_threads: usize,
-}
-fn default_stall_timeout() -> String {
-    "5m".into()
-}
-fn default_restore_timeout() -> String {
-    "10m".into()
-}
-fn default_batch() -> usize {
-    500
-}
-fn default_batch_max_bytes() -> usize {
-    16 << 20
-}
-fn default_batch_wait() -> String {
-    "0ms".into()
-}
-fn default_shutdown() -> String {
-    "30s".into()
 }
 impl Default for WorkerSection {
     fn default() -> Self {
         WorkerSection {
-            batch_size: default_batch(),
-            batch_wait: default_batch_wait(),
-            batch_max_bytes: default_batch_max_bytes(),
-            shutdown_timeout: default_shutdown(),
-            restore_timeout: default_restore_timeout(),
-            stall_timeout: default_stall_timeout(),
+            batch_size: 500,
+            batch_wait: "0ms".into(),
+            batch_max_bytes: 16 << 20,
+            shutdown_timeout: "30s".into(),
+            restore_timeout: "10m".into(),
+            stall_timeout: "5m".into(),
             normalize_threads: 0,
         }
     }
@@ -286,97 +229,74 @@ impl Default for WorkerSection {
 
 /// `[order]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct OrderSection {
     /// Bounded reorder window: hold records up to this long ("0s": off) and emit
     /// their new milestones in status-hierarchy order per shipment.
-    #[serde(default = "default_reorder_window")]
     pub reorder_window: String,
     /// ...or until this many records are held, whichever comes first.
-    #[serde(default = "default_reorder_max_records")]
     pub reorder_max_records: usize,
     /// ...or until the held records' bodies reach this many bytes.
-    #[serde(default = "default_reorder_max_bytes")]
     pub reorder_max_bytes: usize,
-}
-fn default_reorder_window() -> String {
-    "0s".into()
-}
-fn default_reorder_max_bytes() -> usize {
-    64 << 20
-}
-fn default_reorder_max_records() -> usize {
-    10_000
+    /// A delivered (returned, cancelled) shipment followed by a label-created or
+    /// picked-up scan more than this long after its latest event, by event
+    /// times, is a reused tracking number: a new generation with its own
+    /// milestone ids. 30 days: longer than a parcel's own early scans after a
+    /// terminal one (a return picked up in the usual return window), shorter
+    /// than the months after which carriers reuse numbers.
+    pub generation_gap: String,
+    /// The same per carrier (`[order.generation_gaps] usps = "60d"`).
+    pub generation_gaps: BTreeMap<String, String>,
 }
 impl Default for OrderSection {
     fn default() -> Self {
         OrderSection {
-            reorder_window: default_reorder_window(),
-            reorder_max_records: default_reorder_max_records(),
-            reorder_max_bytes: default_reorder_max_bytes(),
+            reorder_window: "0s".into(),
+            reorder_max_records: 10_000,
+            reorder_max_bytes: 64 << 20,
+            generation_gap: "30d".into(),
+            generation_gaps: BTreeMap::new(),
         }
     }
 }
 
 /// `[routing]`: where a shipment's state lives (see `routing`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RoutingSection {
     /// `home` (default): every shipment's events are routed through the
     /// repartition topic to one home partition, whatever the producer's keying.
     /// `input`: the input is keyed by shipment, the input partition is the home
     /// (no extra hop; a runtime check counts shipments seen on two partitions).
-    #[serde(default = "default_routing_mode")]
     pub mode: String,
     /// Partitions of the processing stage (the repartition topic): fixed when a
     /// group is first deployed; a state directory made with another count is refused.
-    #[serde(default = "default_routing_partitions")]
     pub partitions: u32,
     /// `retention.ms` of the repartition topic the worker creates: longer than the
     /// group can ever lag (its records are consumed within seconds normally).
-    #[serde(default = "default_repartition_retention")]
     pub retention: String,
     /// Replication factor of the repartition topic the worker creates (-1: the broker's default).
-    #[serde(default = "default_changelog_replication")]
     pub replication: i32,
-}
-fn default_routing_mode() -> String {
-    "home".into()
-}
-fn default_routing_partitions() -> u32 {
-    crate::routing::DEFAULT_PARTITIONS
-}
-fn default_repartition_retention() -> String {
-    "7d".into()
 }
 impl Default for RoutingSection {
     fn default() -> Self {
-        RoutingSection {
-            mode: default_routing_mode(),
-            partitions: default_routing_partitions(),
-            retention: default_repartition_retention(),
-            replication: default_changelog_replication(),
-        }
+        RoutingSection { mode: "home".into(), partitions: crate::routing::DEFAULT_PARTITIONS, retention: "7d".into(), replication: -1 }
     }
 }
 
 /// `[http]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
-    #[serde(default = "default_listen")]
     pub listen: String,
     /// Bearer token that turns on `/explain` (it shows tenants' tracking data,
     /// so it is off without one). At least 16 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explain_token: Option<String>,
 }
-fn default_listen() -> String {
-    "127.0.0.1:9464".into()
-}
 impl Default for HttpSection {
     fn default() -> Self {
-        HttpSection { listen: default_listen(), explain_token: None }
+        HttpSection { listen: "127.0.0.1:9464".into(), explain_token: None }
     }
 }
 
@@ -398,19 +318,15 @@ impl std::fmt::Debug for Secret {
 
 /// `[log]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     /// `text` (human-readable; colour only on a terminal) or `json` (one JSON
     /// object per line, for log shippers). `WAYMARK_LOG_FORMAT` overrides it.
-    #[serde(default = "default_log_format")]
     pub format: String,
-}
-fn default_log_format() -> String {
-    "text".into()
 }
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { format: default_log_format() }
+        LogSection { format: "text".into() }
     }
 }
 
@@ -433,45 +349,31 @@ impl LogFormat {
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TelemetrySection {
     /// Label events with the tenant (only with a bounded number of tenants).
-    #[serde(default)]
     pub tenant_label: bool,
 }
 
 /// The file as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
-    #[serde(default)]
     pub kafka: KafkaSection,
     /// topic -> carrier, beyond the `tracking.raw.<carrier>` convention.
-    #[serde(default)]
     pub topics: BTreeMap<String, String>,
-    #[serde(default)]
     pub tenancy: TenancySection,
-    #[serde(default)]
     pub state: StateSection,
-    #[serde(default)]
     pub dedupe: DedupeSection,
-    #[serde(default)]
     pub limits: LimitsSection,
-    #[serde(default)]
     pub worker: WorkerSection,
-    #[serde(default)]
     pub order: OrderSection,
-    #[serde(default)]
     pub routing: RoutingSection,
-    #[serde(default)]
     pub http: HttpSection,
-    #[serde(default)]
     pub telemetry: TelemetrySection,
-    #[serde(default)]
     pub log: LogSection,
     /// Mapping files of user-declared carriers (`declared_carriers = ["carriers/acme.toml"]`,
     /// a top-level key). Relative paths are relative to the config file's directory.
-    #[serde(default)]
     pub declared_carriers: Vec<PathBuf>,
     /// Directory of the config file, for relative paths in it (`None`: the working
     /// directory). Set by [`RawConfig::from_file`], never read from TOML.
@@ -533,6 +435,10 @@ pub struct Config {
     pub placement: Placement,
     /// How the worker creates the repartition topic.
     pub repartition: RepartitionSettings,
+    /// When an early scan after a terminal status is a reused tracking number
+    /// (`order.generation_gap`), and per carrier (`[order.generation_gaps]`).
+    pub default_generation_gap: Duration,
+    pub generation_gaps: BTreeMap<String, Duration>,
 }
 
 /// How the repartition topic is created when missing.
@@ -562,12 +468,13 @@ pub struct ChangelogSettings {
 
 /// The `[kafka]` settings (`WAYMARK_KAFKA__<name>` sets them; any other
 /// `WAYMARK_KAFKA__` name is a librdkafka property).
-const KAFKA_SETTINGS: [&str; 10] = [
+const KAFKA_SETTINGS: [&str; 11] = [
     "brokers",
     "group_id",
     "input_topics",
     "output_topic",
     "dead_letter_topic",
+    "decisions_topic",
     "delivery",
     "transactional_id",
     "properties",
@@ -787,152 +694,32 @@ impl RawConfig {
         }
     }
 
-    /// Validate into the trusted [`Config`].
+    /// Validate into the trusted [`Config`]: each section checks its own
+    /// settings; what spans sections (topic clashes) is checked here.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let duration = |field: &str, text: &str| {
-            humantime::parse_duration(text)
-                .map_err(|e| ConfigError::Invalid(format!("{field} = \"{text}\": {e} (write e.g. \"2s\", \"500ms\", \"30d\")")))
-        };
-        let base = DedupePolicy::default();
-        let default_policy = DedupePolicy {
-            ttl: match &self.dedupe.ttl {
-                Some(t) => duration("dedupe.ttl", t)?,
-                None => base.ttl,
-            },
-            skew: match &self.dedupe.skew {
-                Some(s) => duration("dedupe.skew", s)?,
-                None => base.skew,
-            },
-        };
-        let mut per_carrier = BTreeMap::new();
-        for (carrier, section) in &self.dedupe.carriers {
-            let policy = DedupePolicy {
-                ttl: match &section.ttl {
-                    Some(t) => duration(&format!("dedupe.carriers.{carrier}.ttl"), t)?,
-                    None => default_policy.ttl,
-                },
-                skew: match &section.skew {
-                    Some(s) => duration(&format!("dedupe.carriers.{carrier}.skew"), s)?,
-                    None => default_policy.skew,
-                },
-            };
-            per_carrier.insert(carrier.to_ascii_lowercase(), policy);
-        }
-        for (name, policy) in std::iter::once(("default", &default_policy)).chain(per_carrier.iter().map(|(k, v)| (k.as_str(), v))) {
-            if policy.ttl.is_zero() || policy.skew >= policy.ttl {
-                return Err(ConfigError::Invalid(format!(
-                    "dedupe policy for {name}: ttl must be positive and larger than skew"
-                )));
-            }
-        }
-        let kafka = self.kafka;
-        check_reserved_properties(&kafka)?;
-        for (field, topics) in [
-            ("kafka.input_topics", kafka.input_topics.clone()),
-            ("kafka.output_topic", vec![kafka.output_topic.clone()]),
-            ("kafka.dead_letter_topic", vec![kafka.dead_letter_topic.clone()]),
-        ] {
-            for topic in topics {
-                check_topic_name(field, &topic)?;
-            }
-        }
-        if kafka.input_topics.is_empty() {
-            return Err(ConfigError::Invalid("kafka.input_topics is empty: name at least one raw carrier topic".into()));
-        }
-        for topic in [&kafka.output_topic, &kafka.dead_letter_topic] {
-            if kafka.input_topics.contains(topic) {
-                return Err(ConfigError::Invalid(format!("`{topic}` is both an input and an output topic")));
-            }
-        }
-        if self.worker.batch_size == 0 {
-            return Err(ConfigError::Invalid("worker.batch_size must be at least 1".into()));
-        }
+        let dedupe = self.dedupe.validate()?;
+        let delivery = self.kafka.validate()?;
+        let placement = self.routing.placement(&self.kafka)?;
+        let order = self.order.validate()?;
+        let (http_listen, explain_token) = self.http.validate()?;
+        let worker = self.worker.validate()?;
         if self.limits.max_body_bytes == 0 {
             return Err(ConfigError::Invalid("limits.max_body_bytes must be at least 1".into()));
         }
-        let transactional_id = kafka.transactional_id.clone().unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".into());
-            // The host alone can collide (host networking, two processes on
-            // one machine: they would fence each other forever); the state
-            // directory tells instances on one host apart and is stable
-            // across restarts of each.
-            let dir = blake3::hash(self.state.dir.to_string_lossy().as_bytes()).to_hex();
-            format!("waymark-{}-{host}-{}", kafka.group_id, &dir[..8])
-        });
-        let delivery = match kafka.delivery.as_str() {
-            "at-least-once" => DeliveryMode::AtLeastOnce,
-            "exactly-once" => DeliveryMode::ExactlyOnce,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "kafka.delivery = \"{other}\": write \"at-least-once\" or \"exactly-once\""
-                )))
-            }
-        };
-        let http_listen = self.http.listen.parse().map_err(|e| {
-            ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.http.listen))
-        })?;
-        let explain_token = match self.http.explain_token.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(token) if token.len() < 16 => {
-                return Err(ConfigError::Invalid("http.explain_token is shorter than 16 characters: use a long random token (e.g. `openssl rand -hex 24`)".into()))
-            }
-            Some(token) => Some(Secret(token.to_string())),
-        };
+        let kafka = self.kafka;
+        let transactional_id = kafka.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&kafka.group_id, &self.state.dir));
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
-        let longest_ttl = per_carrier.values().map(|p| p.ttl).chain([default_policy.ttl]).max().unwrap_or(default_policy.ttl);
-        let reorder_window = duration("order.reorder_window", &self.order.reorder_window)?;
-        if !reorder_window.is_zero() && self.order.reorder_max_records == 0 {
-            return Err(ConfigError::Invalid("order.reorder_max_records must be at least 1 when the reorder window is on".into()));
-        }
-        let reorder = (!reorder_window.is_zero())
-            .then_some(ReorderWindow {
-                window: reorder_window,
-                max_records: self.order.reorder_max_records,
-                max_bytes: self.order.reorder_max_bytes.max(1),
-            });
-        let changelog = if self.state.changelog {
-            Some(ChangelogSettings {
-                replication: self.state.changelog_replication,
-                retention: longest_ttl.saturating_add(Duration::from_secs(24 * 3600)),
-                restore_timeout: duration("worker.restore_timeout", &self.worker.restore_timeout)?,
-            })
-        } else {
-            None
-        };
-        let placement = match self.routing.mode.as_str() {
-            "home" => {
-                if self.routing.partitions == 0 || self.routing.partitions > 100_000 {
-                    return Err(ConfigError::Invalid(format!(
-                        "routing.partitions = {}: write a partition count from 1 to 100000 (fixed for the life of a group)",
-                        self.routing.partitions
-                    )));
-                }
-                Placement::Home { topic: repartition_topic(&kafka.group_id), partitions: self.routing.partitions }
-            }
-            "input" => Placement::Input,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "routing.mode = \"{other}\": write \"home\" (route every shipment to one home partition; the default) or \"input\" (only when producers key records by shipment)"
-                )))
-            }
-        };
-        if let Placement::Home { topic, .. } = &placement {
-            if kafka.input_topics.contains(topic) || [&kafka.output_topic, &kafka.dead_letter_topic].contains(&topic) {
-                return Err(ConfigError::Invalid(format!("`{topic}` is the group's internal repartition topic: use it for nothing else")));
-            }
-        }
-        let repartition = RepartitionSettings {
-            retention: duration("routing.retention", &self.routing.retention)?,
-            replication: self.routing.replication,
-        };
+        let changelog = self.state.changelog.then(|| ChangelogSettings {
+            replication: self.state.changelog_replication,
+            retention: dedupe.longest_ttl().saturating_add(Duration::from_secs(24 * 3600)),
+            restore_timeout: worker.restore_timeout,
+        });
+        let repartition = RepartitionSettings { retention: duration("routing.retention", &self.routing.retention)?, replication: self.routing.replication };
         Ok(Config {
             placement,
             repartition,
+            default_generation_gap: order.generation_gap,
+            generation_gaps: order.generation_gaps,
             delivery,
             transactional_id,
             envelope: EnvelopeRules {
@@ -947,13 +734,13 @@ impl RawConfig {
                 memtable_bytes: self.state.memtable_mb << 20,
                 sync_writes: self.state.sync_writes,
             },
-            dedupe: DedupeConfig { default: default_policy, per_carrier },
+            dedupe,
             max_body_bytes: self.limits.max_body_bytes,
             batch_size: self.worker.batch_size,
             batch_max_bytes: self.worker.batch_max_bytes.max(1),
-            batch_wait: duration("worker.batch_wait", &self.worker.batch_wait)?,
-            shutdown_timeout: duration("worker.shutdown_timeout", &self.worker.shutdown_timeout)?,
-            stall_timeout: duration("worker.stall_timeout", &self.worker.stall_timeout)?,
+            batch_wait: worker.batch_wait,
+            shutdown_timeout: worker.shutdown_timeout,
+            stall_timeout: worker.stall_timeout,
             normalize_threads: match self.worker.normalize_threads {
                 0 => crate::parallel::default_threads(),
                 n => n,
@@ -963,8 +750,196 @@ impl RawConfig {
             tenant_label: self.telemetry.tenant_label,
             log_format: LogFormat::parse(&self.log.format)?,
             changelog,
-            reorder,
+            reorder: order.reorder,
             declared_carriers,
+        })
+    }
+}
+
+/// A duration setting, or an error naming it with an example.
+fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| ConfigError::Invalid(format!("{field} = \"{text}\": {e} (write e.g. \"2s\", \"500ms\", \"30d\")")))
+}
+
+/// `waymark-<group>-<host>-<8 hex digits of the state directory>`. The host
+/// alone can collide (host networking, two processes on one machine: they
+/// would fence each other forever); the state directory tells instances on one
+/// host apart and is stable across restarts of each.
+fn default_transactional_id(group_id: &str, state_dir: &Path) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let dir = blake3::hash(state_dir.to_string_lossy().as_bytes()).to_hex();
+    format!("waymark-{group_id}-{host}-{}", &dir[..8])
+}
+
+impl DedupeSection {
+    fn validate(&self) -> Result<DedupeConfig, ConfigError> {
+        let base = DedupePolicy::default();
+        let policy = |name: &str, ttl: &Option<String>, skew: &Option<String>, fallback: DedupePolicy| -> Result<DedupePolicy, ConfigError> {
+            let policy = DedupePolicy {
+                ttl: match ttl {
+                    Some(t) => duration(&format!("{name}.ttl"), t)?,
+                    None => fallback.ttl,
+                },
+                skew: match skew {
+                    Some(s) => duration(&format!("{name}.skew"), s)?,
+                    None => fallback.skew,
+                },
+            };
+            if policy.ttl.is_zero() || policy.skew >= policy.ttl {
+                return Err(ConfigError::Invalid(format!("{name}: ttl must be positive and larger than skew")));
+            }
+            Ok(policy)
+        };
+        let default = policy("dedupe", &self.ttl, &self.skew, base)?;
+        let mut per_carrier = BTreeMap::new();
+        for (carrier, section) in &self.carriers {
+            let name = format!("dedupe.carriers.{carrier}");
+            per_carrier.insert(carrier.to_ascii_lowercase(), policy(&name, &section.ttl, &section.skew, default)?);
+        }
+        Ok(DedupeConfig { default, per_carrier })
+    }
+}
+
+impl KafkaSection {
+    /// Topics, reserved properties and the delivery mode.
+    fn validate(&self) -> Result<DeliveryMode, ConfigError> {
+        check_reserved_properties(self)?;
+        for (field, topics) in [
+            ("kafka.input_topics", self.input_topics.clone()),
+            ("kafka.output_topic", vec![self.output_topic.clone()]),
+            ("kafka.dead_letter_topic", vec![self.dead_letter_topic.clone()]),
+            ("kafka.decisions_topic", self.decisions_topic.iter().cloned().collect()),
+        ] {
+            for topic in topics {
+                check_topic_name(field, &topic)?;
+            }
+        }
+        if self.input_topics.is_empty() {
+            return Err(ConfigError::Invalid("kafka.input_topics is empty: name at least one raw carrier topic".into()));
+        }
+        for topic in self.output_topics() {
+            if self.input_topics.contains(topic) {
+                return Err(ConfigError::Invalid(format!("`{topic}` is both an input and an output topic")));
+            }
+        }
+        if let Some(decisions) = &self.decisions_topic {
+            if [&self.output_topic, &self.dead_letter_topic].contains(&decisions) {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.decisions_topic = \"{decisions}\" is also the output or dead-letter topic: give decisions a topic of their own"
+                )));
+            }
+        }
+        match self.delivery.as_str() {
+            "at-least-once" => Ok(DeliveryMode::AtLeastOnce),
+            "exactly-once" => Ok(DeliveryMode::ExactlyOnce),
+            other => Err(ConfigError::Invalid(format!("kafka.delivery = \"{other}\": write \"at-least-once\" or \"exactly-once\""))),
+        }
+    }
+
+    /// The topics Waymark writes (besides its internal ones).
+    fn output_topics(&self) -> impl Iterator<Item = &String> {
+        [&self.output_topic, &self.dead_letter_topic].into_iter().chain(self.decisions_topic.as_ref())
+    }
+}
+
+impl RoutingSection {
+    /// Where shipment state lives; the repartition topic must be nobody else's.
+    fn placement(&self, kafka: &KafkaSection) -> Result<Placement, ConfigError> {
+        let placement = match self.mode.as_str() {
+            "home" => {
+                if self.partitions == 0 || self.partitions > 100_000 {
+                    return Err(ConfigError::Invalid(format!(
+                        "routing.partitions = {}: write a partition count from 1 to 100000 (fixed for the life of a group)",
+                        self.partitions
+                    )));
+                }
+                Placement::Home { topic: repartition_topic(&kafka.group_id), partitions: self.partitions }
+            }
+            "input" => Placement::Input,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "routing.mode = \"{other}\": write \"home\" (route every shipment to one home partition; the default) or \"input\" (only when producers key records by shipment)"
+                )))
+            }
+        };
+        if let Placement::Home { topic, .. } = &placement {
+            if kafka.input_topics.contains(topic) || kafka.output_topics().any(|t| t == topic) {
+                return Err(ConfigError::Invalid(format!("`{topic}` is the group's internal repartition topic: use it for nothing else")));
+            }
+        }
+        Ok(placement)
+    }
+}
+
+/// `[order]`, validated.
+struct OrderSettings {
+    reorder: Option<ReorderWindow>,
+    generation_gap: Duration,
+    generation_gaps: BTreeMap<String, Duration>,
+}
+
+impl OrderSection {
+    fn validate(&self) -> Result<OrderSettings, ConfigError> {
+        let window = duration("order.reorder_window", &self.reorder_window)?;
+        if !window.is_zero() && self.reorder_max_records == 0 {
+            return Err(ConfigError::Invalid("order.reorder_max_records must be at least 1 when the reorder window is on".into()));
+        }
+        let reorder = (!window.is_zero()).then_some(ReorderWindow { window, max_records: self.reorder_max_records, max_bytes: self.reorder_max_bytes.max(1) });
+        let gap = |field: &str, text: &str| {
+            let gap = duration(field, text)?;
+            if gap.is_zero() {
+                return Err(ConfigError::Invalid(format!("{field} = \"{text}\": the gap must be positive (every early scan after a delivery would begin a new parcel)")));
+            }
+            Ok(gap)
+        };
+        let mut generation_gaps = BTreeMap::new();
+        for (carrier, text) in &self.generation_gaps {
+            generation_gaps.insert(carrier.to_ascii_lowercase(), gap(&format!("order.generation_gaps.{carrier}"), text)?);
+        }
+        Ok(OrderSettings { reorder, generation_gap: gap("order.generation_gap", &self.generation_gap)?, generation_gaps })
+    }
+}
+
+impl HttpSection {
+    /// The listen address and the `/explain` token.
+    fn validate(&self) -> Result<(SocketAddr, Option<Secret>), ConfigError> {
+        let listen = self.listen.parse().map_err(|e| {
+            ConfigError::Invalid(format!("http.listen = \"{}\": {e} (write host:port, e.g. 0.0.0.0:9464)", self.listen))
+        })?;
+        let token = match self.explain_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(token) if token.len() < 16 => {
+                return Err(ConfigError::Invalid("http.explain_token is shorter than 16 characters: use a long random token (e.g. `openssl rand -hex 24`)".into()))
+            }
+            Some(token) => Some(Secret(token.to_string())),
+        };
+        Ok((listen, token))
+    }
+}
+
+/// `[worker]`'s durations, validated.
+struct WorkerTimes {
+    batch_wait: Duration,
+    shutdown_timeout: Duration,
+    stall_timeout: Duration,
+    restore_timeout: Duration,
+}
+
+impl WorkerSection {
+    fn validate(&self) -> Result<WorkerTimes, ConfigError> {
+        if self.batch_size == 0 {
+            return Err(ConfigError::Invalid("worker.batch_size must be at least 1".into()));
+        }
+        Ok(WorkerTimes {
+            batch_wait: duration("worker.batch_wait", &self.batch_wait)?,
+            shutdown_timeout: duration("worker.shutdown_timeout", &self.shutdown_timeout)?,
+            stall_timeout: duration("worker.stall_timeout", &self.stall_timeout)?,
+            restore_timeout: duration("worker.restore_timeout", &self.restore_timeout)?,
         })
     }
 }
@@ -1061,8 +1036,9 @@ impl Config {
             hop: false,
             keying_check: None,
             threads: self.normalize_threads,
-            generation_gaps: Default::default(),
-            default_generation_gap: None,
+            generation_gaps: self.generation_gaps.clone(),
+            default_generation_gap: Some(self.default_generation_gap),
+            record_decisions: self.kafka.decisions_topic.is_some(),
         }
     }
 }
@@ -1189,6 +1165,33 @@ mod tests {
         let mut raw = RawConfig::default();
         raw.kafka.input_topics = vec![String::new()];
         assert!(raw.validate().unwrap_err().to_string().contains("kafka.input_topics"));
+    }
+
+    #[test]
+    fn the_decisions_topic_is_off_by_default_and_a_topic_of_its_own() {
+        let config = RawConfig::default().validate().unwrap();
+        assert!(config.kafka.decisions_topic.is_none() && !config.pipeline().record_decisions);
+        let config = RawConfig::from_toml("[kafka]\ndecisions_topic = \"tracking.decisions\"").unwrap().validate().unwrap();
+        assert!(config.pipeline().record_decisions);
+        for clash in ["tracking.milestones", "tracking.dead-letter", "tracking.raw.easypost", "waymark-repartition", "bad name"] {
+            let text = format!("[kafka]\ndecisions_topic = \"{clash}\"");
+            let err = RawConfig::from_toml(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(clash), "{clash}: {err}");
+        }
+    }
+
+    #[test]
+    fn generation_gaps_default_to_30_days_and_are_set_per_carrier() {
+        let pipeline = RawConfig::default().validate().unwrap().pipeline();
+        assert_eq!(pipeline.generation_gap("ups"), crate::order::DEFAULT_GENERATION_GAP);
+        let text = "[order]\ngeneration_gap = \"45d\"\n[order.generation_gaps]\nUSPS = \"90d\"\n";
+        let pipeline = RawConfig::from_toml(text).unwrap().validate().unwrap().pipeline();
+        assert_eq!(pipeline.generation_gap("usps"), Duration::from_secs(90 * 86_400));
+        assert_eq!(pipeline.generation_gap("ups"), Duration::from_secs(45 * 86_400));
+        for bad in ["[order]\ngeneration_gap = \"0s\"", "[order.generation_gaps]\nusps = \"soon\""] {
+            let err = RawConfig::from_toml(bad).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains("generation_gap"), "{err}");
+        }
     }
 
     #[test]

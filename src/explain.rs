@@ -23,34 +23,11 @@ use crate::pipeline::Pipeline;
 use crate::routing::{home_partition, Placement};
 use crate::state::{Keyspace, Scope, Staged, StateStore};
 
-/// What became (or would become) of one canonical event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    /// This record was the event's first sighting: its milestone was emitted.
-    New,
-    /// New, and its milestone emitted, but the shipment's status did not move:
-    /// it was already further along.
-    RegressionPrevented,
-    /// The same content was seen before (an exact redelivery or replay).
-    DuplicateHash,
-    /// The same composite key was seen within the carrier's skew tolerance,
-    /// with the same content.
-    DuplicateKey,
-    /// The same composite key within the skew, only the time told differently
-    /// (a skewed clock): still the same milestone.
-    DuplicateKeyDifferentContent,
-    /// The same scan with corrected text or place: emitted again under the
-    /// same milestone id, as a revision.
-    Revision,
-    /// No live entry: the record was not processed yet (or not by this state
-    /// directory), or its entries expired; processed now, the event is new.
-    NotSeen,
-}
+pub use crate::output::Decision;
 
-impl Decision {
-    fn sentence(self) -> &'static str {
-        match self {
+/// The decision in one sentence, for the human output.
+fn sentence(decision: Decision) -> &'static str {
+        match decision {
             Decision::New => "new: this record was its first sighting, and its milestone was emitted",
             Decision::RegressionPrevented => "new, milestone emitted, but the shipment's status did not move back (it was already further along)",
             Decision::DuplicateHash => "duplicate: the same content was seen before (nothing emitted)",
@@ -59,7 +36,6 @@ impl Decision {
             Decision::Revision => "revision: a correction of a scan already emitted (its text or place), emitted again under the same milestone id",
             Decision::NotSeen => "not in this state: not processed here yet, or its entries expired (processed now, it would be new)",
         }
-    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -215,7 +191,7 @@ fn home_of(placement: &Placement, envelope: &Envelope, event: &TrackingEvent) ->
 }
 
 fn explanation(decision: Decision, matched: Option<&Matched>) -> String {
-    let mut text = decision.sentence().to_string();
+    let mut text = sentence(decision).to_string();
     match matched.map(|m| &m.sighting) {
         Some(Some(seen)) => {
             let first = match decision {

@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod explain;
+pub mod failpoint;
 pub mod order;
 pub mod output;
 pub mod parallel;

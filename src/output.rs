@@ -1,6 +1,7 @@
 //! Records the pipeline emits: "ensure milestone" upserts
-//! (schemas/milestone-upsert.schema.json) and dead letters
-//! (schemas/dead-letter.schema.json).
+//! (schemas/milestone-upsert.schema.json), dead letters
+//! (schemas/dead-letter.schema.json) and, when a decisions topic is set, the
+//! decisions that emitted no new milestone (schemas/decision.schema.json).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -138,6 +139,131 @@ impl MilestoneUpsert {
             revision: 0,
             generation,
         }
+    }
+}
+
+/// What became (or would become) of one canonical event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// This record was the event's first sighting: its milestone was emitted.
+    New,
+    /// New, and its milestone emitted, but the shipment's status did not move:
+    /// it was already further along.
+    RegressionPrevented,
+    /// The same content was seen before (an exact redelivery or replay).
+    DuplicateHash,
+    /// The same composite key was seen within the carrier's skew tolerance,
+    /// with the same content.
+    DuplicateKey,
+    /// The same composite key within the skew, only the time told differently
+    /// (a skewed clock): still the same milestone.
+    DuplicateKeyDifferentContent,
+    /// The same scan with corrected text or place: emitted again under the
+    /// same milestone id, as a revision.
+    Revision,
+    /// No live entry: the record was not processed yet (or not by this state
+    /// directory), or its entries expired; processed now, the event is new.
+    NotSeen,
+}
+
+impl Decision {
+    /// The name the decisions topic and `explain --json` use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Decision::New => "new",
+            Decision::RegressionPrevented => "regression_prevented",
+            Decision::DuplicateHash => "duplicate_hash",
+            Decision::DuplicateKey => "duplicate_key",
+            Decision::DuplicateKeyDifferentContent => "duplicate_key_different_content",
+            Decision::Revision => "revision",
+            Decision::NotSeen => "not_seen",
+        }
+    }
+}
+
+/// One record on the decisions topic (schemas/decision.schema.json): an
+/// event the pipeline did not simply emit as a new milestone, with what it
+/// matched. Identifiers and times only, never the event's text or place, so a
+/// record stays small (a few hundred bytes) and carries no more tenant data
+/// than the key already does. At most one per event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// Always `decision`.
+    pub kind: String,
+    pub decision: Decision,
+    #[serde(with = "rfc3339_millis")]
+    pub decided_at: DateTime<Utc>,
+    pub tenant_id: String,
+    pub carrier: String,
+    pub tracking_number: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipment_ref: Option<String>,
+    pub status: Status,
+    pub carrier_status_code: String,
+    #[serde(with = "rfc3339_millis")]
+    pub occurred_at: DateTime<Utc>,
+    /// The raw record this event came from.
+    pub source: SourceRef,
+    /// The milestone the event is (or repeats), where the state tells it
+    /// exactly: absent for a duplicate whose content differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub milestone_id: Option<String>,
+    /// The shipment's status after the event (a prevented regression: the
+    /// status kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipment_status: Option<Status>,
+    /// A scan later than the shipment's delivery (never applied; see the README).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspected_false_delivery: bool,
+    /// The revision emitted (revisions only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u32,
+    /// The first sighting of the entry that decided (duplicates and revisions;
+    /// absent for entries written before Waymark recorded sightings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<MatchedSighting>,
+}
+
+/// Where and when the entry a decision matched was first seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatchedSighting {
+    /// `content_hash` or `composite_key`.
+    pub entry: String,
+    #[serde(with = "rfc3339_millis")]
+    pub first_seen: DateTime<Utc>,
+    #[serde(with = "rfc3339_millis")]
+    pub expires_at: DateTime<Utc>,
+    pub source: SourceRef,
+}
+
+impl DecisionRecord {
+    /// `event`'s record, decided `now`; the pipeline fills in the decision
+    /// and what it matched.
+    pub fn draft(event: &TrackingEvent, now: DateTime<Utc>) -> Self {
+        DecisionRecord {
+            kind: "decision".into(),
+            decision: Decision::New,
+            decided_at: now,
+            tenant_id: event.tenant_id.clone(),
+            carrier: event.carrier.clone(),
+            tracking_number: event.tracking_number.clone(),
+            shipment_ref: event.shipment_ref.clone(),
+            status: event.status,
+            carrier_status_code: event.carrier_status_code.clone(),
+            occurred_at: event.occurred_at,
+            source: event.source.clone(),
+            milestone_id: None,
+            shipment_status: None,
+            suspected_false_delivery: false,
+            revision: 0,
+            matched: None,
+        }
+    }
+
+    /// Keyed like the output: one shipment's decisions stay in order.
+    pub fn key(&self) -> String {
+        shipment_key(&self.tenant_id, &self.carrier, &self.tracking_number)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
 use crate::error::{RecordError, StoreError};
 use crate::event::{Status, TrackingEvent};
 use crate::order::{shipment_key, Applied, Belongs, ShipmentState};
-use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::output::{DeadLetter, Decision, DecisionRecord, MatchedSighting, MilestoneUpsert};
 use crate::routing::{self, KeyingCheck, Placement, RoutedRecord};
 use crate::state::{Keyspace, Scope, StateStore, Staged};
 
@@ -70,6 +70,10 @@ pub struct Pipeline {
     /// ([`crate::order::DEFAULT_GENERATION_GAP`]).
     pub generation_gaps: std::collections::BTreeMap<String, std::time::Duration>,
     pub default_generation_gap: Option<std::time::Duration>,
+    /// Record every decision that is not a plain new milestone (duplicates,
+    /// revisions, prevented regressions) as a [`DecisionRecord`]: on when a
+    /// decisions topic is configured.
+    pub record_decisions: bool,
 }
 
 /// What happened to one canonical event.
@@ -83,6 +87,30 @@ pub struct EventOutcome {
     pub applied: Applied,
 }
 
+/// One event applied: its outcome, its upsert (new milestones and revisions)
+/// and, with [`Pipeline::record_decisions`], its non-new decision.
+struct AppliedEvent {
+    outcome: EventOutcome,
+    upsert: Option<MilestoneUpsert>,
+    decision: Option<DecisionRecord>,
+}
+
+fn matched_sighting(entry: &str, sighting: dedupe::Sighting) -> MatchedSighting {
+    MatchedSighting { entry: entry.to_string(), first_seen: sighting.first_seen, expires_at: sighting.expires_at, source: sighting.source }
+}
+
+/// The milestone id of the scan a composite-key entry holds, when `event` is
+/// that scan (its content at the entry's time is the entry's content: an exact
+/// copy, or one whose clock is skewed): the id at the entry's time and
+/// generation. `None` when the content differs (the id of the first copy
+/// cannot be told from this one).
+fn repeated_milestone(event: &TrackingEvent, key: &[u8], value: &[u8]) -> Option<String> {
+    let facts = dedupe::sighting(Keyspace::Keys, key, value)?.milestone?;
+    let mut at = event.clone();
+    at.occurred_at = facts.occurred_at;
+    (value.get(8..40) == Some(&dedupe::content_hash(&at)[..])).then(|| crate::output::milestone_id_in(&at, facts.outcome.generation))
+}
+
 /// What happened to one record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordResult {
@@ -92,6 +120,8 @@ pub struct RecordResult {
     pub events: Vec<EventOutcome>,
     /// One upsert per new milestone, in hierarchy-consistent order.
     pub upserts: Vec<MilestoneUpsert>,
+    /// With [`Pipeline::record_decisions`]: the events' non-new decisions.
+    pub decisions: Vec<DecisionRecord>,
     pub dead_letter: Option<DeadLetter>,
     /// Stage one of the worker: the record's events, on their way home.
     pub routed: Vec<RoutedRecord>,
@@ -284,9 +314,10 @@ impl Pipeline {
         };
         self.check_keying(envelope, &mut result, &events);
         for (scope, event) in events {
-            let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
-            result.events.push(outcome);
-            result.upserts.extend(upsert);
+            let applied = self.apply_event(scope, event, now, state)?;
+            result.events.push(applied.outcome);
+            result.upserts.extend(applied.upsert);
+            result.decisions.extend(applied.decision);
         }
         Ok(result)
     }
@@ -347,9 +378,10 @@ impl Pipeline {
         ordered.sort_by_key(|(key, ..)| *key);
         let mut upserts = Vec::new();
         for (_, index, scope, event) in ordered {
-            let (outcome, upsert) = self.apply_event(scope, event, now, state)?;
-            results[index].events.push(outcome);
-            upserts.extend(upsert);
+            let applied = self.apply_event(scope, event, now, state)?;
+            results[index].events.push(applied.outcome);
+            results[index].decisions.extend(applied.decision);
+            upserts.extend(applied.upsert);
         }
         Ok((results, upserts))
     }
@@ -361,9 +393,64 @@ impl Pipeline {
         event: TrackingEvent,
         now: DateTime<Utc>,
         state: &mut Staged<'_, S>,
+    ) -> Result<AppliedEvent, StoreError> {
+        let policy = self.dedupe.policy(&event.carrier);
+        let found = dedupe::find(state, scope, policy, &event, now)?;
+        if !self.record_decisions {
+            let (outcome, upsert) = self.decide_event(scope, event, found, now, state)?;
+            return Ok(AppliedEvent { outcome, upsert, decision: None });
+        }
+        // What the decision matched, read before deciding stages anything.
+        let mut draft = DecisionRecord::draft(&event, now);
+        draft.matched = match &found {
+            Match::None => None,
+            Match::Hash { value } => dedupe::sighting(Keyspace::Hashes, &[], value).map(|s| matched_sighting("content_hash", s)),
+            Match::Key { key, value, .. } => dedupe::sighting(Keyspace::Keys, key, value).map(|s| matched_sighting("composite_key", s)),
+        };
+        // The milestone a duplicate repeats: the composite-key entry's, when
+        // the content is the same (its time and generation are the entry's).
+        let repeated = match &found {
+            Match::Hash { .. } => match dedupe::find_key(state, scope, policy, &event, now, &dedupe::content_hash(&event))? {
+                Match::Key { key, value, .. } => repeated_milestone(&event, &key, &value),
+                _ => None,
+            },
+            Match::Key { key, value, .. } => repeated_milestone(&event, key, value),
+            Match::None => None,
+        };
+        let (outcome, upsert) = self.decide_event(scope, event, found, now, state)?;
+        draft.decision = match outcome.verdict {
+            Verdict::New if outcome.applied.regression_prevented => Decision::RegressionPrevented,
+            Verdict::New => Decision::New,
+            Verdict::DuplicateHash => Decision::DuplicateHash,
+            Verdict::DuplicateKey { collision: false } => Decision::DuplicateKey,
+            Verdict::DuplicateKey { collision: true } => Decision::DuplicateKeyDifferentContent,
+            Verdict::Revision { .. } => Decision::Revision,
+        };
+        draft.suspected_false_delivery = outcome.applied.suspected_false_delivery;
+        match &upsert {
+            Some(upsert) => {
+                draft.milestone_id = Some(upsert.milestone_id.clone());
+                draft.shipment_status = Some(upsert.shipment_status);
+                draft.revision = upsert.revision;
+            }
+            None => draft.milestone_id = repeated,
+        }
+        let decision = (draft.decision != Decision::New).then_some(draft);
+        Ok(AppliedEvent { outcome, upsert, decision })
+    }
+
+    /// Dedupe (`found`: what [`dedupe::find`] found for `event`), order and
+    /// emit one canonical event.
+    fn decide_event<S: StateStore + ?Sized>(
+        &self,
+        scope: Scope,
+        event: TrackingEvent,
+        found: Match,
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
     ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
         let policy = self.dedupe.policy(&event.carrier);
-        let (verdict, matched) = match dedupe::find(state, scope, policy, &event, now)? {
+        let (verdict, matched) = match found {
             Match::None => (Verdict::New, None),
             Match::Hash { .. } => (Verdict::DuplicateHash, None),
             Match::Key { key, value, collision } => (dedupe::key_verdict(state, scope, &event, &key, &value, collision, now)?, Some((key, value))),
@@ -602,6 +689,60 @@ mod tests {
         assert_eq!(r4.upserts[0].shipment_status, Status::Delivered);
         assert_eq!(r4.upserts[0].latest_status, Status::Delivered);
         assert!(r4.events[0].applied.regression_prevented && r4.events[0].applied.out_of_order);
+    }
+
+    /// With decisions on, each event that is not a plain new milestone is
+    /// recorded with what it matched; off (the default), none are.
+    #[test]
+    fn decisions_name_what_each_non_new_event_matched() {
+        let pipeline = Pipeline { record_decisions: true, ..Pipeline::default() };
+        let store = MemoryStore::default();
+        let first = tracker(&[("pre_transit", "OC", "2024-07-31T15:00:00Z"), ("in_transit", "PU", "2024-07-31T19:27:00Z")]);
+        let r1 = run(&pipeline, &store, &envelope(0, &first));
+        assert_eq!(r1.upserts.len(), 2);
+        assert!(r1.decisions.is_empty(), "new milestones are not decisions: {:?}", r1.decisions);
+
+        // An exact redelivery: two content duplicates of offset 0's milestones.
+        let r2 = run(&pipeline, &store, &envelope(1, &first));
+        assert_eq!(r2.decisions.len(), 2);
+        for (decision, upsert) in r2.decisions.iter().zip(&r1.upserts) {
+            assert_eq!(decision.decision, Decision::DuplicateHash);
+            assert_eq!(decision.source.offset, 1, "the source is this record");
+            let matched = decision.matched.as_ref().expect("the entry's first sighting");
+            assert_eq!((matched.entry.as_str(), matched.source.offset, matched.first_seen), ("content_hash", 0, now()));
+            assert!(matched.expires_at > now());
+            assert_eq!(decision.milestone_id.as_ref(), Some(&upsert.milestone_id), "the milestone it repeats");
+        }
+
+        // The pickup again with its clock 1 s off (inside the 2 s skew tolerance):
+        // the same scan, the same milestone.
+        let skewed = tracker(&[("in_transit", "PU", "2024-07-31T19:27:01Z")]);
+        let r3 = run(&pipeline, &store, &envelope(2, &skewed));
+        assert!(r3.upserts.is_empty());
+        let decision = &r3.decisions[0];
+        assert_eq!(decision.decision, Decision::DuplicateKeyDifferentContent);
+        assert_eq!(decision.matched.as_ref().map(|m| (m.entry.as_str(), m.source.offset)), Some(("composite_key", 0)));
+        assert_eq!(decision.milestone_id.as_ref(), Some(&r1.upserts[1].milestone_id));
+
+        // Delivered, then a scan from before it: emitted, the status kept.
+        run(&pipeline, &store, &envelope(3, &tracker(&[("delivered", "DL", "2024-08-02T10:00:00Z")])));
+        let late = run(&pipeline, &store, &envelope(4, &tracker(&[("out_for_delivery", "OD", "2024-08-02T08:00:00Z")])));
+        let decision = &late.decisions[0];
+        assert_eq!(decision.decision, Decision::RegressionPrevented);
+        assert_eq!(decision.shipment_status, Some(Status::Delivered));
+        assert_eq!(decision.milestone_id.as_ref(), Some(&late.upserts[0].milestone_id));
+        assert!(decision.matched.is_none() && !decision.suspected_false_delivery);
+        // ...and one from after it: a suspected false delivery.
+        let after = run(&pipeline, &store, &envelope(5, &tracker(&[("in_transit", "AR", "2024-08-02T12:00:00Z")])));
+        assert!(after.decisions[0].suspected_false_delivery);
+        let json = serde_json::to_value(&after.decisions[0]).unwrap();
+        assert_eq!((json["kind"].as_str(), json["decision"].as_str()), (Some("decision"), Some("regression_prevented")));
+
+        // Off: the same stream records nothing.
+        let quiet = Pipeline::default();
+        let store = MemoryStore::default();
+        run(&quiet, &store, &envelope(0, &first));
+        assert!(run(&quiet, &store, &envelope(1, &first)).decisions.is_empty());
     }
 
     /// Every shipment state the store holds, to compare two runs.

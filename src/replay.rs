@@ -388,11 +388,7 @@ impl<S: StateStore + ?Sized> Replay<'_, S> {
         let mut dead = malformed;
         dead.extend(output.dead_letters);
         let output = crate::batch::BatchOutput { dead_letters: dead, ..output };
-        let mut crash = |point: crate::batch::Failpoint| {
-            crate::worker::run::failpoint(point.name());
-            false
-        };
-        match crate::batch::deliver(self.store, self.sink, output, &mut crash) {
+        match crate::batch::deliver(self.store, self.sink, output, &mut crate::failpoint::hook) {
             Ok(delivered) => {
                 self.summary.merge(&delivered);
                 (self.on_progress)(&self.summary);

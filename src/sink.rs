@@ -7,8 +7,30 @@ use std::io::Write;
 use thiserror::Error;
 
 use crate::error::Fate;
-use crate::output::{DeadLetter, MilestoneUpsert};
+use crate::output::{DeadLetter, DecisionRecord, MilestoneUpsert};
 use crate::routing::RoutedRecord;
+
+/// One batch's records, by destination: the output, dead-letter, repartition
+/// and decisions topics (or their files).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    pub upserts: &'a [MilestoneUpsert],
+    pub dead_letters: &'a [DeadLetter],
+    /// The worker's repartition records (stage one); other sinks get none.
+    pub routed: &'a [RoutedRecord],
+    /// Non-new decisions, when a decisions topic is configured.
+    pub decisions: &'a [DecisionRecord],
+}
+
+impl Outputs<'_> {
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.dead_letters.len() + self.routed.len() + self.decisions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum SinkError {
@@ -38,9 +60,8 @@ impl SinkError {
 
 /// Destination of upserts and dead letters.
 pub trait Sink {
-    /// Deliver a batch; `Ok` means every record is acknowledged. `routed` are
-    /// the worker's repartition records (stage one); other sinks get none.
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError>;
+    /// Deliver a batch; `Ok` means every record is acknowledged.
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError>;
 
     /// Hand the batch's state changes to storage beyond this process (the Kafka
     /// worker's changelog), after `send` succeeded and before the local store
@@ -51,15 +72,17 @@ pub trait Sink {
     }
 }
 
-/// NDJSON files or streams: upserts to one, dead letters to another (or dropped
-/// with a count when none is given).
+/// NDJSON files or streams: upserts to one, dead letters and decisions each to
+/// another (or dropped, counted in the summary, when none is given).
 pub struct NdjsonSink<W: Write, D: Write> {
     pub upserts: W,
     pub dead_letters: Option<D>,
+    pub decisions: Option<D>,
 }
 
 impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        let Outputs { upserts, dead_letters, routed, decisions } = outputs;
         if !routed.is_empty() {
             // Replay applies events in their home's scope directly; only the worker hops.
             return Err(SinkError::Io(std::io::Error::other("an NDJSON sink cannot take repartition records (a bug)")));
@@ -72,14 +95,22 @@ impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
         }
         self.upserts.flush()?;
         if let Some(out) = self.dead_letters.as_mut() {
-            for dead in dead_letters {
-                serde_json::to_writer(&mut *out, dead).map_err(std::io::Error::from)?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
+            write_lines(out, dead_letters)?;
+        }
+        if let Some(out) = self.decisions.as_mut() {
+            write_lines(out, decisions)?;
         }
         Ok(())
     }
+}
+
+/// `records` as NDJSON lines, flushed.
+fn write_lines<T: serde::Serialize>(out: &mut impl Write, records: &[T]) -> std::io::Result<()> {
+    for record in records {
+        serde_json::to_writer(&mut *out, record).map_err(std::io::Error::from)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 /// Collects outputs in memory (tests, simulation).
@@ -88,13 +119,15 @@ pub struct MemorySink {
     pub upserts: Vec<MilestoneUpsert>,
     pub dead_letters: Vec<DeadLetter>,
     pub routed: Vec<RoutedRecord>,
+    pub decisions: Vec<DecisionRecord>,
 }
 
 impl Sink for MemorySink {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
-        self.routed.extend_from_slice(routed);
-        self.upserts.extend_from_slice(upserts);
-        self.dead_letters.extend_from_slice(dead_letters);
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        self.routed.extend_from_slice(outputs.routed);
+        self.upserts.extend_from_slice(outputs.upserts);
+        self.dead_letters.extend_from_slice(outputs.dead_letters);
+        self.decisions.extend_from_slice(outputs.decisions);
         Ok(())
     }
 }

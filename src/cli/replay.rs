@@ -45,6 +45,12 @@ pub struct Args {
     /// Where dead letters go as NDJSON (without it they are counted, not kept).
     #[arg(long)]
     dlq: Option<PathBuf>,
+    /// Where decisions go as NDJSON: every event that was not a plain new
+    /// milestone (duplicates, revisions, prevented regressions) with what it
+    /// matched, as on the worker's decisions topic. With --to-topic they go to
+    /// kafka.decisions_topic when it is set.
+    #[arg(long, conflicts_with = "to_topic")]
+    decisions: Option<PathBuf>,
     /// State directory to dedupe against and update (the worker's, while it is
     /// stopped). Without it, state lives in memory for this run only (state.dir
     /// of the configuration is not used: a replay writes a worker's state only
@@ -91,6 +97,7 @@ pub fn exec(args: Args) -> Result<(), Failure> {
     let target = ReplayTarget {
         output: &args.output,
         dlq: args.dlq.as_deref(),
+        decisions: args.decisions.as_deref(),
         to_topic: args.to_topic.as_deref(),
         transactional_id: args.transactional_id.as_deref(),
     };
@@ -109,6 +116,7 @@ enum ReplaySource {
 struct ReplayTarget<'a> {
     output: &'a str,
     dlq: Option<&'a Path>,
+    decisions: Option<&'a Path>,
     to_topic: Option<&'a str>,
     transactional_id: Option<&'a str>,
 }
@@ -125,7 +133,14 @@ fn replay_cmd(
     if matches!(source, ReplaySource::Topic(..)) || target.to_topic.is_some() {
         validate_kafka(config)?;
     }
-    let pipeline = config.pipeline();
+    let mut pipeline = config.pipeline();
+    if target.decisions.is_some() {
+        pipeline.record_decisions = true;
+    } else if target.to_topic.is_none() {
+        // kafka.decisions_topic is the worker's (and --to-topic's) destination;
+        // an NDJSON replay writes decisions only where --decisions says.
+        pipeline.record_decisions = false;
+    }
     let guarded = Arc::new(GuardedClock::system(waymark::clock::DEFAULT_MAX_STEP));
     let rocks = match state_dir {
         Some(dir) if dry_run && !dir.join("CURRENT").exists() => {
@@ -154,7 +169,7 @@ fn replay_cmd(
     let overlay = Overlay::new(base);
     let store: &dyn StateStore = if dry_run { &overlay } else { base };
 
-    let ReplayTarget { output, dlq, to_topic, transactional_id } = target;
+    let ReplayTarget { output, dlq, decisions, to_topic, transactional_id } = target;
     let upserts: Box<dyn Write> = if dry_run || to_topic.is_some() {
         Box::new(std::io::sink())
     } else if output == "-" {
@@ -170,7 +185,13 @@ fn replay_cmd(
         ))),
         _ => None,
     };
-    let mut ndjson = NdjsonSink { upserts, dead_letters };
+    let decisions: Option<Box<dyn Write>> = match decisions {
+        Some(path) if !dry_run => Some(Box::new(BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create decisions file {}", path.display()))?,
+        ))),
+        _ => None,
+    };
+    let mut ndjson = NdjsonSink { upserts, dead_letters, decisions };
     let mut kafka: Option<Box<dyn waymark::sink::Sink>> = match to_topic {
         Some(topic) if !dry_run => {
             // The worker's own sink: same keys, headers and records. Replay keeps

@@ -96,7 +96,7 @@ fn run(config: Config) -> Result<(), Failure> {
         }
     });
     shutdown.store(true, Ordering::SeqCst);
-    tracing::info!(deadline = ?config.shutdown_timeout, "stopping");
+    tracing::info!(deadline = %humantime::format_duration(config.shutdown_timeout), "stopping");
     let deadline = std::time::Instant::now() + config.shutdown_timeout + Duration::from_secs(5);
     while !worker.is_finished() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

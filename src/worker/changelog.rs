@@ -42,6 +42,7 @@ use crate::error::StoreError;
 use crate::pipeline::{progress_key, stored_offset};
 use crate::state::{Keyspace, Scope, StateBatch, StateStore};
 use crate::store::RocksStore;
+use crate::telemetry;
 
 /// Why the changelog could not be set up or replayed. The worker stops on it (a
 /// partition must not be processed with state it could not restore); a restart
@@ -452,7 +453,7 @@ impl RestoreSession {
                         // in this store too (its earlier restores included).
                         self.batch = StateBatch::default();
                         store.drop_scope(Scope::of(&self.input_topic, partition))?;
-                        metrics::counter!("waymark_changelog_drops_applied_total").increment(1);
+                        metrics::counter!(telemetry::CHANGELOG_DROPS_APPLIED).increment(1);
                         tracing::info!(topic = %self.changelog, partition, offset = message.offset(), "the partition's state was dropped here (waymark state drop): forgetting what came before");
                         continue;
                     }
@@ -467,7 +468,7 @@ impl RestoreSession {
                         // bad record must not make the partition unrestorable.
                         Ok(_) | Err(_) => {
                             self.skipped += 1;
-                            metrics::counter!("waymark_changelog_skipped_total").increment(1);
+                            metrics::counter!(telemetry::CHANGELOG_SKIPPED).increment(1);
                             tracing::warn!(topic = %self.changelog, partition, offset = message.offset(), "skipping a changelog record that is not a state entry of this Waymark");
                         }
                     }
@@ -498,8 +499,8 @@ impl RestoreSession {
         let (topic, partition, seconds) = (&self.input_topic, self.partition, self.started.elapsed().as_secs_f64());
         match restored {
             Restored::Done(applied) => {
-                metrics::counter!("waymark_changelog_restored_total").increment(applied);
-                metrics::histogram!("waymark_changelog_restore_seconds").record(seconds);
+                metrics::counter!(telemetry::CHANGELOG_RESTORED).increment(applied);
+                metrics::histogram!(telemetry::CHANGELOG_RESTORE_SECONDS).record(seconds);
                 tracing::info!(%topic, partition, applied, skipped = self.skipped, seconds, "state restored from the changelog");
             }
             Restored::Recreated { position, end } => {

@@ -27,7 +27,8 @@ use crate::envelope::Envelope;
 use crate::http::Health;
 use crate::pipeline::stored_progress;
 use crate::store::RocksStore;
-use crate::telemetry::CONSUMER_LAG;
+use crate::config::DeliveryMode;
+use crate::telemetry::{self, CONSUMER_LAG};
 
 /// Consumer callbacks: restore or seek on assignment, commit on revocation.
 pub struct WorkerContext {
@@ -37,8 +38,9 @@ pub struct WorkerContext {
     pub(super) partitions: SharedPartitions,
     /// Topics whose partitions keep no state (raw inputs whose events hop home).
     pub(super) stateless_topics: HashSet<String>,
-    /// Offsets are committed only inside transactions (never on revocation).
-    pub(super) transactional: bool,
+    /// Exactly-once: offsets are committed only inside transactions (never on
+    /// revocation), and a store behind the group's offset catches up silently.
+    pub(super) delivery: DeliveryMode,
     /// State hand-over: restore each assigned stateful partition from its changelog first.
     pub(super) restorer: Option<Restorer>,
     /// The batch being delivered while the loop polls: a revocation waits for it.
@@ -96,6 +98,12 @@ impl ConsumerContext for WorkerContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl);
                 self.health.assigned.store(lock(&self.partitions).owned_count(), Ordering::SeqCst);
+                for elem in tpl.elements() {
+                    // Every assigned partition has its lag series from the start
+                    // (0 until the first statistics report measures it), so a
+                    // dashboard or alert never sees a partition without one.
+                    metrics::gauge!(CONSUMER_LAG, "topic" => elem.topic().to_string(), "partition" => elem.partition().to_string()).set(0.0);
+                }
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = result {
                     // The partitions would count as owned and never be fetched
@@ -170,7 +178,7 @@ impl WorkerContext {
             // store lags the group and must catch up silently.
             let committed = match committed_offset(consumer, &topic, partition, Duration::from_secs(10)) {
                 Ok(committed) => committed,
-                Err(e) if self.transactional => {
+                Err(e) if self.delivery.offsets_in_transaction() => {
                     // Without it, a store that lags the group cannot catch up
                     // silently and would emit committed outputs again: stop (a
                     // restart asks again) rather than guess.
@@ -197,7 +205,7 @@ impl WorkerContext {
                 }
             };
             let (start, catch_up_to) = match (committed, stored) {
-                (Some(committed), Some(stored)) if self.transactional && stored < committed => (Some(stored), Some(committed)),
+                (Some(committed), Some(stored)) if self.delivery.offsets_in_transaction() && stored < committed => (Some(stored), Some(committed)),
                 (Some(committed), _) => (Some(committed), None),
                 (None, stored) => (stored, None),
             };
@@ -206,8 +214,8 @@ impl WorkerContext {
             }
             lock(&self.partitions).assign(&topic, partition, start, catch_up_to);
             match catch_up_to {
-                Some(committed) => tracing::info!(%topic, partition, ?start, committed, "assigned; catching up state silently to the committed offset"),
-                None => tracing::info!(%topic, partition, ?start, ?committed, ?stored, "assigned"),
+                Some(committed) => tracing::info!(%topic, partition, start, committed, "assigned; catching up state silently to the committed offset"),
+                None => tracing::info!(%topic, partition, start, committed, stored, "assigned"),
             }
         }
     }
@@ -230,7 +238,7 @@ impl WorkerContext {
                 }
             }
         }
-        if commit.count() > 0 && !consumer.assignment_lost() && !self.transactional {
+        if commit.count() > 0 && !consumer.assignment_lost() && !self.delivery.offsets_in_transaction() {
             if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
                 tracing::warn!(error = %e, "committing offsets on revocation failed; the next owner may re-process (identical upserts)");
             }
@@ -337,7 +345,7 @@ impl WorkerContext {
                         Restored::Done(applied) => applied,
                         Restored::Recreated { .. } => 0,
                     };
-                    tracing::info!(%topic, partition, ?committed, ?stored, applied, ?start, "assigned; state restored from the changelog");
+                    tracing::info!(%topic, partition, committed, stored, applied, start, "assigned; state restored from the changelog");
                     job.phase = RestorePhase::Starting { start };
                     job.since = Instant::now();
                 }
@@ -424,7 +432,7 @@ impl Restoring {
 
     fn note_wait_reason(&mut self, what: &str, error: &str) {
         if self.wait_logged.is_none() {
-            metrics::counter!("waymark_restore_waits_total").increment(1);
+            metrics::counter!(telemetry::RESTORE_WAITS).increment(1);
         }
         if self.wait_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
             self.wait_logged = Some(Instant::now());
@@ -507,7 +515,7 @@ pub(super) fn poll_batch(
                 let next = lock(partitions).next(message.topic(), message.partition());
                 if let Some(next) = next.filter(|next| message.offset() < *next) {
                     if !log_restarted_below(consumer, partitions, message.topic(), message.partition(), message.offset(), next) {
-                        metrics::counter!("waymark_records_skipped_total").increment(1);
+                        metrics::counter!(telemetry::RECORDS_SKIPPED).increment(1);
                         continue;
                     }
                 }

@@ -65,6 +65,7 @@
 pub mod changelog;
 pub mod client;
 pub mod consumer;
+pub mod delivery;
 pub mod in_flight;
 pub mod partitions;
 pub mod producer;

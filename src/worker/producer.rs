@@ -11,32 +11,13 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::changelog::{self, ChangelogRecord};
 use super::client::producer_config;
 use crate::config::Config;
 use crate::error::Fate;
-use crate::output::{DeadLetter, MilestoneUpsert};
-use crate::routing::RoutedRecord;
 use crate::sink::{Sink, SinkError};
-use crate::state::StateBatch;
+use crate::telemetry;
 
-/// One batch's records for the output, dead-letter and repartition topics.
-#[derive(Clone, Copy)]
-pub struct Outputs<'a> {
-    pub upserts: &'a [MilestoneUpsert],
-    pub dead_letters: &'a [DeadLetter],
-    pub routed: &'a [RoutedRecord],
-}
-
-impl Outputs<'_> {
-    pub fn len(&self) -> usize {
-        self.upserts.len() + self.dead_letters.len() + self.routed.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use crate::sink::Outputs;
 
 /// Delivery results of the producer, counted per attempt. The producer's own
 /// thread reports each delivery and wakes whoever waits for a batch
@@ -166,10 +147,10 @@ pub struct KafkaSink {
     pub(super) producer: ThreadedProducer<DeliveryTracker>,
     output_topic: String,
     dead_letter_topic: String,
+    /// `None`: decisions are not recorded (the pipeline makes none).
+    decisions_topic: Option<String>,
     /// How long one attempt waits for acknowledgements.
     flush_timeout: Duration,
-    /// Group id naming the changelog topics, when state changes are logged.
-    changelog_group: Option<String>,
 }
 
 impl KafkaSink {
@@ -182,26 +163,9 @@ impl KafkaSink {
             producer,
             output_topic: config.kafka.output_topic.clone(),
             dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+            decisions_topic: config.kafka.decisions_topic.clone(),
             flush_timeout: Duration::from_secs(60),
-            changelog_group: config.changelog.as_ref().map(|_| config.kafka.group_id.clone()),
         }
-    }
-
-    /// The changelog records of a batch's state (none when changelogs are off).
-    pub(super) fn changelog_records(&self, state: &StateBatch) -> Result<Vec<ChangelogRecord>, SinkError> {
-        match &self.changelog_group {
-            Some(group) => Ok(changelog::records(state, group)?),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    pub(super) fn enqueue_changelog(&self, records: &[ChangelogRecord]) -> Result<(), SinkError> {
-        let attempt = self.attempt();
-        for record in records {
-            let base = BaseRecord::to(&record.topic).key(&record.key[..]).payload(&record.value[..]).partition(record.partition);
-            self.enqueue_record(base, attempt)?;
-        }
-        Ok(())
     }
 
     /// A new attempt: its records are numbered apart from every earlier one's.
@@ -209,7 +173,7 @@ impl KafkaSink {
         self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).next_attempt();
     }
 
-    fn attempt(&self) -> usize {
+    pub(super) fn attempt(&self) -> usize {
         self.producer.context().state.lock().unwrap_or_else(|p| p.into_inner()).attempt
     }
 
@@ -243,6 +207,16 @@ impl KafkaSink {
     }
 
     /// Queue every record of a batch (keys and headers as documented).
+    /// The records of `outputs` this sink produces (decisions only with a
+    /// decisions topic).
+    pub(super) fn count(&self, outputs: Outputs<'_>) -> usize {
+        if self.decisions_topic.is_some() {
+            outputs.len()
+        } else {
+            outputs.len() - outputs.decisions.len()
+        }
+    }
+
     pub(super) fn enqueue_all(&self, outputs: Outputs<'_>) -> Result<(), SinkError> {
         // Read once per batch, not per record: the tracker's lock is shared
         // with the producer's delivery thread.
@@ -263,6 +237,16 @@ impl KafkaSink {
             let headers = OwnedHeaders::new().insert(Header { key: "error-kind", value: Some(dead.error_kind.as_str()) });
             self.enqueue(&self.dead_letter_topic, &dead.key(), &payload, headers, attempt)?;
         }
+        if let Some(topic) = &self.decisions_topic {
+            for decision in outputs.decisions {
+                let payload = serde_json::to_vec(decision).map_err(std::io::Error::other)?;
+                let label = decision.decision.label();
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "decision", value: Some(label) })
+                    .insert(Header { key: "tenant-id", value: Some(decision.tenant_id.as_str()) });
+                self.enqueue(topic, &decision.key(), &payload, headers, attempt)?;
+            }
+        }
         Ok(())
     }
 
@@ -270,7 +254,7 @@ impl KafkaSink {
         self.enqueue_record(BaseRecord::to(topic).key(key).payload(payload).headers(headers), attempt)
     }
 
-    fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>, attempt: usize) -> Result<(), SinkError> {
+    pub(super) fn enqueue_record<K: rdkafka::message::ToBytes + ?Sized>(&self, record: BaseRecord<'_, K, [u8]>, attempt: usize) -> Result<(), SinkError> {
         let mut record = numbered(record, attempt);
         loop {
             match self.producer.send(record) {
@@ -304,9 +288,8 @@ pub(crate) fn numbered<'a, K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::me
 }
 
 impl Sink for KafkaSink {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
-        let outputs = Outputs { upserts, dead_letters, routed };
-        let total = outputs.len();
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        let total = self.count(outputs);
         if total == 0 {
             return Ok(());
         }
@@ -341,7 +324,7 @@ impl RetryingSink<'_> {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, attempt = retry.attempt + 1, "{what} not acknowledged; re-sending (identical records)");
-                    metrics::counter!("waymark_output_retries_total").increment(1);
+                    metrics::counter!(telemetry::OUTPUT_RETRIES).increment(1);
                     // No consumer poll here: a poll could hand out (and so skip) a record.
                     retry.back_off();
                 }
@@ -352,8 +335,8 @@ impl RetryingSink<'_> {
 }
 
 impl Sink for RetryingSink<'_> {
-    fn send(&mut self, upserts: &[MilestoneUpsert], dead_letters: &[DeadLetter], routed: &[RoutedRecord]) -> Result<(), SinkError> {
-        self.retrying("output", |sink| sink.send(upserts, dead_letters, routed))
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        self.retrying("output", |sink| sink.send(outputs))
     }
 }
 

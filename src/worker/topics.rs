@@ -118,7 +118,7 @@ impl Admin {
         for result in results {
             result.map_err(|(_, code)| TopicError(code.to_string()))?;
         }
-        tracing::info!(%topic, from = ?current, to = %wanted, "set the topic's retention.ms to what the configuration says");
+        tracing::info!(%topic, from = current.as_deref().unwrap_or("unset"), to = %wanted, "set the topic's retention.ms to what the configuration says");
         Ok(())
     }
 }

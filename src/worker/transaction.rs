@@ -13,7 +13,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::TopicPartitionList;
 
 use super::changelog::{self, ChangelogRecord};
@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::error::Fate;
 use crate::sink::SinkError;
 use crate::state::StateBatch;
+use crate::telemetry;
 
 /// Timeout of each transactional call (init, send offsets, commit, abort).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +40,8 @@ pub struct TransactionalSink {
     recreated: u64,
     /// Whether a commit's outcome is still unknown (kept across batches).
     settlement: Settlement,
+    /// Group id naming the changelog topics, when state changes are logged.
+    changelog_group: Option<String>,
 }
 
 /// Changelog offsets the delivery reports gave: (topic, partition) -> offset.
@@ -47,7 +50,16 @@ type Positions = HashMap<(String, i32), i64>;
 impl TransactionalSink {
     pub fn new(config: &Config, transactional_id: &str) -> Result<TransactionalSink, KafkaError> {
         let (client, sink) = Self::open(config, transactional_id)?;
-        Ok(TransactionalSink { config: client, sink, timeout: TRANSACTION_TIMEOUT, recreated: 0, settlement: Settlement::default() })
+        let changelog_group = config.changelog.as_ref().map(|_| config.kafka.group_id.clone());
+        Ok(TransactionalSink { config: client, sink, timeout: TRANSACTION_TIMEOUT, recreated: 0, settlement: Settlement::default(), changelog_group })
+    }
+
+    /// The changelog records of a batch's state (none when changelogs are off).
+    fn changelog_records(&self, state: &StateBatch) -> Result<Vec<ChangelogRecord>, SinkError> {
+        match &self.changelog_group {
+            Some(group) => Ok(changelog::records(state, group)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// A sink on a fresh transactional producer (initialized: it fenced any
@@ -77,7 +89,7 @@ impl TransactionalSink {
         shutdown: &AtomicBool,
         deadline: Duration,
     ) -> Result<(), SinkError> {
-        let records = self.sink.changelog_records(state)?;
+        let records = self.changelog_records(state)?;
         self.commit_records(consumer, outputs, &records, state, offsets, shutdown, deadline)
     }
 
@@ -122,11 +134,11 @@ impl TransactionalSink {
         shutdown: &AtomicBool,
         deadline: Duration,
     ) -> Result<(), SinkError> {
-        let records = self.sink.changelog_records(state)?;
+        let records = self.changelog_records(state)?;
         if records.is_empty() {
             return Ok(());
         }
-        let nothing = Outputs { upserts: &[], dead_letters: &[], routed: &[] };
+        let nothing = Outputs::default();
         self.commit_records(consumer, nothing, &records, state, offsets, shutdown, deadline)
     }
 
@@ -134,7 +146,7 @@ impl TransactionalSink {
     /// transaction it left open.
     fn recreate(&mut self) -> Result<(), KafkaError> {
         tracing::warn!("re-creating the transactional producer");
-        metrics::counter!("waymark_producer_recreated_total").increment(1);
+        metrics::counter!(telemetry::PRODUCER_RECREATED).increment(1);
         self.recreated += 1;
         self.sink.producer = Self::create(&self.config, self.timeout)?;
         Ok(())
@@ -224,7 +236,7 @@ fn commit_batch<T: TransactionOps>(
                     return Err(SinkError::Kafka { failed: total, total, reason, fate });
                 }
                 tracing::warn!(%reason, attempt = retry.attempt + 1, "transaction not committed; trying the batch again");
-                metrics::counter!("waymark_transaction_retries_total").increment(1);
+                metrics::counter!(telemetry::TRANSACTION_RETRIES).increment(1);
                 retry.back_off();
             }
         }
@@ -336,9 +348,14 @@ impl TransactionOps for KafkaTransaction<'_> {
     }
 
     fn send(&mut self, outputs: Outputs<'_>, records: &[ChangelogRecord]) -> Result<(), SinkError> {
-        self.expected = outputs.len() + records.len();
+        self.expected = self.sink.sink.count(outputs) + records.len();
         self.sink.sink.enqueue_all(outputs)?;
-        self.sink.sink.enqueue_changelog(records)
+        let attempt = self.sink.sink.attempt();
+        for record in records {
+            let base = BaseRecord::to(&record.topic).key(&record.key[..]).payload(&record.value[..]).partition(record.partition);
+            self.sink.sink.enqueue_record(base, attempt)?;
+        }
+        Ok(())
     }
 
     fn send_offsets(&mut self, offsets: &TopicPartitionList) -> Result<(), SinkError> {
@@ -425,17 +442,12 @@ impl ReplayTransactions {
 }
 
 impl crate::sink::Sink for ReplayTransactions {
-    fn send(
-        &mut self,
-        upserts: &[crate::output::MilestoneUpsert],
-        dead_letters: &[crate::output::DeadLetter],
-        routed: &[crate::routing::RoutedRecord],
-    ) -> Result<(), SinkError> {
-        let outputs = Outputs { upserts, dead_letters, routed };
-        if outputs.is_empty() {
+    fn send(&mut self, outputs: Outputs<'_>) -> Result<(), SinkError> {
+        let total = self.sink.count(outputs);
+        if total == 0 {
             return Ok(());
         }
-        let failed = |reason: String, fate: Fate| SinkError::Kafka { failed: outputs.len(), total: outputs.len(), reason, fate };
+        let failed = |reason: String, fate: Fate| SinkError::Kafka { failed: total, total, reason, fate };
         self.sink.reset_counts();
         self.sink.producer.begin_transaction().map_err(|e| failed(format!("begin_transaction: {e}"), Fate::Stop))?;
         if let Err(e) = self.sink.enqueue_all(outputs) {
@@ -491,7 +503,7 @@ mod tests {
     }
 
     fn one_upsert(upsert: &[MilestoneUpsert; 1]) -> Outputs<'_> {
-        Outputs { upserts: upsert, dead_letters: &[], routed: &[] }
+        Outputs { upserts: upsert, ..Outputs::default() }
     }
 
     fn upsert() -> [MilestoneUpsert; 1] {
@@ -506,7 +518,7 @@ mod tests {
             store,
             partitions: Default::default(),
             stateless_topics: Default::default(),
-            transactional: true,
+            delivery: crate::config::DeliveryMode::ExactlyOnce,
             restorer: None,
             in_flight: Default::default(),
             restoring: Default::default(),

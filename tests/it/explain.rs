@@ -1,7 +1,7 @@
 //! "Why was this dropped?" on real runs: `waymark explain` against the state
 //! directories a worker wrote on the real broker (both delivery modes), the
-//! worker's `/explain`, and `waymark audit` of its output topic, untouched and
-//! tampered with.
+//! worker's `/explain`, its decisions topic, and `waymark audit` of its output
+//! topic, untouched and tampered with.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -79,6 +79,9 @@ fn explain_run(mode: &[&str]) {
     let setup = WorkerSetup::new("explain", 1);
     let token = "explain-token-0123456789";
     setup.configure("http", &format!("explain_token = \"{token}\""));
+    let decisions_topic = unique("it.explain.decisions");
+    create_topics(&[&decisions_topic], 1);
+    setup.configure("kafka", &format!("decisions_topic = \"{decisions_topic}\""));
     let input = stream(&setup.input);
     let expected = expected_upserts(&input);
     produce(&setup.input, &input, 1);
@@ -132,6 +135,35 @@ fn explain_run(mode: &[&str]) {
     for kind in ["dead_letter", "new", "regression_prevented", "duplicate_hash", "duplicate_key_different_content"] {
         assert!(kinds.contains(kind), "no {kind} decision among {kinds:?}");
     }
+    // The decisions topic holds every non-new decision, once each here (one
+    // worker, no fault), with the record it came from and what it matched.
+    let wanted: BTreeSet<(i64, String, String, String)> = truth(&input)
+        .iter()
+        .enumerate()
+        .flat_map(|(offset, decided)| decided.iter().map(move |(status, at, decision)| (offset as i64, status.clone(), at.clone(), decision.clone())))
+        .filter(|(.., decision)| decision != "new")
+        .collect();
+    let recorded = read_all(&decisions_topic, 1, wanted.len(), Duration::from_secs(60), Duration::from_secs(2));
+    assert_eq!(recorded.len(), wanted.len(), "one record per non-new decision");
+    let milestone_ids: BTreeSet<String> = output.iter().map(|r| r.value["milestone_id"].as_str().unwrap().to_string()).collect();
+    let mut got = BTreeSet::new();
+    for record in &recorded {
+        let d = &record.value;
+        assert_eq!(d["kind"], "decision", "{d}");
+        assert_eq!(record.headers.get("decision").map(String::as_str), d["decision"].as_str(), "{d}");
+        assert_eq!(d["source"]["topic"].as_str(), Some(setup.input.as_str()), "{d}");
+        let offset = d["source"]["offset"].as_i64().unwrap();
+        if d["decision"] != "regression_prevented" {
+            assert!(d["matched"]["source"]["offset"].as_i64().unwrap() < offset, "a duplicate matches an earlier record: {d}");
+        }
+        if let Some(id) = d["milestone_id"].as_str() {
+            assert!(milestone_ids.contains(id), "a decision names an emitted milestone: {d}");
+        }
+        assert_eq!(record.key.as_deref(), Some(format!("acme:easypost:{}", d["tracking_number"].as_str().unwrap()).as_str()), "{d}");
+        got.insert((offset, d["status"].as_str().unwrap().to_string(), d["occurred_at"].as_str().unwrap().to_string(), d["decision"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(got, wanted);
+
     let report = waymark_json(&["explain", "--config", config, "--shipment", &shipment, "--json"]);
     assert_eq!(report["milestones"].as_array().map(Vec::len), Some(emitted), "{report}");
     let last = output.iter().rfind(|r| r.value["tracking_number"] == tracking.as_str() && r.value["tenant_id"] == "acme").unwrap();

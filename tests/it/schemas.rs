@@ -89,3 +89,38 @@ fn schemas_reject_what_they_must() {
     bad["occurred_at"] = "2024-07-31 15:00".into();
     assert!(!upsert_schema.is_valid(&bad), "a non-UTC timestamp must not validate");
 }
+
+/// Decisions (duplicates, revisions, prevented regressions) validate against
+/// schemas/decision.schema.json: the sample archive, then all of it again, then
+/// one scan with corrected text.
+#[test]
+fn decisions_validate() {
+    let envelopes = sample_envelopes();
+    let pipeline = waymark::Pipeline { record_decisions: true, ..waymark::Pipeline::default() };
+    let store = MemoryStore::default();
+    let mut decisions = Vec::new();
+    for _ in 0..2 {
+        let output = batch::process(&pipeline, &store, &envelopes, now(), false, None).unwrap();
+        waymark::state::StateStore::write(&store, output.state).unwrap();
+        decisions.extend(output.decisions);
+    }
+    let first = &envelopes[0];
+    let text = String::from_utf8(first.payload.clone()).unwrap();
+    let message = batch::process(&pipeline, &MemoryStore::default(), std::slice::from_ref(first), now(), false, None).unwrap().upserts[0]
+        .description
+        .clone()
+        .expect("the sample's first scan has a description");
+    let mut corrected = first.clone();
+    corrected.offset += 1000;
+    corrected.payload = text.replace(&message, "corrected").into_bytes();
+    decisions.extend(batch::process(&pipeline, &store, &[corrected], now(), false, None).unwrap().decisions);
+
+    let kinds: std::collections::BTreeSet<&str> = decisions.iter().map(|d| d.decision.label()).collect();
+    for kind in ["duplicate_hash", "regression_prevented", "revision"] {
+        assert!(kinds.contains(kind), "no {kind} among {kinds:?}");
+    }
+    let schema = validator("decision.schema.json");
+    for decision in &decisions {
+        assert_valid(&schema, &serde_json::to_value(decision).unwrap());
+    }
+}

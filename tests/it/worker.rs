@@ -68,6 +68,15 @@ fn worker_emits_each_distinct_milestone_once_like_replay_and_stops_cleanly_on_si
     assert!(metrics.contains("waymark_dedupe_hit_ratio{carrier=\"easypost\"}"), "{metrics}");
     assert!(metrics.contains("waymark_store_lookup_seconds_bucket{op=\"scan\",keyspace=\"keys\""), "{metrics}");
     assert!(metrics.contains("waymark_process_seconds_count"), "{metrics}");
+    // A lag series for every partition the worker was assigned: the input's
+    // one and the repartition topic's four.
+    let repartition = format!("{}-repartition", setup.group);
+    for (topic, partitions) in [(setup.input.as_str(), 1), (repartition.as_str(), 4)] {
+        for partition in 0..partitions {
+            let series = format!("waymark_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}}");
+            assert!(metrics.contains(&series), "no {series}: {metrics}");
+        }
+    }
     check_against_the_catalog(&metrics);
     // Lag comes from librdkafka's statistics, every 5 s.
     let lag_seen = (0..40).any(|_| {
@@ -379,8 +388,15 @@ fn json_logs_carry_no_payload_or_secret_at_info() {
         assert!(record["level"].is_string() && record["fields"].is_object(), "{line}");
         assert!(!line.contains(marker), "a payload reached the log: {line}");
         assert!(!line.contains(secret), "a property value reached the log: {line}");
+        // Plain values, never Rust's Debug renderings of them.
+        for value in record["fields"].as_object().unwrap().values().filter_map(|v| v.as_str()) {
+            assert!(!value.starts_with("Some(") && value != "None" && !value.starts_with('['), "a Debug value in a JSON log line: {line}");
+        }
     }
-    println!("checked: {} JSON log lines, no payload, no property value", lines.len());
+    let assigned = lines.iter().find(|l| l.contains("\"assigned")).unwrap_or_else(|| panic!("no assignment line: {stderr}"));
+    let assigned: serde_json::Value = serde_json::from_str(assigned).unwrap();
+    assert!(assigned["fields"]["start"].is_number() || assigned["fields"]["start"].is_null(), "{assigned}");
+    println!("checked: {} JSON log lines, plain values, no payload, no property value", lines.len());
 }
 
 /// A consumer of `group` that never joins it: reads and commits the group's
