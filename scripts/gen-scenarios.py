@@ -10,7 +10,11 @@ is adding those two files (by hand, or here).
     scripts/gen-scenarios.py            # rewrite the archives
 """
 import json
+import os
 import random
+import shlex
+import subprocess
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -78,6 +82,14 @@ class Archive:
             "topic": f"tracking.raw.{carrier}", "partition": offset % 3, "offset": offset, "tstype": "create",
             "ts": ts if ts is not None else 1_790_000_000_000 + offset * 1000, "broker": 0,
             "headers": ["tenant-id", tenant], "key": None, "payload": payload}, ensure_ascii=False))
+
+    def control(self, body):
+        """A record of the control topic (a correction), at this point of the stream."""
+        offset = len(self.lines)
+        self.lines.append(json.dumps({
+            "topic": "tracking.control", "partition": 0, "offset": offset, "tstype": "create",
+            "ts": 1_790_000_000_000 + offset * 1000, "broker": 0, "headers": [], "key": None,
+            "payload": json.dumps(body)}))
 
     def write(self, name):
         OUT.mkdir(parents=True, exist_ok=True)
@@ -201,8 +213,63 @@ def reused_tracking_number():
     a.write("reused-tracking-number")
 
 
+def milestone_ids(archive):
+    """The upserts `waymark replay` gives for `archive` (ids do not depend on
+    the stream's order or offsets). The binary: $WAYMARK, else `cargo run`."""
+    command = shlex.split(os.environ.get("WAYMARK", "cargo run --quiet --"))
+    with tempfile.NamedTemporaryFile("w", suffix=".ndjson", encoding="utf-8") as f:
+        f.write("\n".join(archive.lines) + "\n")
+        f.flush()
+        out = subprocess.run(command + ["replay", "--input", f.name], check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def false_delivery_retracted():
+    """USPS-style mis-scans: each shipment is scanned delivered by mistake, then
+    scanned again in transit two hours later (a suspected false delivery: the
+    status stays delivered). An operator retracts the false delivered for two
+    shipments of three (a correction on the control topic, with the id its
+    upsert gave): the retraction puts the status back where the remaining
+    scans leave it; the same correction is sent twice for the first shipment
+    (the second changes nothing); the real delivery the next day then applies
+    normally. Replayed with false-delivery-retracted.toml (the control topic)."""
+    rng, events = random.Random(8), Archive()
+    ships = shipments(rng, 9, "EZF")
+    plan = []
+    for tracking, scans in ships:
+        before = [s for s in scans if s[0] not in ("delivered", "failure")]
+        last = before[-1][2]
+        false = ("delivered", "DL", last + timedelta(minutes=20), 2, "Delivered (scanned at the wrong address)")
+        again = ("in_transit", "AR", last + timedelta(hours=2), 3, "Arrived at FedEx location")
+        real = ("delivered", "DL", last + timedelta(days=1), 4, "Delivered")
+        plan.append((tracking, before, false, again, real))
+    for tracking, before, false, again, real in plan:
+        for k, snap in enumerate(snapshots(before)):
+            events.add("easypost", "acme", easypost(f"evt_{tracking}_{k}", tracking, snap))
+        events.add("easypost", "acme", easypost(f"evt_{tracking}_false", tracking, before + [false]))
+        events.add("easypost", "acme", easypost(f"evt_{tracking}_again", tracking, before + [false, again]))
+    ids = {u["tracking_number"]: u["milestone_id"] for u in milestone_ids(events)
+           if u["status"] == "delivered" and "wrong address" in u.get("description", "")}
+    a = Archive()
+    for i, (tracking, before, false, again, real) in enumerate(plan):
+        for k, snap in enumerate(snapshots(before)):
+            a.add("easypost", "acme", easypost(f"evt_{tracking}_{k}", tracking, snap))
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_false", tracking, before + [false]))
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_again", tracking, before + [false, again]))
+        if i % 3 != 2:
+            correction = {"kind": "correction", "action": "retract", "tenant_id": "acme", "carrier": "easypost",
+                          "tracking_number": tracking, "milestone_id": ids[tracking],
+                          "reason": "scanned delivered at the wrong address; recovered in transit",
+                          "requested_by": "ops@acme", "requested_at": iso(again[2] + timedelta(hours=1)).replace("Z", ".000Z")}
+            a.control(correction)
+            if i == 0:
+                a.control(correction)
+        a.add("easypost", "acme", easypost(f"evt_{tracking}_real", tracking, before + [false, again, real]))
+    a.write("false-delivery-retracted")
+
+
 if __name__ == "__main__":
     for scenario in (provider_replay_week, retry_storm, out_of_order_batches, clock_skew, second_tenant, corrected_description,
-                     reused_tracking_number):
+                     reused_tracking_number, false_delivery_retracted):
         scenario()
         print(f"wrote {scenario.__name__}")

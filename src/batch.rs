@@ -61,6 +61,8 @@ pub struct Summary {
     pub key_collisions: u64,
     /// Corrections of milestones already emitted (same milestone id, new text).
     pub revisions: u64,
+    /// Milestones retracted by corrections (control-topic records).
+    pub retractions: u64,
     pub invalid: u64,
     pub regressions_prevented: u64,
     pub out_of_order: u64,
@@ -116,6 +118,7 @@ impl Summary {
             self.records += 1;
             counts.records = 1;
         }
+        self.retractions += u64::from(result.retractions);
         if let Some(dead) = &result.dead_letter {
             self.invalid += 1;
             counts.invalid = 1;
@@ -158,6 +161,7 @@ impl Summary {
         self.duplicate_key += other.duplicate_key;
         self.key_collisions += other.key_collisions;
         self.revisions += other.revisions;
+        self.retractions += other.retractions;
         self.invalid += other.invalid;
         self.regressions_prevented += other.regressions_prevented;
         self.out_of_order += other.out_of_order;
@@ -187,6 +191,9 @@ impl std::fmt::Display for Summary {
         writeln!(f, "duplicates (key):       {}  ({} with different content)", self.duplicate_key, self.key_collisions)?;
         if self.revisions > 0 {
             writeln!(f, "revisions emitted:      {}  (corrected text of milestones already emitted)", self.revisions)?;
+        }
+        if self.retractions > 0 {
+            writeln!(f, "milestones retracted:   {}  (by corrections)", self.retractions)?;
         }
         writeln!(f, "status regressions prevented: {}", self.regressions_prevented)?;
         write!(f, "invalid (dead letters): {}", self.invalid)?;

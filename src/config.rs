@@ -34,11 +34,12 @@ pub enum ConfigError {
     DeclaredCarrier(crate::carriers::declared::LoadError),
 }
 
-
 /// How outputs and input offsets are committed (see `kafka` for the guarantees).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DeliveryMode {
     /// Idempotent producer; state and offsets written after outputs are acknowledged.
+    #[default]
     AtLeastOnce,
     /// Outputs and consumer offsets in one Kafka transaction; state written after it
     /// commits and caught up from the input on assignment.
@@ -53,6 +54,19 @@ impl DeliveryMode {
     /// progress. At-least-once: the consumer commits them after each batch.
     pub fn offsets_in_transaction(self) -> bool {
         matches!(self, DeliveryMode::ExactlyOnce)
+    }
+}
+
+/// `--delivery`'s parser: the configuration's spelling.
+impl std::str::FromStr for DeliveryMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "at-least-once" => Ok(DeliveryMode::AtLeastOnce),
+            "exactly-once" => Ok(DeliveryMode::ExactlyOnce),
+            other => Err(format!("`{other}`: write at-least-once or exactly-once")),
+        }
     }
 }
 
@@ -81,8 +95,11 @@ pub struct KafkaSection {
     /// (duplicates, revisions, prevented regressions; schemas/decision.schema.json).
     /// Unset (the default): no decisions are recorded.
     pub decisions_topic: Option<String>,
+    /// Where corrections arrive (`waymark correct` writes them;
+    /// schemas/correction.schema.json). Unset (the default): none are read.
+    pub control_topic: Option<String>,
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions).
-    pub delivery: String,
+    pub delivery: DeliveryMode,
     /// transactional.id of this instance (`exactly-once` outputs, and the
     /// changelog writes of `at-least-once` with state hand-over): stable across
     /// restarts of one instance, distinct between instances. Default:
@@ -105,7 +122,8 @@ impl Default for KafkaSection {
             output_topic: "tracking.milestones".into(),
             dead_letter_topic: "tracking.dead-letter".into(),
             decisions_topic: None,
-            delivery: "at-least-once".into(),
+            control_topic: None,
+            delivery: DeliveryMode::AtLeastOnce,
             transactional_id: None,
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -260,6 +278,17 @@ impl Default for OrderSection {
     }
 }
 
+/// Where shipment state lives, as `routing.mode` spells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// Every shipment's events go through the repartition topic to one home partition.
+    #[default]
+    Home,
+    /// The input partition is the home (only when producers key by shipment).
+    Input,
+}
+
 /// `[routing]`: where a shipment's state lives (see `routing`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -268,7 +297,7 @@ pub struct RoutingSection {
     /// repartition topic to one home partition, whatever the producer's keying.
     /// `input`: the input is keyed by shipment, the input partition is the home
     /// (no extra hop; a runtime check counts shipments seen on two partitions).
-    pub mode: String,
+    pub mode: RoutingMode,
     /// Partitions of the processing stage (the repartition topic): fixed when a
     /// group is first deployed; a state directory made with another count is refused.
     pub partitions: u32,
@@ -280,7 +309,7 @@ pub struct RoutingSection {
 }
 impl Default for RoutingSection {
     fn default() -> Self {
-        RoutingSection { mode: "home".into(), partitions: crate::routing::DEFAULT_PARTITIONS, retention: "7d".into(), replication: -1 }
+        RoutingSection { mode: RoutingMode::Home, partitions: crate::routing::DEFAULT_PARTITIONS, retention: "7d".into(), replication: -1 }
     }
 }
 
@@ -322,17 +351,19 @@ impl std::fmt::Debug for Secret {
 pub struct LogSection {
     /// `text` (human-readable; colour only on a terminal) or `json` (one JSON
     /// object per line, for log shippers). `WAYMARK_LOG_FORMAT` overrides it.
-    pub format: String,
+    pub format: LogFormat,
 }
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { format: "text".into() }
+        LogSection { format: LogFormat::Text }
     }
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    #[default]
     Text,
     Json,
 }
@@ -392,7 +423,7 @@ pub struct Overrides {
     pub dead_letter_topic: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub http_listen: Option<String>,
-    pub delivery: Option<String>,
+    pub delivery: Option<DeliveryMode>,
     pub transactional_id: Option<String>,
     /// `-X name=value` librdkafka properties.
     pub kafka_properties: Vec<(String, String)>,
@@ -468,13 +499,14 @@ pub struct ChangelogSettings {
 
 /// The `[kafka]` settings (`WAYMARK_KAFKA__<name>` sets them; any other
 /// `WAYMARK_KAFKA__` name is a librdkafka property).
-const KAFKA_SETTINGS: [&str; 11] = [
+const KAFKA_SETTINGS: [&str; 12] = [
     "brokers",
     "group_id",
     "input_topics",
     "output_topic",
     "dead_letter_topic",
     "decisions_topic",
+    "control_topic",
     "delivery",
     "transactional_id",
     "properties",
@@ -748,7 +780,7 @@ impl RawConfig {
             http_listen,
             explain_token,
             tenant_label: self.telemetry.tenant_label,
-            log_format: LogFormat::parse(&self.log.format)?,
+            log_format: self.log.format,
             changelog,
             reorder: order.reorder,
             declared_carriers,
@@ -806,7 +838,7 @@ impl DedupeSection {
 }
 
 impl KafkaSection {
-    /// Topics, reserved properties and the delivery mode.
+    /// Topics and reserved properties; the delivery mode (parsed already).
     fn validate(&self) -> Result<DeliveryMode, ConfigError> {
         check_reserved_properties(self)?;
         for (field, topics) in [
@@ -814,6 +846,7 @@ impl KafkaSection {
             ("kafka.output_topic", vec![self.output_topic.clone()]),
             ("kafka.dead_letter_topic", vec![self.dead_letter_topic.clone()]),
             ("kafka.decisions_topic", self.decisions_topic.iter().cloned().collect()),
+            ("kafka.control_topic", self.control_topic.iter().cloned().collect()),
         ] {
             for topic in topics {
                 check_topic_name(field, &topic)?;
@@ -827,6 +860,13 @@ impl KafkaSection {
                 return Err(ConfigError::Invalid(format!("`{topic}` is both an input and an output topic")));
             }
         }
+        if let Some(control) = &self.control_topic {
+            if self.input_topics.contains(control) || self.output_topics().any(|t| t == control) {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.control_topic = \"{control}\" is also an input or output topic: corrections need a topic of their own"
+                )));
+            }
+        }
         if let Some(decisions) = &self.decisions_topic {
             if [&self.output_topic, &self.dead_letter_topic].contains(&decisions) {
                 return Err(ConfigError::Invalid(format!(
@@ -834,11 +874,7 @@ impl KafkaSection {
                 )));
             }
         }
-        match self.delivery.as_str() {
-            "at-least-once" => Ok(DeliveryMode::AtLeastOnce),
-            "exactly-once" => Ok(DeliveryMode::ExactlyOnce),
-            other => Err(ConfigError::Invalid(format!("kafka.delivery = \"{other}\": write \"at-least-once\" or \"exactly-once\""))),
-        }
+        Ok(self.delivery)
     }
 
     /// The topics Waymark writes (besides its internal ones).
@@ -850,8 +886,8 @@ impl KafkaSection {
 impl RoutingSection {
     /// Where shipment state lives; the repartition topic must be nobody else's.
     fn placement(&self, kafka: &KafkaSection) -> Result<Placement, ConfigError> {
-        let placement = match self.mode.as_str() {
-            "home" => {
+        let placement = match self.mode {
+            RoutingMode::Home => {
                 if self.partitions == 0 || self.partitions > 100_000 {
                     return Err(ConfigError::Invalid(format!(
                         "routing.partitions = {}: write a partition count from 1 to 100000 (fixed for the life of a group)",
@@ -860,15 +896,15 @@ impl RoutingSection {
                 }
                 Placement::Home { topic: repartition_topic(&kafka.group_id), partitions: self.partitions }
             }
-            "input" => Placement::Input,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "routing.mode = \"{other}\": write \"home\" (route every shipment to one home partition; the default) or \"input\" (only when producers key records by shipment)"
-                )))
-            }
+            RoutingMode::Input => Placement::Input,
         };
+        if placement == Placement::Input && kafka.control_topic.is_some() {
+            return Err(ConfigError::Invalid(
+                "kafka.control_topic needs routing.mode = \"home\": with \"input\" a shipment's state lives where its records arrive, which a correction cannot know".into(),
+            ));
+        }
         if let Placement::Home { topic, .. } = &placement {
-            if kafka.input_topics.contains(topic) || kafka.output_topics().any(|t| t == topic) {
+            if kafka.input_topics.contains(topic) || kafka.output_topics().any(|t| t == topic) || kafka.control_topic.as_ref() == Some(topic) {
                 return Err(ConfigError::Invalid(format!("`{topic}` is the group's internal repartition topic: use it for nothing else")));
             }
         }
@@ -1039,6 +1075,7 @@ impl Config {
             generation_gaps: self.generation_gaps.clone(),
             default_generation_gap: Some(self.default_generation_gap),
             record_decisions: self.kafka.decisions_topic.is_some(),
+            control_topic: self.kafka.control_topic.clone(),
         }
     }
 }
@@ -1121,7 +1158,7 @@ mod tests {
     #[test]
     fn delivery_mode_is_a_type() {
         assert_eq!(RawConfig::default().validate().unwrap().delivery, DeliveryMode::AtLeastOnce);
-        let mut raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \"w-1\"").unwrap();
+        let raw = RawConfig::from_toml("[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \"w-1\"").unwrap();
         let config = raw.clone().validate().unwrap();
         assert_eq!((config.delivery, config.transactional_id.as_str()), (DeliveryMode::ExactlyOnce, "w-1"));
         // The default id (both modes have one): stable for one instance,
@@ -1133,8 +1170,10 @@ mod tests {
         };
         assert_eq!(id("/var/lib/waymark/a"), id("/var/lib/waymark/a"));
         assert_ne!(id("/var/lib/waymark/a"), id("/var/lib/waymark/b"));
-        raw.kafka.delivery = "maybe-once".into();
-        assert!(raw.validate().unwrap_err().to_string().contains("exactly-once"));
+        let err = RawConfig::from_toml("[kafka]\ndelivery = \"maybe-once\"").unwrap_err();
+        assert!(err.contains("maybe-once") && err.contains("exactly-once"), "{err}");
+        assert_eq!("exactly-once".parse::<DeliveryMode>(), Ok(DeliveryMode::ExactlyOnce));
+        assert!("maybe".parse::<DeliveryMode>().unwrap_err().contains("exactly-once"));
     }
 
     #[test]

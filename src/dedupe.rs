@@ -147,6 +147,24 @@ fn scan_identity_fields(enc: &mut Encoder, event: &TrackingEvent) {
 }
 
 /// Locations compare case- and space-insensitively: carriers re-render them.
+/// The digest whose hex is a milestone's id ([`crate::output::milestone_id_in`]):
+/// tenant, carrier, tracking number, status, code, occurred_at, the location
+/// and, after the first, the generation.
+pub fn milestone_digest(event: &TrackingEvent, generation: u32) -> blake3::Hash {
+    let mut enc = Encoder::new(b"waymark.milestone.v1");
+    enc.str(&event.tenant_id);
+    enc.str(&event.carrier);
+    enc.str(&event.tracking_number);
+    enc.str(event.status.as_str());
+    enc.str(&event.carrier_status_code);
+    enc.i64(event.occurred_at.timestamp_millis());
+    location_fields(&mut enc, event);
+    if generation > 0 {
+        enc.i64(i64::from(generation));
+    }
+    enc.finish()
+}
+
 pub(crate) fn location_fields(enc: &mut Encoder, event: &TrackingEvent) {
     for part in [&event.location.city, &event.location.region, &event.location.postal_code, &event.location.country] {
         enc.opt_uppercase(part.as_deref().map(str::trim));
@@ -405,9 +423,9 @@ fn revision_of(value: &[u8]) -> u32 {
     key_tail(value).and_then(|tail| tail.get(..4)).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0)
 }
 
-/// The bytes of a composite-key value after its outcome (the revision), if
-/// the value has a sighting this version reads.
-fn key_tail(value: &[u8]) -> Option<&[u8]> {
+/// The offset of a composite-key value's outcome flags (the byte after its
+/// sighting and key facts), if the value has a sighting this version reads.
+fn flags_at(value: &[u8]) -> Option<usize> {
     let mut rest = value.get(40..)?;
     if take::<1>(&mut rest)? != [SIGHTING_V1] {
         return None;
@@ -420,9 +438,33 @@ fn key_tail(value: &[u8]) -> Option<&[u8]> {
     }
     take_short(&mut rest)?;
     take_short(&mut rest)?;
-    take::<1>(&mut rest)?;
+    (!rest.is_empty()).then(|| value.len() - rest.len())
+}
+
+/// The bytes of a composite-key value after its outcome: revision (4) |
+/// generation (4) | milestone id (32), each absent in entries written before
+/// it existed.
+fn key_tail(value: &[u8]) -> Option<&[u8]> {
+    let mut rest = value.get(flags_at(value)? + 1..)?;
     take_short(&mut rest)?;
     Some(rest)
+}
+
+/// Outcome flag: the event was new but did not move the status.
+const FLAG_REGRESSION_PREVENTED: u8 = 1;
+/// Outcome flag: the event was older than the shipment's latest.
+const FLAG_OUT_OF_ORDER: u8 = 2;
+/// Outcome flag: the milestone was retracted by a correction.
+const FLAG_RETRACTED: u8 = 4;
+
+/// A composite-key value marked retracted (`None`: a value without the
+/// outcome this version reads). The entry keeps deciding: the scan sent
+/// again is still a duplicate, and stays retracted.
+pub fn retracted(value: &[u8]) -> Option<Vec<u8>> {
+    let at = flags_at(value)?;
+    let mut out = value.to_vec();
+    out[at] |= FLAG_RETRACTED;
+    Some(out)
 }
 
 /// Stage a revision of the composite-key entry `key` (its `value` as stored):
@@ -437,11 +479,14 @@ pub fn stage_revision<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: 
     }
     let tail_at = key_tail(&revised).map(|tail| revised.len() - tail.len());
     if let Some(at) = tail_at {
-        // revision (4) | generation (4): the generation stays.
-        let generation = revised.get(at + 4..at + 8).map(<[u8]>::to_vec).unwrap_or_else(|| 0u32.to_be_bytes().to_vec());
-        revised.truncate(at);
-        revised.extend_from_slice(&revision.to_be_bytes());
-        revised.extend_from_slice(&generation);
+        // revision (4) | generation (4) | milestone id (32): only the
+        // revision changes (entries written before a field existed get 0s).
+        let mut tail = revised.split_off(at);
+        if tail.len() < 8 {
+            tail.resize(8, 0);
+        }
+        tail[..4].copy_from_slice(&revision.to_be_bytes());
+        revised.extend_from_slice(&tail);
     }
     let expires = value.get(..8).map(<[u8]>::to_vec).unwrap_or_default();
     let mut hash_value = expires;
@@ -486,10 +531,19 @@ pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope
     hash_value.extend_from_slice(&expires);
     hash_value.extend_from_slice(&seen);
     let occurred_ms = event.occurred_at.timestamp_millis();
-    key_value.push(u8::from(outcome.regression_prevented) | (u8::from(outcome.out_of_order) << 1));
+    let mut flags = 0;
+    if outcome.regression_prevented {
+        flags |= FLAG_REGRESSION_PREVENTED;
+    }
+    if outcome.out_of_order {
+        flags |= FLAG_OUT_OF_ORDER;
+    }
+    key_value.push(flags);
     put_short(&mut key_value, &outcome.shipment_status);
     key_value.extend_from_slice(&0u32.to_be_bytes());
     key_value.extend_from_slice(&outcome.generation.to_be_bytes());
+    // The milestone's id: what a correction names it by.
+    key_value.extend_from_slice(milestone_digest(event, outcome.generation).as_bytes());
     state.put(Keyspace::Keys, composite_key(scope, &identity_digest(event), occurred_ms), key_value);
     state.put(Keyspace::Hashes, hash_key(scope, &hash), hash_value);
 }
@@ -530,6 +584,20 @@ pub struct KeyFacts {
     pub outcome: Outcome,
     /// Corrections of the scan so far (0: as first seen).
     pub revision: u32,
+    /// Its milestone's id (`None`: written before Waymark kept it).
+    #[serde(serialize_with = "hex_id", skip_serializing_if = "Option::is_none")]
+    pub milestone_id: Option<[u8; 32]>,
+    /// Retracted by a correction.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retracted: bool,
+}
+
+/// A milestone id as the upserts spell it (64 lower-case hex digits).
+fn hex_id<S: serde::Serializer>(id: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.serialize_str(&blake3::Hash::from_bytes(*id).to_hex()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Eight bytes naming a shipment (tenant, carrier, tracking number) in a
@@ -579,7 +647,8 @@ fn encode_sighting(out: &mut Vec<u8>, now_ms: i64, event: &TrackingEvent) {
 
 /// shipment filter (8) | shipment ref (0: none, else 1 and a short string) |
 /// status | code; [`stage_new`] then adds the outcome: flags (1) | shipment
-/// status, the revision (4, BE; 0 as first seen) and the generation (4, BE).
+/// status, the revision (4, BE; 0 as first seen), the generation (4, BE) and
+/// the milestone id (32).
 fn encode_key_facts(out: &mut Vec<u8>, event: &TrackingEvent) {
     out.extend_from_slice(&shipment_filter(&event.tenant_id, &event.carrier, &event.tracking_number));
     match &event.shipment_ref {
@@ -623,8 +692,16 @@ pub fn sighting(keyspace: Keyspace, key: &[u8], value: &[u8]) -> Option<Sighting
             let occurred_ms = key.get(key.len().checked_sub(8)?..).and_then(|b| b.try_into().ok()).map(ms_of_sortable)?;
             let revision = take::<4>(&mut rest).map(u32::from_be_bytes).unwrap_or(0);
             let generation = take::<4>(&mut rest).map(u32::from_be_bytes).unwrap_or(0);
-            let outcome = Outcome { regression_prevented: flags & 1 != 0, out_of_order: flags & 2 != 0, shipment_status, generation };
-            Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at: DateTime::from_timestamp_millis(occurred_ms)?, shipment, outcome, revision })
+            let milestone_id = take::<32>(&mut rest);
+            let outcome = Outcome {
+                regression_prevented: flags & FLAG_REGRESSION_PREVENTED != 0,
+                out_of_order: flags & FLAG_OUT_OF_ORDER != 0,
+                shipment_status,
+                generation,
+            };
+            let occurred_at = DateTime::from_timestamp_millis(occurred_ms)?;
+            let retracted = flags & FLAG_RETRACTED != 0;
+            Some(KeyFacts { shipment_ref, status, carrier_status_code, occurred_at, shipment, outcome, revision, milestone_id, retracted })
         }
         _ => None,
     };

@@ -78,6 +78,9 @@ pub enum RecordError {
     InvalidEnvelope(String),
     #[error("not a tracking event: {}", clip_message(.0))]
     Unsupported(String),
+    /// A control-topic record that is not a correction Waymark can apply.
+    #[error("correction not applied: {}", clip_message(.0))]
+    Correction(String),
     /// A carrier normalizer panicked: a bug in Waymark, contained to this record.
     #[error("carrier `{}` panicked on this record (a bug in Waymark: report it with this dead letter): {}", clip(.carrier), clip(.message))]
     CarrierPanic { carrier: String, message: String },
@@ -90,7 +93,7 @@ pub enum RecordError {
 impl RecordError {
     /// Every value [`RecordError::kind`] returns: the closed set of the `reason`
     /// metric label and of the dead-letter schema's `error_kind` enum.
-    pub const KINDS: [&'static str; 13] = [
+    pub const KINDS: [&'static str; 14] = [
         "too_large",
         "invalid_utf8",
         "invalid_json",
@@ -103,6 +106,7 @@ impl RecordError {
         "absurd_timestamp",
         "invalid_envelope",
         "unsupported",
+        "invalid_correction",
         "internal_error",
     ];
 
@@ -121,6 +125,7 @@ impl RecordError {
             RecordError::AbsurdTimestamp { .. } => "absurd_timestamp",
             RecordError::InvalidEnvelope(_) => "invalid_envelope",
             RecordError::Unsupported(_) => "unsupported",
+            RecordError::Correction(_) => "invalid_correction",
             RecordError::Internal(_) | RecordError::CarrierPanic { .. } => "internal_error",
         }
     }

@@ -386,8 +386,12 @@ pub fn render_shipment(report: &ShipmentReport) -> String {
         if let Some(revision) = facts.map(|f| f.revision).filter(|r| *r > 0) {
             flag.push_str(&format!(" [revised {revision} time(s)]"));
         }
+        if facts.is_some_and(|f| f.retracted) {
+            flag.push_str(" [retracted by a correction]");
+        }
+        let id = facts.and_then(|f| f.milestone_id).map(|id| format!("\n      milestone {}", blake3::Hash::from_bytes(id).to_hex())).unwrap_or_default();
         out.push_str(&format!(
-            "  {} {} \"{}\"{flag}: first seen in {}:{}:{} at {}\n",
+            "  {} {} \"{}\"{flag}: first seen in {}:{}:{} at {}{id}\n",
             m.occurred_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
             m.status,
             m.carrier_status_code,

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod carriers;
 pub mod clock;
+pub mod correction;
 pub mod dedupe;
 pub mod envelope;
 pub mod error;

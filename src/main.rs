@@ -46,6 +46,11 @@ enum Command {
     /// Recompute what a raw topic's range should have produced and compare it
     /// with the output topic (exit 1 on any divergence).
     Audit(cli::audit::Args),
+    /// Retract a milestone the carrier got wrong (a false delivered scan): one
+    /// correction on kafka.control_topic, applied by the worker in order with
+    /// the shipment's events; the shipment's status becomes what its remaining
+    /// milestones give.
+    Correct(cli::correct::Args),
     /// Why a record's events came out as they did (--record, --input), or where a
     /// shipment stands (--shipment), from the state (read-only, beside a running worker).
     Explain(cli::explain::Args),
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Command::Normalize(args) => cli::normalize::exec(args),
         Command::Check(args) => cli::check::exec(args),
         Command::Explain(args) => cli::explain::exec(args),
+        Command::Correct(args) => cli::correct::exec(args),
         Command::Audit(args) => cli::audit::exec(args),
         Command::Health(args) => cli::health::exec(args),
         Command::State { command } => cli::state::exec(command),

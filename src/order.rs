@@ -223,6 +223,20 @@ impl ShipmentState {
     }
 }
 
+/// The status and latest event a shipment's `milestones` (status, time) give,
+/// applied oldest first (ties by rank), as if the others had never arrived:
+/// what a retraction sets the shipment to. `None` for no milestones.
+pub fn replayed(milestones: &[(Status, DateTime<Utc>)]) -> Option<(Status, Status, DateTime<Utc>)> {
+    let mut sorted = milestones.to_vec();
+    sorted.sort_by_key(|(status, at)| (*at, status.rank()));
+    let (&(first, first_at), rest) = sorted.split_first()?;
+    let mut state = ShipmentState::new(first, first_at, 0);
+    for &(status, at) in rest {
+        state.apply(status, at, 0);
+    }
+    Some((state.shipment_status, state.latest_status, state.latest_occurred_at))
+}
+
 /// Would `incoming` have moved `current` back (or out of a terminal state)?
 fn moves_backwards(current: Status, incoming: Status) -> bool {
     match incoming {

@@ -48,6 +48,9 @@ pub struct MilestoneUpsert {
     /// for the first known, 1 for the parcel that reused it, ...
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u32,
+    /// On a retraction (`kind` = `retract_milestone`): who asked, when, why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retraction: Option<crate::correction::Retraction>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -98,18 +101,7 @@ pub fn milestone_id(event: &TrackingEvent) -> String {
 /// milestones never meet the earlier parcel's (the first generation's ids are
 /// the ids Waymark always gave).
 pub fn milestone_id_in(event: &TrackingEvent, generation: u32) -> String {
-    let mut enc = crate::dedupe::Encoder::new(b"waymark.milestone.v1");
-    enc.str(&event.tenant_id);
-    enc.str(&event.carrier);
-    enc.str(&event.tracking_number);
-    enc.str(event.status.as_str());
-    enc.str(&event.carrier_status_code);
-    enc.i64(event.occurred_at.timestamp_millis());
-    crate::dedupe::location_fields(&mut enc, event);
-    if generation > 0 {
-        enc.i64(i64::from(generation));
-    }
-    enc.finish().to_hex().to_string()
+    crate::dedupe::milestone_digest(event, generation).to_hex().to_string()
 }
 
 impl MilestoneUpsert {
@@ -138,6 +130,7 @@ impl MilestoneUpsert {
             source: event.source,
             revision: 0,
             generation,
+            retraction: None,
         }
     }
 }
@@ -572,6 +565,7 @@ mod tests {
             RecordError::AbsurdTimestamp { field: "f".into(), value: "v".into(), min: "a".into(), max: "b".into() },
             RecordError::InvalidEnvelope("x".into()),
             RecordError::Unsupported("x".into()),
+            RecordError::Correction("x".into()),
             RecordError::CarrierPanic { carrier: "c".into(), message: "m".into() },
             RecordError::Internal("m".into()),
         ];
@@ -590,6 +584,7 @@ mod tests {
                 | RecordError::AbsurdTimestamp { .. }
                 | RecordError::InvalidEnvelope(_)
                 | RecordError::Unsupported(_)
+                | RecordError::Correction(_)
                 | RecordError::CarrierPanic { .. }
                 | RecordError::Internal(_) => {}
             }

@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::carriers::CarrierRegistry;
+use crate::correction::{self, Correction, Retraction};
 use crate::dedupe::{self, DedupeConfig, Match, Verdict};
 use crate::envelope::{Envelope, EnvelopeRules, RecordContext};
 use crate::error::{RecordError, StoreError};
-use crate::event::{Status, TrackingEvent};
+use crate::event::{SourceRef, Status, TrackingEvent};
 use crate::order::{shipment_key, Applied, Belongs, ShipmentState};
 use crate::output::{DeadLetter, Decision, DecisionRecord, MatchedSighting, MilestoneUpsert};
-use crate::routing::{self, KeyingCheck, Placement, RoutedRecord};
+use crate::routing::{self, KeyingCheck, Placement, RoutedEvents, RoutedRecord};
 use crate::state::{Keyspace, Scope, StateStore, Staged};
 
 /// Longest identifier (tracking number, shipment ref, status code) a record may
@@ -74,6 +75,9 @@ pub struct Pipeline {
     /// revisions, prevented regressions) as a [`DecisionRecord`]: on when a
     /// decisions topic is configured.
     pub record_decisions: bool,
+    /// The topic whose records are corrections ([`crate::correction`]), not
+    /// carrier webhooks (`kafka.control_topic`).
+    pub control_topic: Option<String>,
 }
 
 /// What happened to one canonical event.
@@ -131,6 +135,8 @@ pub struct RecordResult {
     /// Events of shipments last seen on another input partition
     /// ([`Placement::Input`] only): the input is not keyed by shipment.
     pub keying_conflicts: u32,
+    /// Milestones this record (a correction) retracted.
+    pub retractions: u32,
 }
 
 impl RecordResult {
@@ -164,6 +170,9 @@ pub enum Prepared {
     Done(RecordResult),
     /// Events to apply, each with the scope of its home, in the order they apply.
     Apply(RecordResult, Vec<(Scope, TrackingEvent)>),
+    /// A correction to apply in the scope of its shipment's home, with the
+    /// control-topic record it came from.
+    Correct(RecordResult, Scope, Box<Correction>, SourceRef),
 }
 
 impl Pipeline {
@@ -232,7 +241,13 @@ impl Pipeline {
         if self.placement.is_repartition_topic(&envelope.topic) {
             return match routing::decode(&envelope.payload) {
                 Err(error) => Prepared::Done(RecordResult::rejected(envelope, Rejected { error, carrier: None, tenant_id: None }, now)),
-                Ok(events) => {
+                Ok(RoutedEvents { correction: Some(correction), source, .. }) => {
+                    let mut result = RecordResult::resolved(&correction.carrier, &correction.tenant_id);
+                    result.from_repartition = true;
+                    let source = source.unwrap_or_else(|| envelope.source());
+                    Prepared::Correct(result, Scope::of(&envelope.topic, envelope.partition), Box::new(correction), source)
+                }
+                Ok(RoutedEvents { events, .. }) => {
                     let mut result = match events.first() {
                         Some(first) => RecordResult::resolved(&first.carrier, &first.tenant_id),
                         None => RecordResult::default(),
@@ -242,6 +257,9 @@ impl Pipeline {
                     Prepared::Apply(result, events.into_iter().map(|event| (scope, event)).collect())
                 }
             };
+        }
+        if self.control_topic.as_deref() == Some(envelope.topic.as_str()) {
+            return self.prepare_correction(envelope, now);
         }
         let (context, mut events) = match self.canonical_events(envelope, now) {
             Ok(ok) => ok,
@@ -265,6 +283,33 @@ impl Pipeline {
                 let scoped = events.into_iter().map(|event| (placement.scope_of(envelope, &event), event)).collect();
                 Prepared::Apply(result, scoped)
             }
+        }
+    }
+
+    /// A control-topic record: a correction, routed to its shipment's home
+    /// (the worker's first stage) or scoped by it (replay).
+    fn prepare_correction(&self, envelope: &Envelope, now: DateTime<Utc>) -> Prepared {
+        let correction = match correction::parse(&envelope.payload) {
+            Ok(correction) => correction,
+            Err(error) => return Prepared::Done(RecordResult::rejected(envelope, Rejected { error, carrier: None, tenant_id: None }, now)),
+        };
+        let mut result = RecordResult::resolved(&correction.carrier, &correction.tenant_id);
+        let rejected = |error: RecordError, result: RecordResult| {
+            Prepared::Done(RecordResult::rejected(envelope, Rejected { error, carrier: result.carrier, tenant_id: result.tenant_id }, now))
+        };
+        match &self.placement {
+            Placement::Home { topic, partitions } if self.hop => match routing::route_correction(topic, *partitions, correction, envelope.source()) {
+                Ok(routed) => {
+                    result.routed.push(routed);
+                    Prepared::Done(result)
+                }
+                Err(error) => rejected(error, result),
+            },
+            Placement::Home { topic, partitions } => {
+                let home = routing::home_partition(*partitions, &correction.tenant_id, &correction.carrier, &correction.tracking_number);
+                Prepared::Correct(result, Scope::of(topic, home), Box::new(correction), envelope.source())
+            }
+            Placement::Input => rejected(RecordError::Correction("corrections need routing.mode = \"home\" (with \"input\" a shipment's state lives where its records arrive, which a correction cannot know)".into()), result),
         }
     }
 
@@ -311,6 +356,7 @@ impl Pipeline {
         let (mut result, events) = match prepared {
             Prepared::Done(result) => return Ok(result),
             Prepared::Apply(result, events) => (result, events),
+            Prepared::Correct(result, scope, correction, source) => return self.apply_correction(envelope, result, scope, &correction, source, now, state),
         };
         self.check_keying(envelope, &mut result, &events);
         for (scope, event) in events {
@@ -339,12 +385,19 @@ impl Pipeline {
     ) -> Result<(Vec<RecordResult>, Vec<MilestoneUpsert>), StoreError> {
         let mut results = Vec::with_capacity(envelopes.len());
         let mut pending: Vec<(usize, Scope, TrackingEvent)> = Vec::new();
+        // Corrections apply after the window's events: an operator's
+        // retraction meets the scan it names even when both are held together.
+        let mut corrections = Vec::new();
         for (index, (envelope, (prepared, _))) in envelopes.iter().zip(self.prepare_batch(envelopes, now)).enumerate() {
             match prepared {
                 Prepared::Done(result) => results.push(result),
                 Prepared::Apply(mut result, events) => {
                     self.check_keying(envelope, &mut result, &events);
                     pending.extend(events.into_iter().map(|(scope, event)| (index, scope, event)));
+                    results.push(result);
+                }
+                Prepared::Correct(result, scope, correction, source) => {
+                    corrections.push((index, scope, correction, source));
                     results.push(result);
                 }
             }
@@ -382,6 +435,12 @@ impl Pipeline {
             results[index].events.push(applied.outcome);
             results[index].decisions.extend(applied.decision);
             upserts.extend(applied.upsert);
+        }
+        for (index, scope, correction, source) in corrections {
+            let result = std::mem::take(&mut results[index]);
+            let mut applied = self.apply_correction(&envelopes[index], result, scope, &correction, source, now, state)?;
+            upserts.append(&mut applied.upserts);
+            results[index] = applied;
         }
         Ok((results, upserts))
     }
@@ -537,6 +596,128 @@ impl Pipeline {
         };
         dedupe::stage_new(state, scope, policy, &event, now, &decided);
         Ok((outcome, Some(MilestoneUpsert::new_in_generation(event, shipment_status, latest_status, generation))))
+    }
+
+    /// Apply a correction in the state of its shipment's home `scope`: find
+    /// the milestone it names among the shipment's live composite-key entries,
+    /// mark it retracted, recompute the shipment's status from the milestones
+    /// that remain in its generation ([`crate::order::replayed`]: oldest
+    /// first), and emit the `retract_milestone` upsert. A milestone already
+    /// retracted (the correction delivered again) changes nothing; one the
+    /// state does not hold makes the record a dead letter that says why.
+    /// Scans the home partition's composite-key entries once, streamed: a
+    /// correction is an operator's action, not per-event work.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_correction<S: StateStore + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        mut result: RecordResult,
+        scope: Scope,
+        correction: &Correction,
+        source: SourceRef,
+        now: DateTime<Utc>,
+        state: &mut Staged<'_, S>,
+    ) -> Result<RecordResult, StoreError> {
+        let reject = |result: RecordResult, reason: String| {
+            let rejected = Rejected { error: RecordError::Correction(reason), carrier: result.carrier.clone(), tenant_id: result.tenant_id.clone() };
+            Ok(RecordResult { from_repartition: result.from_repartition, ..RecordResult::rejected(envelope, rejected, now) })
+        };
+        let Some(wanted) = correction.milestone_bytes() else {
+            return reject(result, format!("`{}` is not a milestone id", correction.milestone_id));
+        };
+        let filter = dedupe::shipment_filter(&correction.tenant_id, &correction.carrier, &correction.tracking_number);
+        let now_ms = now.timestamp_millis();
+        // The shipment's live milestones: (key, value, facts).
+        let mut milestones = Vec::new();
+        let end = u64::from_be_bytes(scope.0).wrapping_add(1).to_be_bytes();
+        state.visit(Keyspace::Keys, &scope.0, &end, &mut |key, value| {
+            let live = dedupe::expires_at_ms(Keyspace::Keys, value).is_ok_and(|expires| now_ms < expires);
+            if let Some(facts) = dedupe::sighting(Keyspace::Keys, key, value).and_then(|s| s.milestone).filter(|f| live && f.shipment == filter) {
+                milestones.push((key.to_vec(), value.to_vec(), facts));
+            }
+            true
+        })?;
+        let Some(target) = milestones.iter().position(|(.., facts)| facts.milestone_id == Some(wanted)) else {
+            return reject(
+                result,
+                format!(
+                    "shipment {}:{}:{} has no live milestone {} in this state (never seen, expired, or recorded by a Waymark that did not keep milestone ids; `waymark explain --shipment` lists its milestones)",
+                    correction.tenant_id, correction.carrier, correction.tracking_number, correction.milestone_id
+                ),
+            );
+        };
+        let (key, value, facts) = milestones.swap_remove(target);
+        if facts.retracted {
+            tracing::info!(milestone_id = %correction.milestone_id, "the milestone is retracted already; the correction changes nothing");
+            return Ok(result);
+        }
+        let (Some(retracted), Some(status)) = (dedupe::retracted(&value), Status::parse(&facts.status)) else {
+            return reject(result, format!("the state entry of milestone {} cannot be read by this Waymark", correction.milestone_id));
+        };
+        state.put(Keyspace::Keys, key, retracted);
+        let generation = facts.outcome.generation;
+        let remaining: Vec<(Status, DateTime<Utc>)> = milestones
+            .iter()
+            .filter(|(.., f)| !f.retracted && f.outcome.generation == generation)
+            .filter_map(|(.., f)| Some((Status::parse(&f.status)?, f.occurred_at)))
+            .collect();
+        let shipment_key = shipment_key(scope, &correction.tenant_id, &correction.carrier, &correction.tracking_number, facts.shipment_ref.as_deref());
+        let (shipment_status, latest_status) = match state.get(Keyspace::Shipments, &shipment_key)? {
+            Some(bytes) => {
+                let mut shipment = ShipmentState::decode(&bytes)?;
+                if shipment.generation == generation {
+                    let (now_status, latest, latest_at) = crate::order::replayed(&remaining).unwrap_or((Status::Unknown, Status::Unknown, shipment.latest_occurred_at));
+                    shipment.shipment_status = now_status;
+                    shipment.latest_status = latest;
+                    shipment.latest_occurred_at = latest_at;
+                    if generation == 0 {
+                        shipment.previous_status = now_status;
+                    }
+                    state.put(Keyspace::Shipments, shipment_key, shipment.encode());
+                    (shipment.shipment_status, shipment.latest_status)
+                } else {
+                    // A milestone of an earlier generation: that parcel's
+                    // timeline changes, the current one does not.
+                    let (then, latest, _) = crate::order::replayed(&remaining).unwrap_or((Status::Unknown, Status::Unknown, facts.occurred_at));
+                    (then, latest)
+                }
+            }
+            None => (Status::Unknown, Status::Unknown),
+        };
+        tracing::info!(
+            tenant = %correction.tenant_id,
+            carrier = %correction.carrier,
+            tracking_number = %correction.tracking_number,
+            milestone_id = %correction.milestone_id,
+            status = status.as_str(),
+            shipment_status = shipment_status.as_str(),
+            requested_by = %correction.requested_by,
+            reason = %correction.reason,
+            "milestone retracted by a correction; the shipment's status is what its remaining milestones give"
+        );
+        result.retractions += 1;
+        result.upserts.push(MilestoneUpsert {
+            kind: "retract_milestone".into(),
+            milestone_id: correction.milestone_id.clone(),
+            tenant_id: correction.tenant_id.clone(),
+            carrier: correction.carrier.clone(),
+            tracking_number: correction.tracking_number.clone(),
+            shipment_ref: facts.shipment_ref,
+            status,
+            carrier_status_code: facts.carrier_status_code,
+            carrier_status_detail: None,
+            description: None,
+            occurred_at: facts.occurred_at,
+            time_assumed_utc: false,
+            location: crate::event::Location::default(),
+            shipment_status,
+            latest_status,
+            source,
+            revision: 0,
+            generation,
+            retraction: Some(Retraction::from(correction)),
+        });
+        Ok(result)
     }
 
     /// How long after a shipment's latest event an early-status event means a
@@ -743,6 +924,111 @@ mod tests {
         let store = MemoryStore::default();
         run(&quiet, &store, &envelope(0, &first));
         assert!(run(&quiet, &store, &envelope(1, &first)).decisions.is_empty());
+    }
+
+    fn correction(offset: i64, milestone_id: &str) -> Envelope {
+        let at = Utc.with_ymd_and_hms(2024, 8, 3, 0, 0, 0).unwrap();
+        let correction = Correction::retract("acme", "easypost", "EZ1", milestone_id, "mis-scanned as delivered", "ops@acme", at);
+        Envelope { topic: "tracking.control".into(), payload: serde_json::to_vec(&correction).unwrap(), ..envelope(offset, "") }
+    }
+
+    fn with_control() -> Pipeline {
+        Pipeline { control_topic: Some("tracking.control".into()), ..Pipeline::default() }
+    }
+
+    /// A false `delivered` retracted: the retraction names the milestone and
+    /// carries the status the remaining milestones give; the state follows
+    /// (the next scan moves the status on from there); the same correction
+    /// again changes nothing, the retracted scan sent again stays a duplicate,
+    /// and a correction naming no milestone of the shipment is a dead letter.
+    #[test]
+    fn a_retraction_restores_the_status_the_remaining_milestones_give() {
+        let pipeline = with_control();
+        let store = MemoryStore::default();
+        let history = tracker(&[("pre_transit", "OC", "2024-07-31T15:00:00Z"), ("in_transit", "PU", "2024-07-31T19:27:00Z")]);
+        run(&pipeline, &store, &envelope(0, &history));
+        let delivered = tracker(&[("delivered", "DL", "2024-08-01T10:00:00Z")]);
+        let false_delivery = run(&pipeline, &store, &envelope(1, &delivered)).upserts.remove(0);
+        assert_eq!(false_delivery.shipment_status, Status::Delivered);
+        let scan = run(&pipeline, &store, &envelope(2, &tracker(&[("in_transit", "AR", "2024-08-01T18:00:00Z")])));
+        assert!(scan.events[0].applied.suspected_false_delivery);
+        assert_eq!(scan.upserts[0].shipment_status, Status::Delivered, "never changed automatically");
+
+        let retracted = run(&pipeline, &store, &correction(3, &false_delivery.milestone_id));
+        assert!(retracted.dead_letter.is_none(), "{:?}", retracted.dead_letter);
+        assert_eq!(retracted.retractions, 1);
+        let upsert = &retracted.upserts[0];
+        assert_eq!((upsert.kind.as_str(), upsert.milestone_id.as_str()), ("retract_milestone", false_delivery.milestone_id.as_str()));
+        assert_eq!((upsert.status, upsert.occurred_at), (Status::Delivered, false_delivery.occurred_at));
+        assert_eq!((upsert.shipment_status, upsert.latest_status), (Status::InTransit, Status::InTransit));
+        let audit = upsert.retraction.as_ref().expect("who, when, why");
+        assert_eq!((audit.requested_by.as_str(), audit.reason.as_str()), ("ops@acme", "mis-scanned as delivered"));
+        assert_eq!(upsert.source.topic, "tracking.control");
+
+        // The state follows: the next scan moves on from in_transit.
+        let next = run(&pipeline, &store, &envelope(4, &tracker(&[("out_for_delivery", "OD", "2024-08-02T08:00:00Z")])));
+        assert_eq!(next.upserts[0].shipment_status, Status::OutForDelivery);
+        // Delivered again, applied exactly once: nothing; the false scan re-sent: a duplicate.
+        let again = run(&pipeline, &store, &correction(5, &false_delivery.milestone_id));
+        assert!(again.upserts.is_empty() && again.dead_letter.is_none() && again.retractions == 0);
+        let resent = run(&pipeline, &store, &envelope(6, &delivered));
+        assert!(resent.upserts.is_empty(), "a retracted scan sent again stays retracted");
+        // A milestone the shipment never had.
+        let unknown = run(&pipeline, &store, &correction(7, &"0".repeat(64)));
+        assert_eq!(unknown.dead_letter.as_ref().map(|d| d.error_kind.as_str()), Some("invalid_correction"));
+        assert!(unknown.upserts.is_empty());
+        // Without a control topic the same record is an ordinary (bad) carrier record.
+        let plain = run(&Pipeline::default(), &MemoryStore::default(), &correction(8, &false_delivery.milestone_id));
+        assert!(plain.upserts.is_empty() && plain.retractions == 0);
+    }
+
+    /// The worker's first stage routes a correction to its shipment's home;
+    /// the second applies it there, like replay does in place.
+    #[test]
+    fn a_correction_hops_to_its_shipments_home() {
+        let Placement::Home { topic, partitions } = Placement::default() else { unreachable!() };
+        let first_stage = Pipeline { hop: true, ..with_control() };
+        let routed = run(&first_stage, &MemoryStore::default(), &correction(0, &"ab".repeat(32))).routed;
+        assert_eq!(routed.len(), 1);
+        assert_eq!((routed[0].topic.as_str(), routed[0].partition), (topic.as_str(), routing::home_partition(partitions, "acme", "easypost", "EZ1")));
+        assert_eq!(routed[0].key, "acme:easypost:EZ1");
+        let decoded = routing::decode(&routed[0].payload).unwrap();
+        assert_eq!(decoded.correction.map(|c| c.milestone_id), Some("ab".repeat(32)));
+    }
+
+    proptest::proptest! {
+        /// Retracting any one milestone leaves the shipment where the
+        /// remaining scans alone, oldest first, would have put it.
+        #[test]
+        fn a_retraction_equals_never_having_seen_the_scan(
+            scans in proptest::collection::vec((0usize..5, 0i64..5000), 1..8),
+            pick in 0usize..8,
+        ) {
+            const KINDS: [(&str, &str); 5] = [("pre_transit", "OC"), ("in_transit", "PU"), ("in_transit", "AR"), ("out_for_delivery", "OD"), ("delivered", "DL")];
+            let mut scans = scans;
+            scans.sort_by_key(|(_, minute)| *minute);
+            scans.dedup_by_key(|(_, minute)| *minute);
+            let at = |minute: i64| (Utc.with_ymd_and_hms(2024, 7, 30, 0, 0, 0).unwrap() + chrono::Duration::minutes(minute)).to_rfc3339();
+            let body = |(kind, minute): (usize, i64)| tracker(&[(KINDS[kind].0, KINDS[kind].1, &at(minute))]);
+            // Arrival order: reversed, so that statuses are held back as they would be.
+            let pipeline = with_control();
+            let store = MemoryStore::default();
+            let mut emitted = Vec::new();
+            for (offset, scan) in scans.iter().rev().enumerate() {
+                emitted.extend(run(&pipeline, &store, &envelope(offset as i64, &body(*scan))).upserts.into_iter().map(|u| (u, *scan)));
+            }
+            let (victim, victim_scan) = emitted[pick % emitted.len()].clone();
+            let retracted = run(&pipeline, &store, &correction(100, &victim.milestone_id));
+            proptest::prop_assert_eq!(retracted.upserts.len(), 1);
+            // The same scans without the victim, oldest first, in a fresh state.
+            let fresh = MemoryStore::default();
+            let mut last = None;
+            for (offset, scan) in scans.iter().filter(|s| **s != victim_scan).enumerate() {
+                last = run(&pipeline, &fresh, &envelope(offset as i64, &body(*scan))).upserts.pop().or(last);
+            }
+            let expected = last.map_or((Status::Unknown, Status::Unknown), |u| (u.shipment_status, u.latest_status));
+            proptest::prop_assert_eq!((retracted.upserts[0].shipment_status, retracted.upserts[0].latest_status), expected);
+        }
     }
 
     /// Every shipment state the store holds, to compare two runs.

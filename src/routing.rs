@@ -27,9 +27,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::correction::Correction;
 use crate::envelope::Envelope;
 use crate::error::RecordError;
-use crate::event::TrackingEvent;
+use crate::event::{SourceRef, TrackingEvent};
 use crate::state::Scope;
 
 /// Where shipment state lives.
@@ -114,6 +115,12 @@ pub const ENCODING_VERSION: u32 = 1;
 pub struct RoutedEvents {
     pub v: u32,
     pub events: Vec<TrackingEvent>,
+    /// A correction on its way to its shipment's home (then `events` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction: Option<Correction>,
+    /// The control-topic record the correction came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
 }
 
 /// A record on its way to the repartition topic.
@@ -160,7 +167,7 @@ pub fn route(topic: &str, partitions: u32, events: Vec<TrackingEvent>) -> Result
 /// exceed `limit` bytes (a single event is bounded by the canonical field limits).
 fn encode_within(events: Vec<TrackingEvent>, limit: usize) -> Result<Vec<Vec<u8>>, RecordError> {
     let encode = |events: Vec<TrackingEvent>| {
-        serde_json::to_vec(&RoutedEvents { v: ENCODING_VERSION, events })
+        serde_json::to_vec(&RoutedEvents { v: ENCODING_VERSION, events, correction: None, source: None })
             .map_err(|e| RecordError::Internal(format!("encoding a repartition record: {e}")))
     };
     let count = events.len();
@@ -175,8 +182,17 @@ fn encode_within(events: Vec<TrackingEvent>, limit: usize) -> Result<Vec<Vec<u8>
     Ok(out)
 }
 
-/// Decode a repartition record's events.
-pub fn decode(payload: &[u8]) -> Result<Vec<TrackingEvent>, RecordError> {
+/// A correction's record to its shipment's home partition of `topic`.
+pub fn route_correction(topic: &str, partitions: u32, correction: Correction, source: SourceRef) -> Result<RoutedRecord, RecordError> {
+    let key = crate::output::shipment_key(&correction.tenant_id, &correction.carrier, &correction.tracking_number);
+    let partition = home_partition(partitions, &correction.tenant_id, &correction.carrier, &correction.tracking_number);
+    let payload = serde_json::to_vec(&RoutedEvents { v: ENCODING_VERSION, events: Vec::new(), correction: Some(correction), source: Some(source) })
+        .map_err(|e| RecordError::Internal(format!("encoding a repartition record: {e}")))?;
+    Ok(RoutedRecord { topic: topic.to_string(), partition, key, payload })
+}
+
+/// Decode a repartition record: its events, or a correction.
+pub fn decode(payload: &[u8]) -> Result<RoutedEvents, RecordError> {
     let routed: RoutedEvents = serde_json::from_slice(payload)
         .map_err(|e| RecordError::Internal(format!("unreadable repartition record: {e}")))?;
     if routed.v != ENCODING_VERSION {
@@ -185,7 +201,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<TrackingEvent>, RecordError> {
             routed.v
         )));
     }
-    Ok(routed.events)
+    Ok(routed)
 }
 
 /// Counts shipments seen on more than one input partition while the opt-out
@@ -281,9 +297,9 @@ mod tests {
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].key, "acme:easypost:S1");
         assert_eq!(records[0].partition, home_partition(8, "acme", "easypost", "S1"));
-        let first = decode(&records[0].payload).unwrap();
+        let first = decode(&records[0].payload).unwrap().events;
         assert_eq!(first, vec![events[0].clone(), events[2].clone()]);
-        assert_eq!(decode(&records[1].payload).unwrap(), vec![events[1].clone()]);
+        assert_eq!(decode(&records[1].payload).unwrap().events, vec![events[1].clone()]);
     }
 
     #[test]
@@ -297,7 +313,7 @@ mod tests {
         let records = route("g-repartition", 8, events.clone()).unwrap();
         assert!(records.len() > 1);
         assert!(records.iter().all(|r| r.payload.len() <= MAX_ROUTED_BYTES && r.partition == records[0].partition));
-        let decoded: Vec<TrackingEvent> = records.iter().flat_map(|r| decode(&r.payload).unwrap()).collect();
+        let decoded: Vec<TrackingEvent> = records.iter().flat_map(|r| decode(&r.payload).unwrap().events).collect();
         assert_eq!(decoded, events, "split, the events keep their order");
     }
 

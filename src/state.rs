@@ -156,6 +156,27 @@ impl<'a, S: StateStore + ?Sized> Staged<'a, S> {
         Ok(merged.into_iter().collect())
     }
 
+    /// Visit the entries with `from <= key < to`, staged values over committed
+    /// ones, without holding them all (a whole partition's entries, say):
+    /// committed keys in key order, then staged keys the store does not hold.
+    /// Stops when `f` returns false.
+    pub fn visit(&self, keyspace: Keyspace, from: &[u8], to: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        let staged = &self.pending[keyspace.index()];
+        let mut going = true;
+        self.store.visit(keyspace, from, to, &mut |key, value| {
+            going = f(key, staged.get(key).map_or(value, Vec::as_slice));
+            going
+        })?;
+        if going && from < to {
+            for (key, value) in staged.range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to))) {
+                if self.store.get(keyspace, key)?.is_none() && !f(key, value) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn put(&mut self, keyspace: Keyspace, key: Vec<u8>, value: Vec<u8>) {
         self.pending[keyspace.index()].insert(key, value);
     }

@@ -53,6 +53,7 @@ pub const TRANSACTION_RETRIES: &str = "waymark_transaction_retries_total";
 pub const RECORDS_CAUGHT_UP: &str = "waymark_records_caught_up_total";
 pub const GENERATIONS: &str = "waymark_shipment_generations_total";
 pub const SUSPECTED_FALSE_DELIVERIES: &str = "waymark_suspected_false_deliveries_total";
+pub const RETRACTIONS: &str = "waymark_retractions_total";
 
 /// What a metric is, for Prometheus's `# TYPE`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,6 +139,7 @@ pub const CATALOG: &[Metric] = &[
     counter_of(TRANSACTION_RETRIES, &[], "Batches retried after their transaction was not committed"),
     counter_of(GENERATIONS, &["carrier"], "Tracking numbers reused: new generations begun (an early scan more than the generation gap after a terminal shipment's latest event)"),
     counter_of(SUSPECTED_FALSE_DELIVERIES, &["carrier"], "In-transit or out-for-delivery scans later than a delivered one (the status stays delivered; often a mis-scanned delivery)"),
+    counter_of(RETRACTIONS, &["carrier"], "Milestones retracted by corrections from the control topic (waymark correct): each emitted a retract_milestone upsert"),
     counter_of(RECORDS_CAUGHT_UP, &[], "exactly-once with changelogs off: records whose outputs were committed before a crash, re-processed silently to rebuild local state"),
 ];
 
@@ -232,6 +234,9 @@ impl Telemetry {
         }
         if !result.routed.is_empty() {
             counter!(ROUTED, "carrier" => carrier.clone()).increment(result.routed.len() as u64);
+        }
+        if result.retractions > 0 {
+            counter!(RETRACTIONS, "carrier" => carrier.clone()).increment(u64::from(result.retractions));
         }
         if result.keying_conflicts > 0 {
             counter!(KEYING_CONFLICTS, "carrier" => carrier.clone()).increment(u64::from(result.keying_conflicts));

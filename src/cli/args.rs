@@ -62,7 +62,7 @@ pub struct WorkerArgs {
     /// Delivery mode: at-least-once (default) or exactly-once, with Kafka
     /// transactions (kafka.delivery; WAYMARK_DELIVERY).
     #[arg(long)]
-    pub delivery: Option<String>,
+    pub delivery: Option<waymark::config::DeliveryMode>,
     /// transactional.id: stable per instance, distinct between instances
     /// (kafka.transactional_id; WAYMARK_TRANSACTIONAL_ID).
     #[arg(long)]

@@ -13,6 +13,7 @@
 pub mod args;
 pub mod audit;
 pub mod check;
+pub mod correct;
 pub mod explain;
 pub mod health;
 pub mod normalize;

@@ -64,7 +64,9 @@ pub fn run_worker(deps: WorkerDeps<'_>) -> Result<(), WorkerError> {
     let (stateful, stateless): (Vec<String>, Vec<String>) = match &config.placement {
         Placement::Home { topic, .. } => {
             pipeline.hop = true;
-            (vec![topic.clone()], config.kafka.input_topics.clone())
+            // Corrections are read like raw records: routed to their home.
+            let raw = config.kafka.input_topics.iter().chain(config.kafka.control_topic.as_ref()).cloned().collect();
+            (vec![topic.clone()], raw)
         }
         Placement::Input => {
             pipeline.keying_check = Some(Arc::new(Mutex::new(KeyingCheck::new(KEYING_CHECK_CAPACITY))));

@@ -5,6 +5,7 @@
 mod cli;
 mod common;
 mod connection;
+mod correct;
 mod declared;
 mod deploy;
 mod explain;

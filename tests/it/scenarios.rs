@@ -30,13 +30,22 @@ fn every_scenario_replays_to_its_expected_timeline() {
     let bless = std::env::var("WAYMARK_BLESS").as_deref() == Ok("1");
     for archive in archives {
         let name = archive.file_name().unwrap().to_string_lossy().trim_end_matches(".ndjson").to_string();
-        let out = Command::new(waymark_bin()).args(["replay", "--input"]).arg(&archive).output().unwrap();
+        let mut replay = Command::new(waymark_bin());
+        replay.args(["replay", "--input"]).arg(&archive);
+        // A scenario that needs settings (a control topic) has them beside it.
+        let config = dir.join(format!("{name}.toml"));
+        if config.exists() {
+            replay.arg("--config").arg(&config);
+        }
+        let out = replay.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {stderr}");
         let timeline = String::from_utf8(out.stdout).unwrap();
         let upserts: Vec<serde_json::Value> = timeline.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        // One upsert per milestone and revision (a correction shares its milestone's id).
-        let ids: BTreeSet<(&str, u64)> = upserts.iter().map(|u| (u["milestone_id"].as_str().unwrap(), u["revision"].as_u64().unwrap_or(0))).collect();
+        // One upsert per milestone and revision (a correction shares its
+        // milestone's id), and at most one retraction of each.
+        let ids: BTreeSet<(&str, u64, &str)> =
+            upserts.iter().map(|u| (u["milestone_id"].as_str().unwrap(), u["revision"].as_u64().unwrap_or(0), u["kind"].as_str().unwrap())).collect();
         assert_eq!(ids.len(), upserts.len(), "{name}: a milestone was emitted twice");
         let rank = |s: &str| waymark::Status::parse(s).unwrap().rank();
         let mut reached: HashMap<String, u8> = HashMap::new();
@@ -45,7 +54,8 @@ fn every_scenario_replays_to_its_expected_timeline() {
             let shipment = format!("{}:{}:{}#{}", u["tenant_id"], u["carrier"], u["tracking_number"], u["generation"].as_u64().unwrap_or(0));
             let r = rank(u["shipment_status"].as_str().unwrap());
             let previous = reached.insert(shipment.clone(), r).unwrap_or(0);
-            assert!(r >= previous, "{name}: {shipment} moved back at {u}");
+            // Only an operator's retraction may move a status back.
+            assert!(r >= previous || u["kind"] == "retract_milestone", "{name}: {shipment} moved back at {u}");
         }
         let expected_path = dir.join(format!("{name}.expected.ndjson"));
         if bless {
@@ -113,4 +123,48 @@ fn a_reused_number_is_a_new_generation_and_an_old_replay_is_not() {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("duplicates (hash):"), "{stderr}");
+}
+
+/// `false-delivery-retracted`: a mis-scanned delivery, a later in-transit scan
+/// (the status stays delivered), then, for two shipments of three, the
+/// operator's retraction: the status goes back to out_for_delivery, the
+/// furthest the remaining scans reached (the latest of them in transit), the
+/// same correction sent twice retracts once, and the real delivery
+/// the next day is a new milestone that moves the status to delivered again.
+/// The third shipment, never corrected, keeps its false delivered.
+#[test]
+fn a_retraction_restores_the_status_and_the_real_delivery_follows() {
+    let dir = repo().join("replay/scenarios");
+    let out = Command::new(waymark_bin())
+        .args(["replay", "--input"])
+        .arg(dir.join("false-delivery-retracted.ndjson"))
+        .arg("--config")
+        .arg(dir.join("false-delivery-retracted.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let upserts: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut shipments: Vec<&str> = upserts.iter().map(|u| u["tracking_number"].as_str().unwrap()).collect();
+    shipments.dedup();
+    assert_eq!(shipments.len(), 9);
+    for (i, tracking) in shipments.iter().enumerate() {
+        let timeline: Vec<&serde_json::Value> = upserts.iter().filter(|u| u["tracking_number"] == *tracking).collect();
+        let false_delivery = timeline.iter().find(|u| u["description"].as_str().is_some_and(|d| d.contains("wrong address"))).expect("the false delivered");
+        let retractions: Vec<&&serde_json::Value> = timeline.iter().filter(|u| u["kind"] == "retract_milestone").collect();
+        let last = timeline.last().unwrap();
+        assert_eq!(last["status"], "delivered", "{tracking}: the real delivery comes last");
+        assert_eq!(last["shipment_status"], "delivered");
+        if i % 3 == 2 {
+            assert!(retractions.is_empty(), "{tracking} was never corrected");
+            continue;
+        }
+        assert_eq!(retractions.len(), 1, "{tracking}: one retraction, however often the correction was sent");
+        let retraction = retractions[0];
+        assert_eq!(retraction["milestone_id"], false_delivery["milestone_id"]);
+        assert_eq!(retraction["shipment_status"], "out_for_delivery", "{tracking}: back where the remaining scans leave it");
+        assert_eq!(retraction["latest_status"], "in_transit", "{tracking}: the latest remaining scan");
+        assert_eq!(retraction["retraction"]["requested_by"], "ops@acme");
+        let after: Vec<&&serde_json::Value> = timeline.iter().skip_while(|u| u["kind"] != "retract_milestone").skip(1).collect();
+        assert_eq!(after.len(), 1, "{tracking}: only the real delivery follows (the false scan in its history stays retracted)");
+    }
 }

@@ -124,3 +124,31 @@ fn decisions_validate() {
         assert_valid(&schema, &serde_json::to_value(decision).unwrap());
     }
 }
+
+/// A correction record and the retraction upsert it produces validate
+/// against schemas/correction.schema.json and the upsert schema; an ordinary
+/// upsert carrying a `retraction` does not.
+#[test]
+fn corrections_and_retractions_validate() {
+    let envelopes = sample_envelopes();
+    let pipeline = waymark::Pipeline { control_topic: Some("tracking.control".into()), ..waymark::Pipeline::default() };
+    let store = MemoryStore::default();
+    let output = batch::process(&pipeline, &store, &envelopes, now(), false, None).unwrap();
+    waymark::state::StateStore::write(&store, output.state).unwrap();
+    let target = &output.upserts[0];
+    let correction = waymark::correction::Correction::retract(&target.tenant_id, &target.carrier, &target.tracking_number, &target.milestone_id, "mis-scan", "ops", now());
+    assert_valid(&validator("correction.schema.json"), &serde_json::to_value(&correction).unwrap());
+    let record = waymark::Envelope { topic: "tracking.control".into(), partition: 0, offset: 0, timestamp_ms: None, headers: Vec::new(), key: None, payload: serde_json::to_vec(&correction).unwrap() };
+    let retracted = batch::process(&pipeline, &store, &[record], now(), false, None).unwrap();
+    assert!(retracted.dead_letters.is_empty(), "{:?}", retracted.dead_letters);
+    let upsert = serde_json::to_value(&retracted.upserts[0]).unwrap();
+    assert_eq!(upsert["kind"], "retract_milestone");
+    let schema = validator("milestone-upsert.schema.json");
+    assert_valid(&schema, &upsert);
+    let mut forged = serde_json::to_value(target).unwrap();
+    forged["retraction"] = upsert["retraction"].clone();
+    assert!(!schema.is_valid(&forged), "an ensure_milestone with a retraction must not validate");
+    let mut bare = upsert.clone();
+    bare.as_object_mut().unwrap().remove("retraction");
+    assert!(!schema.is_valid(&bare), "a retraction without its audit trail must not validate");
+}
