@@ -100,3 +100,23 @@ pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("{e}: write an RFC 3339 time such as 2026-11-02T00:00:00Z"))
 }
+
+/// A shipment as the commands name it: `TENANT:CARRIER:TRACKING_NUMBER`.
+#[derive(Debug, Clone)]
+pub struct Shipment {
+    pub tenant: String,
+    pub carrier: String,
+    /// May contain `:` (everything after the second one).
+    pub tracking_number: String,
+}
+
+/// `--shipment`'s parser.
+pub fn parse_shipment(text: &str) -> Result<Shipment, String> {
+    let mut parts = text.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(tenant), Some(carrier), Some(tracking)) if !tenant.is_empty() && !carrier.is_empty() && !tracking.is_empty() => {
+            Ok(Shipment { tenant: tenant.into(), carrier: carrier.into(), tracking_number: tracking.into() })
+        }
+        _ => Err(format!("`{text}`: write TENANT:CARRIER:TRACKING_NUMBER")),
+    }
+}

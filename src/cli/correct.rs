@@ -10,7 +10,7 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use waymark::correction::Correction;
 
-use super::args::{ConfigArgs, KafkaArgs};
+use super::args::{parse_shipment, ConfigArgs, KafkaArgs, Shipment};
 use super::{load_config, validate_kafka, Failure};
 
 #[derive(clap::Args)]
@@ -20,8 +20,8 @@ pub struct Args {
     #[command(flatten)]
     kafka: KafkaArgs,
     /// The shipment, as TENANT:CARRIER:TRACKING_NUMBER (the tracking number may contain `:`).
-    #[arg(long)]
-    shipment: String,
+    #[arg(long, value_name = "TENANT:CARRIER:TRACKING", value_parser = parse_shipment)]
+    shipment: Shipment,
     /// The milestone to retract: its `milestone_id` (the upsert's, or
     /// `waymark explain --shipment`'s).
     #[arg(long)]
@@ -39,12 +39,9 @@ pub struct Args {
 
 pub fn exec(args: Args) -> Result<(), Failure> {
     let config = load_config(&args.config, args.kafka.overrides())?;
-    let mut parts = args.shipment.splitn(3, ':');
-    let (Some(tenant), Some(carrier), Some(tracking)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(Failure::usage(anyhow::anyhow!("--shipment {}: write TENANT:CARRIER:TRACKING_NUMBER", args.shipment)));
-    };
     let by = args.by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
-    let correction = Correction::retract(tenant, carrier, tracking, &args.retract, &args.reason, &by, chrono::Utc::now());
+    let Shipment { tenant, carrier, tracking_number } = &args.shipment;
+    let correction = Correction::retract(tenant, carrier, tracking_number, &args.retract, &args.reason, &by, chrono::Utc::now());
     correction.check().map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
     let body = serde_json::to_vec(&correction).context("encoding the correction")?;
     if args.dry_run {

@@ -13,7 +13,7 @@ use waymark::config::{Config, Overrides};
 use waymark::envelope::Envelope;
 use waymark::explain;
 
-use super::args::{ConfigArgs, KafkaArgs};
+use super::args::{parse_shipment, ConfigArgs, KafkaArgs, Shipment};
 use super::{load_config, open_existing_read_only, validate_kafka, write_stdout, Failure};
 
 #[derive(clap::Args)]
@@ -39,8 +39,8 @@ pub struct Args {
     #[arg(long, default_value = "default")]
     tenant: String,
     /// A shipment, as TENANT:CARRIER:TRACKING_NUMBER (the tracking number may contain `:`).
-    #[arg(long, value_name = "TENANT:CARRIER:TRACKING")]
-    shipment: Option<String>,
+    #[arg(long, value_name = "TENANT:CARRIER:TRACKING", value_parser = parse_shipment)]
+    shipment: Option<Shipment>,
     /// JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -52,11 +52,8 @@ pub fn exec(args: Args) -> Result<(), Failure> {
     let pipeline = config.pipeline();
     let now = Utc::now();
     let text = if let Some(shipment) = &args.shipment {
-        let mut parts = shipment.splitn(3, ':');
-        let (Some(tenant), Some(carrier), Some(tracking)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(Failure::usage(anyhow::anyhow!("--shipment {shipment}: write TENANT:CARRIER:TRACKING_NUMBER")));
-        };
-        let report = explain::shipment(&pipeline, &store, tenant, carrier, tracking, now).map_err(|e| Failure::usage(e.into()))?;
+        let report = explain::shipment(&pipeline, &store, &shipment.tenant, &shipment.carrier, &shipment.tracking_number, now)
+            .map_err(|e| Failure::usage(e.into()))?;
         if args.json { json(&report)? } else { explain::render_shipment(&report) }
     } else {
         let envelope = match (&args.record, &args.input) {
