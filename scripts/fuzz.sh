@@ -20,7 +20,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 seconds=${2:-${WAYMARK_FUZZ_SECONDS:-15}}
 runs=${WAYMARK_FUZZ_RUNS:-}
 sanitizer=${WAYMARK_FUZZ_SANITIZER:-address}
-targets=(easypost ups fedex usps dhl shippo aftership envelope mutate_fields)
+targets=(easypost ups fedex usps dhl shippo aftership envelope correction mutate_fields)
 # Multi-byte characters, offsets, escapes, edge numbers and field names: tokens
 # random mutation takes long to build byte by byte (an absolute path, whatever
 # directory cargo fuzz runs the target from).
@@ -50,6 +50,15 @@ for target in "${targets[@]}"; do
   if [[ $target == envelope ]]; then
     # Archive lines: one seed per line of the scenario archives.
     cat replay/*.ndjson | split -l 1 - "$seeds/line-"
+  elif [[ $target == correction ]]; then
+    # The corrections of the scenario that carries them: each one's body.
+    python3 - "$seeds" <<'PY'
+import json, sys, pathlib
+for i, line in enumerate(open("replay/scenarios/false-delivery-retracted.ndjson", encoding="utf-8")):
+    record = json.loads(line)
+    if record["topic"] == "tracking.control":
+        (pathlib.Path(sys.argv[1]) / f"correction-{i}").write_text(record["payload"], encoding="utf-8")
+PY
   elif [[ $target == mutate_fields ]]; then
     # The fixture bodies are built into the target; a seed of two bytes (little
     # endian) picks one and edits nothing yet: one seed per fixture.

@@ -1,6 +1,7 @@
 //! Shared driver of the fuzz targets: one target per carrier parser on raw bytes,
-//! the archive-line envelope through the whole core, and `mutate_fields`, which
-//! edits the fields of real fixture bodies.
+//! the archive-line envelope through the whole core, `correction` (a control-topic
+//! record applied to real state), and `mutate_fields`, which edits the fields of
+//! real fixture bodies.
 
 use std::sync::{Arc, OnceLock};
 
@@ -27,6 +28,57 @@ pub fn envelope_line(data: &[u8]) {
     let store = MemoryStore::default();
     let mut staged = Staged::new(&store);
     let _ = waymark::Pipeline::default().process(&envelope, now(), &mut staged);
+}
+
+/// The control topic the `correction` target's pipeline reads.
+const CONTROL_TOPIC: &str = "tracking.control";
+
+/// The state the scenario `false-delivery-retracted` leaves without its
+/// corrections: shipments with false deliveries a correction can name.
+fn scenario_state() -> &'static MemoryStore {
+    static STATE: OnceLock<MemoryStore> = OnceLock::new();
+    STATE.get_or_init(|| {
+        let store = MemoryStore::default();
+        let pipeline = waymark::Pipeline::default();
+        let archive = include_str!("../../replay/scenarios/false-delivery-retracted.ndjson");
+        for line in archive.lines() {
+            let Ok(envelope) = waymark::Envelope::from_kcat_json(line) else { continue };
+            if envelope.topic == CONTROL_TOPIC {
+                continue;
+            }
+            let mut staged = Staged::new(&store);
+            if pipeline.process(&envelope, now(), &mut staged).is_ok() {
+                let _ = waymark::state::StateStore::write(&store, staged.take_batch());
+            }
+        }
+        store
+    })
+}
+
+/// Any bytes as a control-topic record: parsed as a correction and applied to
+/// the scenario's state (staged, never written, so every input meets the same
+/// state). Never a panic; a rejected record's dead letter stays producible.
+pub fn correction(data: &[u8]) {
+    let pipeline = waymark::Pipeline { control_topic: Some(CONTROL_TOPIC.into()), ..waymark::Pipeline::default() };
+    let envelope = waymark::Envelope {
+        topic: CONTROL_TOPIC.into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        headers: vec![],
+        key: None,
+        payload: data.to_vec(),
+    };
+    let mut staged = Staged::new(scenario_state());
+    if let Ok(result) = pipeline.process(&envelope, now(), &mut staged) {
+        if let Some(dead) = result.dead_letter {
+            let size = serde_json::to_vec(&dead).map(|v| v.len()).unwrap_or(usize::MAX);
+            assert!(size < 1_000_000, "a {size}-byte dead letter could never be produced");
+        }
+        for upsert in &result.upserts {
+            assert_eq!(upsert.kind, "retract_milestone", "a correction emits only retractions");
+        }
+    }
 }
 
 /// The properties every target checks on one body: accepted events have a

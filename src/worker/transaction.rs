@@ -109,6 +109,18 @@ impl TransactionalSink {
         let mut transaction = KafkaTransaction { sink: self, consumer, expected: 0 };
         let result = commit_batch(&mut transaction, &mut settlement, outputs, records, offsets, &mut retry);
         self.settlement = settlement;
+        if matches!(result, Err(SinkError::Fenced)) {
+            // The batch is abandoned, and its transaction may still be open on
+            // the broker (a broker outage cut it off). Its offsets keep the
+            // group's committed offsets of those partitions unstable, and the
+            // restore of the next assignment waits for them to be stable: end
+            // it now (a fresh producer's init aborts it) instead of at the next
+            // batch, which only comes after that restore. A failure here
+            // changes nothing: the next batch re-creates the producer anyway.
+            if let Err(e) = self.recreate() {
+                tracing::warn!(error = %e, "could not end the abandoned batch's transaction now; the next batch will");
+            }
+        }
         if let Some(delivered) = result? {
             changelog::stage_positions(state, records, &delivered);
         }

@@ -84,7 +84,9 @@ fn broker_stopped_and_restarted_mid_stream_loses_nothing() {
     broker.script("start");
     produce_on(&broker.address(), &setup.input, &second, 2);
 
-    let output = read_all_on(&broker.address(), &setup.output, 2, expected.len(), Duration::from_secs(120), Duration::from_secs(3));
+    // Generous: the property is that nothing is lost; a loaded 2-core machine
+    // (CI runs two tests at once) can take a minute or more to come back.
+    let output = read_all_on(&broker.address(), &setup.output, 2, expected.len(), Duration::from_secs(240), Duration::from_secs(3));
     signal(&worker, "TERM");
     let status = wait_exit(&mut worker, Duration::from_secs(30));
     let (distinct, repeats) = check_at_least_once(&output, &expected);
