@@ -730,7 +730,7 @@ impl RawConfig {
     /// settings; what spans sections (topic clashes) is checked here.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let dedupe = self.dedupe.validate()?;
-        let delivery = self.kafka.validate()?;
+        self.kafka.validate()?;
         let placement = self.routing.placement(&self.kafka)?;
         let order = self.order.validate()?;
         let (http_listen, explain_token) = self.http.validate()?;
@@ -752,7 +752,7 @@ impl RawConfig {
             repartition,
             default_generation_gap: order.generation_gap,
             generation_gaps: order.generation_gaps,
-            delivery,
+            delivery: kafka.delivery,
             transactional_id,
             envelope: EnvelopeRules {
                 topic_carriers: self.topics,
@@ -838,8 +838,8 @@ impl DedupeSection {
 }
 
 impl KafkaSection {
-    /// Topics and reserved properties; the delivery mode (parsed already).
-    fn validate(&self) -> Result<DeliveryMode, ConfigError> {
+    /// Topics and reserved properties.
+    fn validate(&self) -> Result<(), ConfigError> {
         check_reserved_properties(self)?;
         for (field, topics) in [
             ("kafka.input_topics", self.input_topics.clone()),
@@ -874,7 +874,7 @@ impl KafkaSection {
                 )));
             }
         }
-        Ok(self.delivery)
+        Ok(())
     }
 
     /// The topics Waymark writes (besides its internal ones).

@@ -360,7 +360,7 @@ pub fn check_and_stage<S: StateStore + ?Sized>(
             Ok(verdict)
         }
         Match::None => {
-            stage_new(state, scope, policy, event, now, &Outcome::default());
+            stage_new(state, scope, policy, event, now, &Outcome::default(), &milestone_digest(event, 0));
             Ok(Verdict::New)
         }
     }
@@ -514,9 +514,18 @@ pub struct Outcome {
     pub generation: u32,
 }
 
-/// Stage a new event's composite key and content hash, with its sighting and
-/// `outcome`.
-pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope, policy: DedupePolicy, event: &TrackingEvent, now: DateTime<Utc>, outcome: &Outcome) {
+/// Stage a new event's composite key and content hash, with its sighting,
+/// `outcome` and `milestone` ([`milestone_digest`] of the event in the
+/// outcome's generation).
+pub fn stage_new<S: StateStore + ?Sized>(
+    state: &mut Staged<'_, S>,
+    scope: Scope,
+    policy: DedupePolicy,
+    event: &TrackingEvent,
+    now: DateTime<Utc>,
+    outcome: &Outcome,
+    milestone: &blake3::Hash,
+) {
     let now_ms = now.timestamp_millis();
     let hash = content_hash(event);
     let expires = now_ms.saturating_add(policy.ttl_ms()).to_be_bytes();
@@ -543,7 +552,7 @@ pub fn stage_new<S: StateStore + ?Sized>(state: &mut Staged<'_, S>, scope: Scope
     key_value.extend_from_slice(&0u32.to_be_bytes());
     key_value.extend_from_slice(&outcome.generation.to_be_bytes());
     // The milestone's id: what a correction names it by.
-    key_value.extend_from_slice(milestone_digest(event, outcome.generation).as_bytes());
+    key_value.extend_from_slice(milestone.as_bytes());
     state.put(Keyspace::Keys, composite_key(scope, &identity_digest(event), occurred_ms), key_value);
     state.put(Keyspace::Hashes, hash_key(scope, &hash), hash_value);
 }

@@ -111,9 +111,17 @@ impl MilestoneUpsert {
 
     /// The upsert of a scan in `generation` of its tracking number.
     pub fn new_in_generation(event: TrackingEvent, shipment_status: Status, latest_status: Status, generation: u32) -> Self {
+        let milestone = crate::dedupe::milestone_digest(&event, generation);
+        Self::of_milestone(event, &milestone, shipment_status, latest_status, generation)
+    }
+
+    /// [`MilestoneUpsert::new_in_generation`] with the milestone's digest
+    /// ([`crate::dedupe::milestone_digest`]) computed already: the pipeline
+    /// hashes a new event's milestone once, for its dedupe entry and its upsert.
+    pub fn of_milestone(event: TrackingEvent, milestone: &blake3::Hash, shipment_status: Status, latest_status: Status, generation: u32) -> Self {
         MilestoneUpsert {
             kind: "ensure_milestone".into(),
-            milestone_id: milestone_id_in(&event, generation),
+            milestone_id: milestone.to_hex().to_string(),
             tenant_id: event.tenant_id,
             carrier: event.carrier,
             tracking_number: event.tracking_number,

@@ -456,7 +456,7 @@ impl Pipeline {
         let policy = self.dedupe.policy(&event.carrier);
         let found = dedupe::find(state, scope, policy, &event, now)?;
         if !self.record_decisions {
-            let (outcome, upsert) = self.decide_event(scope, event, found, now, state)?;
+            let (outcome, upsert) = self.decide_event(scope, event, policy, found, now, state)?;
             return Ok(AppliedEvent { outcome, upsert, decision: None });
         }
         // What the decision matched, read before deciding stages anything.
@@ -476,7 +476,7 @@ impl Pipeline {
             Match::Key { key, value, .. } => repeated_milestone(&event, key, value),
             Match::None => None,
         };
-        let (outcome, upsert) = self.decide_event(scope, event, found, now, state)?;
+        let (outcome, upsert) = self.decide_event(scope, event, policy, found, now, state)?;
         draft.decision = match outcome.verdict {
             Verdict::New if outcome.applied.regression_prevented => Decision::RegressionPrevented,
             Verdict::New => Decision::New,
@@ -498,17 +498,18 @@ impl Pipeline {
         Ok(AppliedEvent { outcome, upsert, decision })
     }
 
-    /// Dedupe (`found`: what [`dedupe::find`] found for `event`), order and
-    /// emit one canonical event.
+    /// Dedupe (`found`: what [`dedupe::find`] found for `event` under its
+    /// carrier's `policy`), order and emit one canonical event.
+    #[allow(clippy::too_many_arguments)]
     fn decide_event<S: StateStore + ?Sized>(
         &self,
         scope: Scope,
         event: TrackingEvent,
+        policy: dedupe::DedupePolicy,
         found: Match,
         now: DateTime<Utc>,
         state: &mut Staged<'_, S>,
     ) -> Result<(EventOutcome, Option<MilestoneUpsert>), StoreError> {
-        let policy = self.dedupe.policy(&event.carrier);
         let (verdict, matched) = match found {
             Match::None => (Verdict::New, None),
             Match::Hash { .. } => (Verdict::DuplicateHash, None),
@@ -574,8 +575,9 @@ impl Pipeline {
                             let ended = shipment.previous_status;
                             outcome.applied.regression_prevented = true;
                             let decided = dedupe::Outcome { shipment_status: ended.as_str().to_string(), generation, regression_prevented: true, ..dedupe::Outcome::default() };
-                            dedupe::stage_new(state, scope, policy, &event, now, &decided);
-                            return Ok((outcome, Some(MilestoneUpsert::new_in_generation(event, ended, ended, generation))));
+                            let milestone = dedupe::milestone_digest(&event, generation);
+                            dedupe::stage_new(state, scope, policy, &event, now, &decided, &milestone);
+                            return Ok((outcome, Some(MilestoneUpsert::of_milestone(event, &milestone, ended, ended, generation))));
                         }
                     }
                 }
@@ -594,8 +596,9 @@ impl Pipeline {
             shipment_status: shipment_status.as_str().to_string(),
             generation,
         };
-        dedupe::stage_new(state, scope, policy, &event, now, &decided);
-        Ok((outcome, Some(MilestoneUpsert::new_in_generation(event, shipment_status, latest_status, generation))))
+        let milestone = dedupe::milestone_digest(&event, generation);
+        dedupe::stage_new(state, scope, policy, &event, now, &decided, &milestone);
+        Ok((outcome, Some(MilestoneUpsert::of_milestone(event, &milestone, shipment_status, latest_status, generation))))
     }
 
     /// Apply a correction in the state of its shipment's home `scope`: find

@@ -87,13 +87,7 @@ impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
             // Replay applies events in their home's scope directly; only the worker hops.
             return Err(SinkError::Io(std::io::Error::other("an NDJSON sink cannot take repartition records (a bug)")));
         }
-        for upsert in upserts {
-            // `io::Error::from` hands back the writer's own error (a closed
-            // pipe stays a BrokenPipe); only encoding errors become `Other`.
-            serde_json::to_writer(&mut self.upserts, upsert).map_err(std::io::Error::from)?;
-            self.upserts.write_all(b"\n")?;
-        }
-        self.upserts.flush()?;
+        write_lines(&mut self.upserts, upserts)?;
         if let Some(out) = self.dead_letters.as_mut() {
             write_lines(out, dead_letters)?;
         }
@@ -107,6 +101,8 @@ impl<W: Write, D: Write> Sink for NdjsonSink<W, D> {
 /// `records` as NDJSON lines, flushed.
 fn write_lines<T: serde::Serialize>(out: &mut impl Write, records: &[T]) -> std::io::Result<()> {
     for record in records {
+        // `io::Error::from` hands back the writer's own error (a closed pipe
+        // stays a BrokenPipe); only encoding errors become `Other`.
         serde_json::to_writer(&mut *out, record).map_err(std::io::Error::from)?;
         out.write_all(b"\n")?;
     }

@@ -166,12 +166,13 @@ impl Committer {
         Ok(match mode {
             DeliveryMode::AtLeastOnce => {
                 let outputs = outputs()?;
-                let changelog = match changelogs {
-                    true => match transactional()? {
+                let changelog = if changelogs {
+                    match transactional()? {
                         Some(sink) => Some(sink),
                         None => return Ok(None),
-                    },
-                    false => None,
+                    }
+                } else {
+                    None
                 };
                 Some(Committer::AtLeastOnce { outputs, changelog })
             }
