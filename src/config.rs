@@ -403,6 +403,8 @@ pub struct RawConfig {
     pub http: HttpSection,
     pub telemetry: TelemetrySection,
     pub log: LogSection,
+    /// `waymark ingest`, the webhook receiver.
+    pub ingest: crate::ingest::config::IngestSection,
     /// Mapping files of user-declared carriers (`declared_carriers = ["carriers/acme.toml"]`,
     /// a top-level key). Relative paths are relative to the config file's directory.
     pub declared_carriers: Vec<PathBuf>,
@@ -423,6 +425,7 @@ pub struct Overrides {
     pub dead_letter_topic: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub http_listen: Option<String>,
+    pub ingest_listen: Option<String>,
     pub delivery: Option<DeliveryMode>,
     pub transactional_id: Option<String>,
     /// `-X name=value` librdkafka properties.
@@ -470,6 +473,8 @@ pub struct Config {
     /// (`order.generation_gap`), and per carrier (`[order.generation_gaps]`).
     pub default_generation_gap: Duration,
     pub generation_gaps: BTreeMap<String, Duration>,
+    /// `waymark ingest`'s listener and sources.
+    pub ingest: crate::ingest::config::IngestSettings,
 }
 
 /// How the repartition topic is created when missing.
@@ -715,6 +720,9 @@ impl RawConfig {
         if let Some(v) = o.http_listen {
             self.http.listen = v;
         }
+        if let Some(v) = o.ingest_listen {
+            self.ingest.listen = v;
+        }
         if let Some(v) = o.delivery {
             self.kafka.delivery = v;
         }
@@ -741,6 +749,9 @@ impl RawConfig {
         let kafka = self.kafka;
         let transactional_id = kafka.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&kafka.group_id, &self.state.dir));
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
+        let mut carrier_names: Vec<String> = crate::carriers::CarrierRegistry::builtin().names().into_iter().map(String::from).collect();
+        carrier_names.extend(declared_carriers.iter().map(|c| crate::carriers::Carrier::name(&**c).to_ascii_lowercase()));
+        let ingest = self.ingest.validate(&carrier_names.iter().map(String::as_str).collect::<Vec<_>>(), self.base_dir.as_deref())?;
         let changelog = self.state.changelog.then(|| ChangelogSettings {
             replication: self.state.changelog_replication,
             retention: dedupe.longest_ttl().saturating_add(Duration::from_secs(24 * 3600)),
@@ -784,6 +795,7 @@ impl RawConfig {
             changelog,
             reorder: order.reorder,
             declared_carriers,
+            ingest,
         })
     }
 }

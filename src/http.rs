@@ -1,16 +1,18 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and,
-//! with a bearer token configured, `/explain`.
-//!
-//! Three fixed GET routes do not justify a web framework's compile time; this is a
-//! minimal HTTP/1.1 responder on tokio that reads the request line and closes.
+//! with a bearer token configured, `/explain`; and [`serve_router`], the one
+//! HTTP/1.1 accept loop (hyper and axum) of this endpoint and of `waymark ingest`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::telemetry::*;
@@ -200,82 +202,92 @@ pub async fn serve(
     handle: PrometheusHandle,
     health: Arc<Health>,
     explain: Option<ExplainRoute>,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    tokio::pin!(shutdown);
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let render = handle.clone();
+    let router = Router::new()
+        .route("/metrics", get(move || std::future::ready(render.render())))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/explain", get(explain_response))
+        .fallback(|method: Method| async move {
+            if method == Method::GET {
+                plain(StatusCode::NOT_FOUND, "try /metrics, /healthz, /readyz or /explain\n".into())
+            } else {
+                plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
+            }
+        })
+        .with_state(Endpoint { health, explain });
     // The recorder buffers every histogram sample until upkeep drains it into the
     // buckets; without this tick, a worker nobody scrapes would grow without bound
     // (several samples per record).
-    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
-    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = upkeep.tick() => handle.run_upkeep(),
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                // Bounded: at most MAX_CONNECTIONS at once (a slow or hostile client
-                // cannot take the file descriptors the store and Kafka need), and
-                // each has MAX_CONNECTION_TIME in all.
-                let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
-                let handle = handle.clone();
-                let health = health.clone();
-                let explain = explain.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(MAX_CONNECTION_TIME, respond(stream, &handle, &health, explain.as_ref())).await;
-                    drop(permit);
-                });
-            }
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
         }
+    });
+    // Operator endpoints: a few connections, no keep-alive, short timeouts (a
+    // slow or hostile client cannot take the descriptors the store and Kafka need).
+    let limits = ServeLimits { max_connections: MAX_CONNECTIONS, header_timeout: Duration::from_secs(5), keep_alive: false, drain_timeout: Duration::from_secs(2) };
+    serve_router(listener, router, limits, shutdown).await;
+    upkeep.abort();
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    health: Arc<Health>,
+    explain: Option<ExplainRoute>,
+}
+
+async fn healthz(State(endpoint): State<Endpoint>) -> Response {
+    match endpoint.health.liveness() {
+        Ok(()) => plain(StatusCode::OK, "ok\n".into()),
+        Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn readyz(State(endpoint): State<Endpoint>) -> Response {
+    match endpoint.health.readiness() {
+        Ok(()) => plain(StatusCode::OK, "ready\n".into()),
+        Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
 /// `/explain`: off without a token (404 saying how to turn it on), 401 without
 /// the right `Authorization: Bearer` header (compared in constant time), 400
 /// for a query it cannot read; otherwise the explainer's JSON.
-async fn explain_response(explain: Option<&ExplainRoute>, head: &str, query: &str) -> (&'static str, &'static str, String) {
-    let Some(route) = explain else {
-        return ("404 Not Found", "text/plain", "/explain is off: set http.explain_token (WAYMARK_HTTP__EXPLAIN_TOKEN) to turn it on\n".into());
+async fn explain_response(State(endpoint): State<Endpoint>, headers: HeaderMap, Query(query): Query<Vec<(String, String)>>) -> Response {
+    let Some(route) = endpoint.explain else {
+        return plain(StatusCode::NOT_FOUND, "/explain is off: set http.explain_token (WAYMARK_HTTP__EXPLAIN_TOKEN) to turn it on\n".into());
     };
-    let presented = head
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
-        .and_then(|(_, value)| value.trim().strip_prefix("Bearer "))
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), route.token.as_bytes()) {
-        return ("401 Unauthorized", "text/plain", "/explain needs `Authorization: Bearer <http.explain_token>`\n".into());
+        return plain(StatusCode::UNAUTHORIZED, "/explain needs `Authorization: Bearer <http.explain_token>`\n".into());
     }
     let mut asked = None;
-    for pair in query.split('&') {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let Some(value) = percent_decode(value) else { continue };
-        asked = match name {
+    for (name, value) in query {
+        asked = match name.as_str() {
             "shipment" => Some(ExplainQuery::Shipment(value)),
             "record" => Some(ExplainQuery::Record(value)),
             _ => asked,
         };
     }
     let Some(asked) = asked else {
-        return ("400 Bad Request", "text/plain", "ask /explain?shipment=TENANT:CARRIER:TRACKING or /explain?record=TOPIC:PARTITION:OFFSET\n".into());
+        return plain(StatusCode::BAD_REQUEST, "ask /explain?shipment=TENANT:CARRIER:TRACKING or /explain?record=TOPIC:PARTITION:OFFSET\n".into());
     };
     let explainer = route.explainer.clone();
     match tokio::task::spawn_blocking(move || explainer(asked)).await {
-        Ok(Ok(json)) => ("200 OK", "application/json", json),
-        Ok(Err((400, why))) => ("400 Bad Request", "text/plain", format!("{why}\n")),
-        Ok(Err((404, why))) => ("404 Not Found", "text/plain", format!("{why}\n")),
-        Ok(Err((_, why))) => ("500 Internal Server Error", "text/plain", format!("{why}\n")),
-        Err(_) => ("500 Internal Server Error", "text/plain", "the explanation failed (a bug: see the log)\n".into()),
+        Ok(Ok(json)) => (StatusCode::OK, [("content-type", "application/json")], json).into_response(),
+        Ok(Err((code, why))) => plain(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), format!("{why}\n")),
+        Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "the explanation failed (a bug: see the log)\n".into()),
     }
 }
 
@@ -284,87 +296,87 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `%XX` and `+` decoded; `None` for bad escapes or text that is not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+fn plain(status: StatusCode, text: String) -> Response {
+    (status, [("content-type", "text/plain; charset=utf-8")], text).into_response()
 }
 
-/// Most HTTP connections served at once; more are closed on accept.
+/// Most HTTP connections served at once by the worker's endpoint; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
 
-/// Longest one HTTP connection may take, request and response together.
-const MAX_CONNECTION_TIME: Duration = Duration::from_secs(10);
-
-/// Bind the HTTP endpoint (fails early with a clear message).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {addr} for /metrics: {e} (set http.listen / WAYMARK_HTTP_LISTEN to a free address)")
-    })
+/// Bounds of an HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// A request's head must arrive within this.
+    pub header_timeout: Duration,
+    /// Keep connections open between requests.
+    pub keep_alive: bool,
+    /// On shutdown, requests in flight get this long to finish.
+    pub drain_timeout: Duration,
 }
 
-async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle, health: &Health, explain: Option<&ExplainRoute>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    // Read the request head (bounded); we only need the request line.
-    while len < buf.len() {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await.unwrap_or(Ok(0))?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
+/// Serve `router` on `listener` (HTTP/1.1, hyper) until `shutdown` resolves,
+/// then stop accepting and let the requests in flight finish (up to
+/// `drain_timeout`). Every request carries the peer's [`ConnectInfo`]. The one
+/// accept loop of both the worker's operator endpoint and `waymark ingest`.
+pub async fn serve_router(listener: TcpListener, router: Router, limits: ServeLimits, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Over the cap the connection is closed at once.
+                let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
+                let _ = stream.set_nodelay(true);
+                let router = router.clone();
+                let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    tower::Service::call(&mut router.clone(), request)
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(limits.keep_alive);
+                let connection = graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    drop(permit);
+                });
+            }
         }
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/explain") => explain_response(explain, &head, query).await,
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") => match health.liveness() {
-            Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
-        },
-        ("GET", "/readyz") => match health.readiness() {
-            Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
-        },
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz or /explain\n".into()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    drop(listener);
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout = ?limits.drain_timeout, "HTTP requests still in flight at the end of the drain time were cut off");
+    }
+}
+
+/// Bind an HTTP listener (fails early with a clear message naming `setting`).
+pub async fn bind_for(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (set {setting} to a free address)"))
+}
+
+/// Bind the worker's HTTP endpoint (fails early with a clear message).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    bind_for(addr, "http.listen / WAYMARK_HTTP_LISTEN").await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use crate::dedupe::Verdict;
     use crate::event::Status;
     use crate::order::Applied;
@@ -465,7 +477,7 @@ mod tests {
             }));
             let get = || async move {
                 let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
                 let mut response = String::new();
                 let _ = stream.read_to_string(&mut response).await;
                 response.split_whitespace().nth(1).unwrap_or("closed").to_string()
@@ -499,7 +511,7 @@ mod tests {
             }));
             let get = |path: &'static str| async move {
                 let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+                stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
                 let mut response = String::new();
                 stream.read_to_string(&mut response).await.unwrap();
                 response.split_whitespace().nth(1).unwrap().to_string()
@@ -540,7 +552,7 @@ mod tests {
             let get = |addr: SocketAddr, target: &'static str, token: Option<&'static str>| async move {
                 let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
                 let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-                stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes()).await.unwrap();
+                stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").as_bytes()).await.unwrap();
                 let mut response = String::new();
                 let _ = stream.read_to_string(&mut response).await;
                 let status = response.split_whitespace().nth(1).unwrap_or("closed").to_string();

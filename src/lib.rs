@@ -17,6 +17,7 @@ pub mod error;
 pub mod event;
 pub mod explain;
 pub mod failpoint;
+pub mod ingest;
 pub mod order;
 pub mod output;
 pub mod parallel;

@@ -32,6 +32,9 @@ struct Cli {
 enum Command {
     /// Run the Kafka worker (consumer group in, upserts and dead letters out).
     Run(cli::run::Args),
+    /// Receive carriers' webhooks over HTTP: verify each provider's signature,
+    /// put the body on its raw topic, answer 200 only once the broker has it.
+    Ingest(cli::ingest::Args),
     /// Replay kcat -J archives, or a topic's history, through the same pipeline and state.
     Replay(cli::replay::Args),
     /// Put a kcat -J archive (file, .gz, directory, or - for stdin) back on Kafka
@@ -71,6 +74,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => cli::run::exec(args),
+        Command::Ingest(args) => cli::ingest::exec(args),
         Command::Replay(args) => cli::replay::exec(args),
         Command::Produce(args) => cli::produce::exec(args),
         Command::Normalize(args) => cli::normalize::exec(args),

@@ -54,6 +54,12 @@ pub const RECORDS_CAUGHT_UP: &str = "waymark_records_caught_up_total";
 pub const GENERATIONS: &str = "waymark_shipment_generations_total";
 pub const SUSPECTED_FALSE_DELIVERIES: &str = "waymark_suspected_false_deliveries_total";
 pub const RETRACTIONS: &str = "waymark_retractions_total";
+pub const INGEST_REQUESTS: &str = "waymark_ingest_requests_total";
+pub const INGEST_AUTH_FAILURES: &str = "waymark_ingest_auth_failures_total";
+pub const INGEST_ACK_SECONDS: &str = "waymark_ingest_ack_seconds";
+pub const INGEST_BYTES: &str = "waymark_ingest_bytes_total";
+pub const INGEST_IN_FLIGHT: &str = "waymark_ingest_in_flight_requests";
+pub const INGEST_BROKER_UP: &str = "waymark_ingest_broker_up";
 
 /// What a metric is, for Prometheus's `# TYPE`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,7 +147,42 @@ pub const CATALOG: &[Metric] = &[
     counter_of(SUSPECTED_FALSE_DELIVERIES, &["carrier"], "In-transit or out-for-delivery scans later than a delivered one (the status stays delivered; often a mis-scanned delivery)"),
     counter_of(RETRACTIONS, &["carrier"], "Milestones retracted by corrections from the control topic (waymark correct): each emitted a retract_milestone upsert"),
     counter_of(RECORDS_CAUGHT_UP, &[], "exactly-once with changelogs off: records whose outputs were committed before a crash, re-processed silently to rebuild local state"),
+    // `waymark ingest`, the webhook receiver.
+    counter_of(INGEST_REQUESTS, &["source", "outcome"], "ingest: webhook requests by source and outcome (accepted, unauthorized, too_large, timeout, unavailable, bad_request)"),
+    counter_of(INGEST_AUTH_FAILURES, &["source", "reason"], "ingest: requests refused by authentication, by source and reason (bad_signature, stale_timestamp, replayed, ...)"),
+    histogram_of(
+        INGEST_ACK_SECONDS,
+        &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0],
+        &["source"],
+        "ingest: time from a request's body read to the broker's acknowledgement of its record",
+    ),
+    counter_of(INGEST_BYTES, &["source"], "ingest: body bytes of accepted webhooks, as produced"),
+    gauge_of(INGEST_IN_FLIGHT, &[], "ingest: webhook requests being verified or waiting for the broker"),
+    gauge_of(INGEST_BROKER_UP, &[], "ingest: 1 while the broker answers and every source's topic exists, else 0"),
 ];
+
+/// Describe the metrics of `waymark ingest` (and only those) and export each
+/// source's series at zero.
+pub fn describe_ingest<'a>(sources: impl IntoIterator<Item = &'a str>, reasons: &[&'static str]) {
+    for metric in CATALOG.iter().filter(|m| m.name.starts_with("waymark_ingest_")) {
+        match metric.kind {
+            Kind::Counter => metrics::describe_counter!(metric.name, metric.help),
+            Kind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            Kind::Histogram(_) => metrics::describe_histogram!(metric.name, metric.help),
+        }
+    }
+    gauge!(INGEST_IN_FLIGHT).set(0.0);
+    gauge!(INGEST_BROKER_UP).set(0.0);
+    for source in sources {
+        for outcome in ["accepted", "unauthorized", "too_large", "timeout", "unavailable", "bad_request"] {
+            counter!(INGEST_REQUESTS, "source" => source.to_string(), "outcome" => outcome).increment(0);
+        }
+        for reason in reasons {
+            counter!(INGEST_AUTH_FAILURES, "source" => source.to_string(), "reason" => *reason).increment(0);
+        }
+        counter!(INGEST_BYTES, "source" => source.to_string()).increment(0);
+    }
+}
 
 /// Describe every metric of [`CATALOG`] to the installed recorder, and export
 /// the ones without labels at zero (a counter that has not moved yet is a 0,

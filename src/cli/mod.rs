@@ -16,6 +16,7 @@ pub mod check;
 pub mod correct;
 pub mod explain;
 pub mod health;
+pub mod ingest;
 pub mod normalize;
 pub mod produce;
 pub mod replay;

@@ -86,13 +86,14 @@ fn run(config: Config) -> Result<(), Failure> {
 
     // Wait for SIGTERM/SIGINT, or for the worker to stop by itself (a fatal error).
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => if worker.is_finished() { break },
+        let stopped = async {
+            while !worker.is_finished() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        };
+        tokio::select! {
+            _ = terminated() => {}
+            _ = stopped => {}
         }
     });
     shutdown.store(true, Ordering::SeqCst);
@@ -123,6 +124,15 @@ fn run(config: Config) -> Result<(), Failure> {
         }
         Ok(Err(e)) => Err(Failure { code: e.exit_code(), error: anyhow::Error::new(e).context("worker stopped") }),
         Err(_) => Err(anyhow::anyhow!("worker thread panicked (a bug: please report it with the log)").into()),
+    }
+}
+
+/// SIGTERM or SIGINT.
+pub async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
 }
 

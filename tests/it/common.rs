@@ -464,3 +464,51 @@ pub fn expected_upserts(envelopes: &[Envelope]) -> BTreeMap<String, serde_json::
     );
     output.upserts.iter().map(|u| (u.milestone_id.clone(), serde_json::to_value(u).unwrap())).collect()
 }
+
+/// A private single-node broker run by scripts/kafka.sh on free ports.
+pub struct PrivateBroker {
+    port: u16,
+    controller_port: u16,
+    data: tempfile::TempDir,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let broker = PrivateBroker::stopped();
+        broker.script("start");
+        broker
+    }
+
+    /// Ports and data directory chosen, broker not started yet.
+    pub fn stopped() -> PrivateBroker {
+        // The shared broker being up proves Java, Maven and the jar cache work here.
+        let _ = brokers();
+        PrivateBroker { port: free_port(), controller_port: free_port(), data: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn script(&self, command: &str) {
+        let status = Command::new(repo().join("scripts/kafka.sh"))
+            .arg(command)
+            .env("WAYMARK_KAFKA_PORT", self.port.to_string())
+            .env("WAYMARK_KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .env("WAYMARK_KAFKA_DATA", self.data.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run scripts/kafka.sh");
+        assert!(status.success(), "scripts/kafka.sh {command} failed for the private broker");
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.script("stop");
+    }
+}

@@ -11,54 +11,6 @@ use waymark::Envelope;
 
 use crate::common::*;
 
-/// A private single-node broker run by scripts/kafka.sh on free ports.
-struct PrivateBroker {
-    port: u16,
-    controller_port: u16,
-    data: tempfile::TempDir,
-}
-
-impl PrivateBroker {
-    fn start() -> PrivateBroker {
-        let broker = PrivateBroker::stopped();
-        broker.script("start");
-        broker
-    }
-
-    /// Ports and data directory chosen, broker not started yet.
-    fn stopped() -> PrivateBroker {
-        // The shared broker being up proves Java, Maven and the jar cache work here.
-        let _ = brokers();
-        PrivateBroker { port: free_port(), controller_port: free_port(), data: tempfile::tempdir().unwrap() }
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn script(&self, command: &str) {
-        let status = Command::new(repo().join("scripts/kafka.sh"))
-            .arg(command)
-            .env("WAYMARK_KAFKA_PORT", self.port.to_string())
-            .env("WAYMARK_KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
-            .env("WAYMARK_KAFKA_DATA", self.data.path())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/kafka.sh");
-        assert!(status.success(), "scripts/kafka.sh {command} failed for the private broker");
-    }
-
-    fn data_dir(&self) -> &Path {
-        self.data.path()
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.script("stop");
-    }
-}
-
 #[test]
 fn broker_stopped_and_restarted_mid_stream_loses_nothing() {
     let broker = PrivateBroker::start();

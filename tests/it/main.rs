@@ -12,6 +12,7 @@ mod explain;
 mod failover;
 mod faults;
 mod fixtures;
+mod ingest;
 mod group;
 mod keying;
 mod produce;
