@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build every fuzz target (one per carrier parser, the archive-line envelope
-# through the whole core, and mutate_fields, which edits the fields of fixture
-# bodies) and run each for a bounded time, seeded with the carrier's fixtures and
+# through the whole core, corrections, the webhook signature schemes, and
+# mutate_fields, which edits the fields of fixture bodies) and run each for a
+# bounded time, seeded with the carrier's fixtures and
 # with the shared dictionary fuzz/dict/carriers.dict. A crash fails the script
 # and leaves the input in fuzz/artifacts/<target>/.
 #
@@ -20,7 +21,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 seconds=${2:-${WAYMARK_FUZZ_SECONDS:-15}}
 runs=${WAYMARK_FUZZ_RUNS:-}
 sanitizer=${WAYMARK_FUZZ_SANITIZER:-address}
-targets=(easypost ups fedex usps dhl shippo aftership envelope correction mutate_fields)
+targets=(easypost ups fedex usps dhl shippo aftership envelope correction signatures mutate_fields)
 # Multi-byte characters, offsets, escapes, edge numbers and field names: tokens
 # random mutation takes long to build byte by byte (an absolute path, whatever
 # directory cargo fuzz runs the target from).
@@ -59,6 +60,17 @@ for i, line in enumerate(open("replay/scenarios/false-delivery-retracted.ndjson"
     if record["topic"] == "tracking.control":
         (pathlib.Path(sys.argv[1]) / f"correction-{i}").write_text(record["payload"], encoding="utf-8")
 PY
+  elif [[ $target == signatures ]]; then
+    # Each provider's header value on the first line, a fixture body after it.
+    body=$(cat fixtures/webhooks/easypost-event-body.json)
+    i=0
+    for head in "hmac-sha256-hex=38f3f53c103713df81616a0a186d77141957323ec21d5fe9363db93840f527db" \
+      "t=1765000000,v1=a7f8cb2b276f0d6f62bcad97fb43025cbf0cf897a7b9841e6b4581333c89b90b" \
+      "2yoIC2aSZQG+D7ss4ZyOsvathb1DP3MRMsyl2TKfOm0=" "Sat, 06 Dec 2025 05:46:40 -0000" "2025-12-06T05:46:40Z" \
+      "Basic d2F5bWFyazpjb3JyZWN0IGhvcnNl" "sha256=00ff" "fuzz"; do
+      printf '%s\n%s' "$head" "$body" > "$seeds/seed-$i"
+      i=$((i + 1))
+    done
   elif [[ $target == mutate_fields ]]; then
     # The fixture bodies are built into the target; a seed of two bytes (little
     # endian) picks one and edits nothing yet: one seed per fixture.

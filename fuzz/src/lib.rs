@@ -353,3 +353,67 @@ pub fn mutate_fields(data: &[u8]) {
     let Ok(bytes) = serde_json::to_vec(&body) else { return };
     check(registry(), carrier, &bytes);
 }
+
+/// A public key for the ShipEngine scheme (no private half exists anywhere: no
+/// input can carry a valid signature for it).
+const FUZZ_JWKS: &str = r#"{"keys": [{"kty": "RSA", "kid": "fuzz", "n": "71YYQ-J9lhCxU9uEDgTm-tLXJcbt_6wFVEOr4pd013HYoJbR_UchDSveY4mVGX_QMC2wbhDTgbA97KqZrLB_EFq3WASLh3oSmjRUqn5rbdEvJOFoAocplEVEhyYskVzKZSa4dYlANNn1Hg1FJXUL62S3UEqcVHcMGWTo5qGOgHtV2TjZpNwgzUcgmLTntyGXDsQrKo0yVL2KiU4jIEBjdsDqCCM6MOZTcDdwjO8quTHtqtJj-rtoglloQsL0nVGAi2KzCRW3eDF07-qlldMXMjHu23fegd_C4b3ih0LOUAnoqYsYhRvxBpRq9OxJxZ__Rr4DwTxCWd31YnuvE6hymw", "e": "AQAB"}]}"#;
+
+/// Any bytes as a webhook request to every authentication scheme: the first
+/// line is the value of every signature, credential and timestamp header (and
+/// the query), the rest the body. Never a panic; no signature scheme accepts
+/// (the secrets are not in any input); the header parsers and the JWKS parser
+/// see the text too.
+pub fn signatures(data: &[u8]) {
+    use waymark::ingest::auth::*;
+    use std::time::Duration;
+    let text = String::from_utf8_lossy(data);
+    let (head, body) = text.split_once('\n').unwrap_or((&text, ""));
+    let _ = parse_shippo_signature(head);
+    let _ = parse_timestamp(head);
+    let _ = decode_hex(head);
+    let _ = decode_base64(head);
+    let _ = waymark::ingest::jwks::parse(&text);
+    static SCHEMES: std::sync::OnceLock<Vec<Scheme>> = std::sync::OnceLock::new();
+    let schemes = SCHEMES.get_or_init(|| {
+        let secret = || vec![b"fuzzing-secret-that-no-input-holds".to_vec()];
+        let tolerance = Duration::from_secs(300);
+        vec![
+            Scheme::EasyPost { secrets: secret(), basic: vec![], tolerance },
+            Scheme::AfterShip { secrets: secret() },
+            Scheme::Shippo { secrets: secret(), tokens: vec![], tolerance },
+            Scheme::FedEx { secrets: secret() },
+            // Credentials are compared through their digests: no input finds them.
+            Scheme::Ups { credentials: secret() },
+            Scheme::Dhl { header: "x-signature".into(), keys: secret() },
+            Scheme::Usps { secrets: secret() },
+            Scheme::ShipEngine { keys: waymark::ingest::jwks::parse(FUZZ_JWKS).expect("the fuzz JWKS"), tolerance },
+            Scheme::Hmac {
+                spec: GenericHmac {
+                    header: "x-signature".into(),
+                    algorithm: HmacAlgorithm::Sha512,
+                    encoding: Encoding::Base64,
+                    prefix: "v1=".into(),
+                    timestamp_header: Some("x-timestamp".into()),
+                    separator: ":".into(),
+                },
+                secrets: secret(),
+                tolerance,
+            },
+        ]
+    });
+    let names = [
+        "x-hmac-signature", "x-hmac-signature-v2", "x-timestamp", "x-path", "aftership-hmac-sha256", "as-signature-hmac-sha256",
+        "am-webhook-signature", "shippo-auth-signature", "fdx-signature", "x-hmac", "x-shipengine-rsa-sha256-signature",
+        "x-shipengine-rsa-sha256-key-id", "x-shipengine-timestamp", "x-signature", "authorization",
+    ];
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, head)).collect();
+    let headers = HeaderList(&pairs);
+    // Two paths: the one the request came to, and `head` itself (x-path matches it).
+    for path in ["/webhooks/fuzz", head] {
+        let request = Presented { method: "POST", path, query: Some(head), headers: &headers, body: body.as_bytes() };
+        for scheme in schemes {
+            let verdict = scheme.verify(&request, 1_765_000_000);
+            assert!(verdict.is_err(), "{} accepted a request it cannot have been signed for", scheme.name());
+        }
+    }
+}
