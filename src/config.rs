@@ -473,8 +473,9 @@ pub struct Config {
     /// (`order.generation_gap`), and per carrier (`[order.generation_gaps]`).
     pub default_generation_gap: Duration,
     pub generation_gaps: BTreeMap<String, Duration>,
-    /// `waymark ingest`'s listener and sources.
-    pub ingest: crate::ingest::config::IngestSettings,
+    /// `waymark ingest`'s listener and sources, validated by the commands that
+    /// use them (`ingest`, `check`): the worker needs none of the webhook secrets.
+    pub ingest: crate::ingest::config::IngestConfig,
 }
 
 /// How the repartition topic is created when missing.
@@ -751,7 +752,7 @@ impl RawConfig {
         let declared_carriers = load_declared_carriers(&self.declared_carriers, self.base_dir.as_deref())?;
         let mut carrier_names: Vec<String> = crate::carriers::CarrierRegistry::builtin().names().into_iter().map(String::from).collect();
         carrier_names.extend(declared_carriers.iter().map(|c| crate::carriers::Carrier::name(&**c).to_ascii_lowercase()));
-        let ingest = self.ingest.validate(&carrier_names.iter().map(String::as_str).collect::<Vec<_>>(), self.base_dir.as_deref())?;
+        let ingest = crate::ingest::config::IngestConfig { section: self.ingest, carriers: carrier_names, base_dir: self.base_dir.clone() };
         let changelog = self.state.changelog.then(|| ChangelogSettings {
             replication: self.state.changelog_replication,
             retention: dedupe.longest_ttl().saturating_add(Duration::from_secs(24 * 3600)),

@@ -17,7 +17,8 @@ pub struct Args {
     kafka: KafkaArgs,
     #[command(flatten)]
     worker: WorkerArgs,
-    /// Also connect: brokers reachable, input, output and dead-letter topics present.
+    /// Also connect: brokers reachable; input, output and dead-letter topics, and
+    /// the topics of `[[ingest.sources]]`, present.
     #[arg(long)]
     connect: bool,
 }
@@ -31,13 +32,20 @@ pub fn exec(args: Args) -> Result<(), Failure> {
 fn check(config: &Config, connect: bool) -> Result<(), Failure> {
     validate_kafka(config)?;
     println!("configuration ok: {} input topic(s), delivery {}, routing {}", config.kafka.input_topics.len(), config.delivery, config.placement.layout());
+    // `[ingest]` (secrets resolved, keys read) only when it has sources: a
+    // worker's configuration need not name any.
+    let ingest = if config.ingest.section.sources.is_empty() { None } else { Some(config.ingest.validate()?) };
+    for source in ingest.iter().flat_map(|i| &i.sources) {
+        println!("ingest source {}: {} webhooks, {} authentication, to {}", source.name, source.carrier, source.scheme.name(), source.topic);
+    }
     if !connect {
         return Ok(());
     }
     let admin = waymark::worker::topics::Admin::new(&waymark::worker::base_config(config), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot create an admin client: {e}"))?;
     let mut missing = Vec::new();
-    let topics = config.kafka.input_topics.iter().chain([&config.kafka.output_topic, &config.kafka.dead_letter_topic]);
+    let topics = config.kafka.input_topics.iter().chain([&config.kafka.output_topic, &config.kafka.dead_letter_topic]).chain(ingest.iter().flat_map(|i| &i.sources).map(|s| &s.topic));
+    let topics: std::collections::BTreeSet<&String> = topics.collect();
     for topic in topics {
         let partitions = admin
             .partitions_of(topic)

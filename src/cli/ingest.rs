@@ -29,13 +29,13 @@ pub fn exec(args: Args) -> Result<(), Failure> {
     let mut overrides = args.kafka.overrides();
     overrides.ingest_listen = args.listen;
     let config = load_config(&args.config, overrides)?;
-    validate_kafka(&config)?;
-    let settings = config.ingest.clone();
+    let settings = config.ingest.validate()?;
     if settings.sources.is_empty() {
         return Err(Failure::usage(anyhow::anyhow!(
-            "no webhook sources: add [[ingest.sources]] to the configuration (the README's \"Receiving webhooks\" section has one per provider)"
+            "no webhook sources: add [[ingest.sources]] to the configuration (docs/ingest.md has one per provider)"
         )));
     }
+    validate_kafka(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let metrics = http::install_recorder().context("cannot install the metrics recorder")?;
     waymark::telemetry::describe_ingest(settings.sources.iter().map(|s| s.name.as_str()), &waymark::ingest::auth::AuthFailure::ALL.map(|f| f.reason()));

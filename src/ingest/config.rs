@@ -157,6 +157,25 @@ pub enum TenantFrom {
     Path,
 }
 
+/// `[ingest]` as loaded, with what its validation needs: validated by the
+/// commands that use it (`ingest`, `check`), so the worker never needs the
+/// webhook secrets its configuration may name.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub section: IngestSection,
+    /// Every carrier a source may name (built-in and declared).
+    pub carriers: Vec<String>,
+    /// The configuration file's directory (relative `file:` and `jwks_file` paths).
+    pub base_dir: Option<PathBuf>,
+}
+
+impl IngestConfig {
+    pub fn validate(&self) -> Result<IngestSettings, ConfigError> {
+        let carriers: Vec<&str> = self.carriers.iter().map(String::as_str).collect();
+        self.section.validate(&carriers, self.base_dir.as_deref())
+    }
+}
+
 /// One validated source.
 #[derive(Debug, Clone)]
 pub struct Source {

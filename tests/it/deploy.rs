@@ -26,6 +26,8 @@ const COMPOSE: &str = "deploy/compose.yaml";
 const K8S: &str = "deploy/k8s";
 /// The port `http.listen` uses in every deployment file.
 const HTTP_PORT: u64 = 9464;
+/// Where the example configurations have `waymark ingest` listen.
+const INGEST_PORT: u64 = 8080;
 /// `worker.shutdown_timeout`'s default, in seconds.
 const DEFAULT_SHUTDOWN_SECONDS: u64 = 30;
 
@@ -378,11 +380,22 @@ fn k8s_objects() -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The one object of `kind` of the worker (component `worker`, or none).
 fn k8s_object(kind: &str) -> Value {
-    let found: Vec<Value> = k8s_objects().into_iter().filter(|(_, o)| o["kind"] == kind).map(|(_, o)| o).collect();
+    k8s_object_of(kind, "worker")
+}
+
+/// The one object of `kind` whose `app.kubernetes.io/component` label is
+/// `component` (objects without the label count as the worker's).
+fn k8s_object_of(kind: &str, component: &str) -> Value {
+    let found: Vec<Value> = k8s_objects()
+        .into_iter()
+        .filter(|(_, o)| o["kind"] == kind && o["metadata"]["labels"]["app.kubernetes.io/component"].as_str().unwrap_or("worker") == component)
+        .map(|(_, o)| o)
+        .collect();
     match found.as_slice() {
         [one] => one.clone(),
-        _ => panic!("expected one {kind} in {K8S}, found {}", found.len()),
+        _ => panic!("expected one {kind} of component {component} in {K8S}, found {}", found.len()),
     }
 }
 
@@ -525,6 +538,53 @@ fn pdb_service_and_kustomization_match_the_statefulset() {
         .map(str::to_string)
         .collect();
     assert_eq!(listed, present, "kustomization.yaml must list exactly the manifests in {K8S}");
+}
+
+/// `waymark ingest` as a Deployment: probes on its port, a Service in front, a
+/// grace period above its shutdown time, its own configuration (sources that
+/// parse as `[ingest]`), and the webhook secrets from a Secret.
+#[test]
+fn ingest_deployment_service_and_config() {
+    let deployment = k8s_object_of("Deployment", "ingest");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(as_words(&container["args"])[0], "ingest");
+    assert_eq!(str_at(container, "/livenessProbe/httpGet/path"), "/healthz");
+    assert_eq!(str_at(container, "/readinessProbe/httpGet/path"), "/readyz");
+    assert_eq!(probe_port(container, "readinessProbe"), INGEST_PORT);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let secret = container["envFrom"].as_array().into_iter().flatten().any(|e| e["secretRef"]["name"].is_string());
+    assert!(secret, "the webhook secrets must come from a Secret (envFrom secretRef)");
+
+    let config_map = k8s_object_of("ConfigMap", "ingest");
+    let toml = config_map["data"]["ingest.toml"].as_str().expect("ingest.toml in the ingest ConfigMap");
+    let raw = waymark::config::RawConfig::from_toml(toml).unwrap_or_else(|e| panic!("the ingest ConfigMap's ingest.toml: {e}"));
+    assert_eq!(raw.ingest.listen, format!("0.0.0.0:{INGEST_PORT}"));
+    assert!(!raw.ingest.sources.is_empty(), "the example has sources");
+    let mounted = pod["volumes"].as_array().into_iter().flatten().any(|v| v["configMap"]["name"] == config_map["metadata"]["name"]);
+    assert!(mounted, "the Deployment does not mount its ConfigMap");
+
+    let shutdown = seconds(&raw.ingest.shutdown_timeout).expect("ingest.shutdown_timeout in s/m/h");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+    assert!(grace > shutdown, "terminationGracePeriodSeconds {grace} must exceed ingest.shutdown_timeout ({shutdown}s)");
+
+    let service = k8s_object_of("Service", "ingest");
+    let labels = deployment["spec"]["template"]["metadata"]["labels"].as_object().expect("pod labels").clone();
+    let selects = service["spec"]["selector"].as_object().is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    assert!(selects, "the ingest Service does not select the ingest pods");
+
+    // The compose stack runs it too, with a configuration that parses.
+    let compose = single_document(COMPOSE);
+    let ingest = &compose["services"]["ingest"];
+    assert_eq!(as_words(&ingest["command"])[0], "ingest", "compose has no ingest service");
+    let compose_toml = read("deploy/ingest.toml");
+    let raw = waymark::config::RawConfig::from_toml(&compose_toml).unwrap_or_else(|e| panic!("deploy/ingest.toml: {e}"));
+    assert_eq!(raw.ingest.listen, format!("0.0.0.0:{INGEST_PORT}"));
+    let config = single_document(PROMETHEUS_CONFIG);
+    let scraped = config["scrape_configs"].as_array().into_iter().flatten().any(|j| {
+        j["static_configs"][0]["targets"].as_array().into_iter().flatten().any(|t| t.as_str() == Some(&format!("ingest:{INGEST_PORT}")))
+    });
+    assert!(scraped, "Prometheus does not scrape the compose stack's receiver");
 }
 
 // ---------------------------------------------------------------------------------
