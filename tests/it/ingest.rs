@@ -606,7 +606,7 @@ auth = {{ scheme = "ups", secrets = ["cred"] }}
         "the right-most hop counts, not what the client wrote first"
     );
     assert_eq!(client.post(receiver.port, "/webhooks/ups", &[credential.clone()], b"{}").status, 401, "no forwarded address: the proxy itself is not allowed");
-    // A body declared over limits.max_body_bytes (default 4 MiB): 413 at once,
+    // A body declared over limits.max_body_bytes (default 1 MiB): 413 at once,
     // before the body is sent, never produced. (A client that keeps sending
     // after the answer may see the connection closed instead of reading it.)
     {
@@ -633,6 +633,39 @@ auth = {{ scheme = "ups", secrets = ["cred"] }}
     }
     let records = read_raw(&brokers, &topic, 1, 1, Duration::from_secs(10));
     assert_eq!(records.len(), 1, "only the one accepted request is on the topic");
+}
+
+/// SIGTERM while a request is in flight: the receiver stops accepting, the
+/// request completes (200, its record on the topic), and the process exits 0.
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_exits_0() {
+    use std::io::{Read as _, Write as _};
+    let brokers = brokers();
+    let topic = unique("it.ingest.sigterm");
+    create_topics(&[&topic], 1);
+    let mut receiver = Receiver::start(
+        &brokers,
+        &format!("[[ingest.sources]]\nname = \"ups\"\ncarrier = \"ups\"\ntopic = \"{topic}\"\nauth = {{ scheme = \"ups\", secrets = [\"cred\"] }}\n"),
+    );
+    let body = br#"{"trackingNumber":"1ZSIGTERM"}"#;
+    let (first, rest) = body.split_at(10);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", receiver.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(stream, "POST /webhooks/ups HTTP/1.1\r\nHost: x\r\ncredential: cred\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    stream.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&receiver.child, "TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", receiver.port)).is_err(), "new connections are refused once stopping");
+    stream.write_all(rest).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "the request in flight must complete: {response:?}");
+    let status = wait_exit(&mut receiver.child, Duration::from_secs(40));
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM must end ingest with 0: {status:?}");
+    let records = read_raw(&brokers, &topic, 1, 1, Duration::from_secs(10));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].payload, body);
 }
 
 /// The broker stops mid-load: every request answered 200 is on the topic
