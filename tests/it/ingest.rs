@@ -211,11 +211,6 @@ fn tampered(body: &[u8]) -> Vec<u8> {
 #[test]
 fn every_scheme_accepts_a_valid_request_and_refuses_forgeries() {
     let brokers = brokers();
-    let names = ["easypost", "easypost-basic", "aftership", "shippo", "shippo-token", "fedex", "ups", "dhl", "usps", "shipengine", "hmac"];
-    let topics: BTreeMap<&str, String> = names.iter().map(|n| (*n, unique(&format!("it.ingest.{n}")))).collect();
-    let topic_list: Vec<&str> = topics.values().map(String::as_str).collect();
-    create_topics(&topic_list, 1);
-
     // ShipEngine: our own RSA key pair, published as a JWKS file.
     let private = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
     let jwks = serde_json::json!({"keys": [waymark::ingest::jwks::to_jwk("key-2026", &private.to_public_key())]});
@@ -224,92 +219,27 @@ fn every_scheme_accepts_a_valid_request_and_refuses_forgeries() {
     std::fs::write(&jwks_path, jwks.to_string()).unwrap();
 
     let usps_secret = "0123456789abcdef0123456789abcdef";
-    let sources = format!(
-        r#"
-[[ingest.sources]]
-name = "easypost"
-carrier = "easypost"
-tenant = "acme"
-topic = "{easypost}"
-auth = {{ scheme = "easypost", secrets = ["env:EASYPOST_OLD_SECRET", "sécret"] }}
-
-[[ingest.sources]]
-name = "easypost-basic"
-carrier = "easypost"
-tenant = "acme"
-topic = "{easypost_basic}"
-auth = {{ scheme = "easypost", tokens = ["waymark:correct horse"] }}
-
-[[ingest.sources]]
-name = "aftership"
-carrier = "aftership"
-tenant_header = "X-Tenant"
-topic = "{aftership}"
-auth = {{ scheme = "aftership", secrets = ["as-secret"] }}
-
-[[ingest.sources]]
-name = "shippo"
-carrier = "shippo"
-tenant_in_path = true
-topic = "{shippo}"
-auth = {{ scheme = "shippo", secrets = ["shippo-secret"] }}
-
-[[ingest.sources]]
-name = "shippo-token"
-carrier = "shippo"
-topic = "{shippo_token}"
-auth = {{ scheme = "shippo", tokens = ["url-token-123"] }}
-
-[[ingest.sources]]
-name = "fedex"
-carrier = "fedex"
-topic = "{fedex}"
-allow = ["127.0.0.0/8"]
-auth = {{ scheme = "fedex", secrets = ["fedex-security-token"] }}
-
-[[ingest.sources]]
-name = "ups"
-carrier = "ups"
-topic = "{ups}"
-auth = {{ scheme = "ups", secrets = ["ups-opaque-credential"] }}
-
-[[ingest.sources]]
-name = "dhl"
-carrier = "dhl"
-topic = "{dhl}"
-auth = {{ scheme = "dhl", header = "X-Hook-Key", secrets = ["dhl-hook-token"] }}
-
-[[ingest.sources]]
-name = "usps"
-carrier = "usps"
-topic = "{usps}"
-auth = {{ scheme = "usps", secrets = ["{usps_secret}"] }}
-
-[[ingest.sources]]
-name = "shipengine"
-carrier = "fedex"
-topic = "{shipengine}"
-auth = {{ scheme = "shipengine", jwks_file = "{jwks}" }}
-
-[[ingest.sources]]
-name = "hmac"
-carrier = "ups"
-topic = "{hmac}"
-auth = {{ scheme = "hmac", header = "X-Signature", prefix = "sha256=", timestamp_header = "X-Signature-Timestamp", secrets = ["generic-secret"] }}
-"#,
-        easypost = topics["easypost"],
-        easypost_basic = topics["easypost-basic"],
-        aftership = topics["aftership"],
-        shippo = topics["shippo"],
-        shippo_token = topics["shippo-token"],
-        fedex = topics["fedex"],
-        ups = topics["ups"],
-        dhl = topics["dhl"],
-        usps = topics["usps"],
-        shipengine = topics["shipengine"],
-        hmac = topics["hmac"],
-        jwks = jwks_path.display(),
-    );
+    let jwks = jwks_path.display().to_string();
+    // (name, carrier, how the tenant is read or where addresses are allowed, auth)
+    let source_list: [(&str, &str, &str, String); 11] = [
+        ("easypost", "easypost", r#"tenant = "acme""#, r#"scheme = "easypost", secrets = ["env:EASYPOST_OLD_SECRET", "sécret"]"#.into()),
+        ("easypost-basic", "easypost", r#"tenant = "acme""#, r#"scheme = "easypost", tokens = ["waymark:correct horse"]"#.into()),
+        ("aftership", "aftership", r#"tenant_header = "X-Tenant""#, r#"scheme = "aftership", secrets = ["as-secret"]"#.into()),
+        ("shippo", "shippo", "tenant_in_path = true", r#"scheme = "shippo", secrets = ["shippo-secret"]"#.into()),
+        ("shippo-token", "shippo", "", r#"scheme = "shippo", tokens = ["url-token-123"]"#.into()),
+        ("fedex", "fedex", r#"allow = ["127.0.0.0/8"]"#, r#"scheme = "fedex", secrets = ["fedex-security-token"]"#.into()),
+        ("ups", "ups", "", r#"scheme = "ups", secrets = ["ups-opaque-credential"]"#.into()),
+        ("dhl", "dhl", "", r#"scheme = "dhl", header = "X-Hook-Key", secrets = ["dhl-hook-token"]"#.into()),
+        ("usps", "usps", "", format!(r#"scheme = "usps", secrets = ["{usps_secret}"]"#)),
+        ("shipengine", "fedex", "", format!(r#"scheme = "shipengine", jwks_file = "{jwks}""#)),
+        ("hmac", "ups", "", r#"scheme = "hmac", header = "X-Signature", prefix = "sha256=", timestamp_header = "X-Signature-Timestamp", secrets = ["generic-secret"]"#.into()),
+    ];
+    let topics: BTreeMap<&str, String> = source_list.iter().map(|(name, ..)| (*name, unique(&format!("it.ingest.{name}")))).collect();
+    create_topics(&topics.values().map(String::as_str).collect::<Vec<_>>(), 1);
+    let sources: String = source_list
+        .iter()
+        .map(|(name, carrier, extra, auth)| format!("[[ingest.sources]]\nname = \"{name}\"\ncarrier = \"{carrier}\"\ntopic = \"{}\"\n{extra}\nauth = {{ {auth} }}\n\n", topics[name]))
+        .collect();
     let receiver = Receiver::start_with_env(&brokers, &sources, &[("EASYPOST_OLD_SECRET", "the-old-secret")]);
     let client = Client::new();
     let t = now();
