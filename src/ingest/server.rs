@@ -269,8 +269,9 @@ async fn handle(receiver: &Receiver, state: &SourceState, peer: SocketAddr, path
         // Scoped: `Presented` holds a `&dyn Headers`, which must not live across an await.
         let lookup = HeaderLookup(headers);
         let presented = Presented { method: method.as_str(), path: uri.path(), query: uri.query(), headers: &lookup, body: &body };
-        let scheme = state.scheme.read().unwrap_or_else(|e| e.into_inner()).clone();
-        match scheme.verify(&presented, now_unix) {
+        // The read guard lives for this statement only: a reload takes the write lock.
+        let first = state.scheme.read().unwrap_or_else(|e| e.into_inner()).verify(&presented, now_unix);
+        match first {
             // ShipEngine rotates keys: re-read the JWKS file once for a key id it lacks.
             Err(AuthFailure::UnknownKey) if reload_keys(state) => state.scheme.read().unwrap_or_else(|e| e.into_inner()).verify(&presented, now_unix),
             other => other,
@@ -291,7 +292,10 @@ async fn handle(receiver: &Receiver, state: &SourceState, peer: SocketAddr, path
         },
     };
     if let Some(key) = verified.replay_key {
-        let expires = now_unix.saturating_add(i64::try_from(source.tolerance.as_secs()).unwrap_or(i64::MAX));
+        // A signature stays valid until its timestamp plus the tolerance, and a
+        // timestamp may be up to the tolerance ahead: remember it twice as long.
+        let tolerance = i64::try_from(source.tolerance.as_secs()).unwrap_or(i64::MAX / 4);
+        let expires = now_unix.saturating_add(tolerance.saturating_mul(2));
         let reserved = state.replays.lock().unwrap_or_else(|e| e.into_inner()).reserve(key, expires, now_unix);
         if let Err(failure) = reserved {
             return refuse(failure);
