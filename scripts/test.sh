@@ -3,8 +3,10 @@
 # starts the single-node KRaft broker (scripts/kafka.sh), runs every fuzz target
 # for a bounded time (scripts/fuzz.sh), runs every test, and stops the broker it
 # started. Extra arguments go to `cargo test`. Before the tests, a small run of
-# the end-to-end load harness (WAYMARK_E2E_SMOKE=0 skips it) and of the chaos
-# soak (WAYMARK_CHAOS_SMOKE=0 skips it).
+# the end-to-end and webhook-receiver load harnesses (WAYMARK_E2E_SMOKE=0 skips
+# them) and of the chaos soak (WAYMARK_CHAOS_SMOKE=0 skips it). The harnesses
+# are built with one feature set (`ingest`, a superset of `e2e`), so that one
+# build serves all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +49,10 @@ echo "test.sh: broker at $WAYMARK_TEST_BROKERS" >&2
 if [[ ${WAYMARK_E2E_SMOKE:-1} != 0 ]]; then
   cargo build --locked --bin waymark
   target=${CARGO_TARGET_DIR:-target}
-  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features e2e --bin e2e-load -- \
+  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features ingest --bin e2e-load -- \
+    --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
+  # The webhook receiver's load harness, the same way.
+  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features ingest --bin ingest-load -- \
     --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
 fi
 
@@ -59,7 +64,7 @@ fi
 if [[ ${WAYMARK_CHAOS_SMOKE:-1} != 0 ]] && ((started_here)); then
   cargo build --locked --bin waymark
   target=${CARGO_TARGET_DIR:-target}
-  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features e2e --bin chaos-soak -- \
+  cargo run --locked --quiet --manifest-path benches/Cargo.toml --features ingest --bin chaos-soak -- \
     --quick --brokers "$WAYMARK_TEST_BROKERS" --waymark "$target/debug/waymark"
 fi
 
