@@ -45,6 +45,13 @@ pub fn exec(args: Args) -> Result<(), Failure> {
     // on a record about when the request stops waiting for it (503).
     let timeout_ms = settings.ack_timeout.as_millis().max(1000).to_string();
     client.set("message.timeout.ms", &timeout_ms);
+    // Requests arrive one by one, so produce requests are small: with Nagle's
+    // algorithm on, one waits for the broker's delayed ACK of the previous one
+    // (40 ms on Linux). Measured with ingest-load at 13k requests/s: p99 from
+    // 40 ms to 23 ms. kafka.producer_properties can still set it back.
+    if !config.kafka.properties.contains_key("socket.nagle.disable") && !config.kafka.producer_properties.contains_key("socket.nagle.disable") {
+        client.set("socket.nagle.disable", "true");
+    }
     let producer: IngestProducer = client.create_with_context(ProducerLog::default()).context("creating the Kafka producer")?;
     let clock: waymark::ingest::server::Clock = Arc::new(|| chrono::Utc::now().timestamp_millis());
     let receiver = Receiver::new(settings.clone(), config.max_body_bytes, producer, clock);

@@ -69,6 +69,27 @@ struct SourceState {
     source: Source,
     scheme: RwLock<Scheme>,
     replays: Mutex<ReplayGuard>,
+    metrics: SourceMetrics,
+}
+
+/// A source's metric handles, registered once: a request updates them without
+/// building label sets or looking series up (authentication failures, rare,
+/// still go through the macro).
+struct SourceMetrics {
+    /// By [`Outcome`] (its discriminant).
+    outcomes: [metrics::Counter; Outcome::ALL.len()],
+    bytes: metrics::Counter,
+    ack_seconds: metrics::Histogram,
+}
+
+impl SourceMetrics {
+    fn new(source: &str) -> SourceMetrics {
+        SourceMetrics {
+            outcomes: Outcome::ALL.map(|outcome| counter!(INGEST_REQUESTS, "source" => source.to_string(), "outcome" => outcome.label())),
+            bytes: counter!(INGEST_BYTES, "source" => source.to_string()),
+            ack_seconds: histogram!(INGEST_ACK_SECONDS, "source" => source.to_string()),
+        }
+    }
 }
 
 /// Everything a request needs.
@@ -82,6 +103,7 @@ pub struct Receiver {
     broker_ready: AtomicBool,
     /// SIGTERM received: readiness fails so the load balancer stops sending.
     draining: AtomicBool,
+    in_flight: metrics::Gauge,
 }
 
 impl Receiver {
@@ -93,6 +115,7 @@ impl Receiver {
                 let state = SourceState {
                     scheme: RwLock::new(source.scheme.clone()),
                     replays: Mutex::new(ReplayGuard::new(settings.replay_capacity)),
+                    metrics: SourceMetrics::new(&source.name),
                     source: source.clone(),
                 };
                 (source.name.clone(), state)
@@ -106,6 +129,7 @@ impl Receiver {
             clock,
             broker_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            in_flight: gauge!(INGEST_IN_FLIGHT),
         })
     }
 
@@ -178,6 +202,7 @@ async fn webhook_with_tenant(
 
 /// The request's fate, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 enum Outcome {
     Accepted,
     Unauthorized,
@@ -188,6 +213,9 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// In discriminant order.
+    const ALL: [Outcome; 6] = [Outcome::Accepted, Outcome::Unauthorized, Outcome::TooLarge, Outcome::Timeout, Outcome::Unavailable, Outcome::BadRequest];
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Accepted => "accepted",
@@ -202,16 +230,16 @@ impl Outcome {
 
 /// Decrements the in-flight gauge however the request ends (a client that
 /// hangs up drops the future).
-struct InFlight;
-impl InFlight {
-    fn start() -> InFlight {
-        gauge!(INGEST_IN_FLIGHT).increment(1.0);
-        InFlight
+struct InFlight<'a>(&'a metrics::Gauge);
+impl<'a> InFlight<'a> {
+    fn start(gauge: &'a metrics::Gauge) -> InFlight<'a> {
+        gauge.increment(1.0);
+        InFlight(gauge)
     }
 }
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        gauge!(INGEST_IN_FLIGHT).decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 
@@ -227,9 +255,9 @@ async fn receive(receiver: &Receiver, peer: SocketAddr, name: &str, path_tenant:
     let Some(state) = receiver.sources.get(name) else {
         return plain(StatusCode::NOT_FOUND, format!("no source named \"{name}\" (see [[ingest.sources]] in the configuration)\n"));
     };
-    let _in_flight = InFlight::start();
+    let _in_flight = InFlight::start(&receiver.in_flight);
     let (outcome, response) = handle(receiver, state, peer, path_tenant, method, uri, headers, body).await;
-    counter!(INGEST_REQUESTS, "source" => state.source.name.clone(), "outcome" => outcome.label()).increment(1);
+    state.metrics.outcomes[outcome as usize].increment(1);
     response
 }
 
@@ -302,10 +330,10 @@ async fn handle(receiver: &Receiver, state: &SourceState, peer: SocketAddr, path
         }
     }
     let delivery_id = source.delivery_id_header.as_deref().and_then(|name| headers.get(name)).and_then(|v| v.to_str().ok());
-    let acked = produce(receiver, source, tenant.as_deref(), delivery_id, now_ms, &body).await;
+    let acked = produce(receiver, state, tenant.as_deref(), delivery_id, now_ms, &body).await;
     match acked {
         Ok(()) => {
-            counter!(INGEST_BYTES, "source" => source.name.clone()).increment(body.len() as u64);
+            state.metrics.bytes.increment(body.len() as u64);
             (Outcome::Accepted, plain(StatusCode::OK, "accepted\n".into()))
         }
         Err(why) => {
@@ -325,7 +353,8 @@ async fn handle(receiver: &Receiver, state: &SourceState, peer: SocketAddr, path
 }
 
 /// Produce the body as it came and wait for the broker's acknowledgement.
-async fn produce(receiver: &Receiver, source: &Source, tenant: Option<&str>, delivery_id: Option<&str>, received_ms: i64, body: &Bytes) -> Result<(), String> {
+async fn produce(receiver: &Receiver, state: &SourceState, tenant: Option<&str>, delivery_id: Option<&str>, received_ms: i64, body: &Bytes) -> Result<(), String> {
+    let source = &state.source;
     let received_at = received_ms.to_string();
     let mut record_headers = OwnedHeaders::new_with_capacity(5)
         .insert(Header { key: "carrier", value: Some(source.carrier.as_str()) })
@@ -346,7 +375,7 @@ async fn produce(receiver: &Receiver, source: &Source, tenant: Option<&str>, del
     // Enqueued at once or refused (queue full): a request never waits for room.
     let delivery = receiver.producer.send_result(record).map_err(|(e, _)| format!("the producer's queue is full ({e})"))?;
     let outcome = tokio::time::timeout(receiver.settings.ack_timeout, delivery).await;
-    histogram!(INGEST_ACK_SECONDS, "source" => source.name.clone()).record(started.elapsed().as_secs_f64());
+    state.metrics.ack_seconds.record(started.elapsed().as_secs_f64());
     match outcome {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err((e, _)))) => Err(format!("the broker refused the record ({e})")),
@@ -399,4 +428,17 @@ fn is_length_limit(error: &axum::Error) -> bool {
 
 fn plain(status: StatusCode, text: String) -> Response {
     (status, [("content-type", "text/plain; charset=utf-8")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SourceMetrics::outcomes` is indexed by the discriminant.
+    #[test]
+    fn outcomes_are_listed_in_discriminant_order() {
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{outcome:?}");
+        }
+    }
 }
