@@ -62,7 +62,7 @@ for i, line in enumerate(open("replay/scenarios/false-delivery-retracted.ndjson"
 PY
   elif [[ $target == signatures ]]; then
     # Each provider's header value on the first line, a fixture body after it.
-    body=$(cat fixtures/webhooks/easypost-event-body.json)
+    body=$(cat fixtures/easypost/client_library_event_body.json)
     i=0
     for head in "hmac-sha256-hex=38f3f53c103713df81616a0a186d77141957323ec21d5fe9363db93840f527db" \
       "t=1765000000,v1=a7f8cb2b276f0d6f62bcad97fb43025cbf0cf897a7b9841e6b4581333c89b90b" \

@@ -608,7 +608,7 @@ mod tests {
     /// `official/fixtures/event-body.json`), which every client library tests.
     #[test]
     fn easypost_published_test_vector() {
-        let body = include_bytes!("../../fixtures/webhooks/easypost-event-body.json");
+        let body = include_bytes!("../../fixtures/easypost/client_library_event_body.json");
         let scheme = Scheme::EasyPost { secrets: vec![easypost_key("sécret")], basic: vec![], tolerance: Duration::from_secs(300) };
         let header = "hmac-sha256-hex=38f3f53c103713df81616a0a186d77141957323ec21d5fe9363db93840f527db";
         assert_eq!(check(&scheme, &[("X-Hmac-Signature", header)], body), Ok(Verified::default()));

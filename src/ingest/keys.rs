@@ -59,7 +59,7 @@ mod tests {
 
     #[test]
     fn tracking_numbers_at_their_documented_places() {
-        let easypost = include_bytes!("../../fixtures/webhooks/easypost-event-body.json");
+        let easypost = include_bytes!("../../fixtures/easypost/client_library_event_body.json");
         assert_eq!(tracking_number("easypost", easypost).as_deref(), Some("1"));
         assert_eq!(tracking_number("aftership", br#"{"msg":{"tracking_number":"9405"}}"#).as_deref(), Some("9405"));
         assert_eq!(tracking_number("shippo", br#"{"data":{"tracking_number":"SHIPPO_TRANSIT"}}"#).as_deref(), Some("SHIPPO_TRANSIT"));

@@ -245,7 +245,7 @@ fn every_scheme_accepts_a_valid_request_and_refuses_forgeries() {
     let t = now();
 
     // EasyPost: the published test vector, byte for byte (the body fixture without its newline).
-    let easypost_body = fixture("webhooks/easypost-event-body.json");
+    let easypost_body = fixture("easypost/client_library_event_body.json");
     let easypost_vector = "hmac-sha256-hex=38f3f53c103713df81616a0a186d77141957323ec21d5fe9363db93840f527db".to_string();
     let easypost_v2 = |secret: &[u8], stamp: &str, path: &str, body: &[u8]| {
         vec![

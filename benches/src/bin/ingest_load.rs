@@ -24,7 +24,7 @@
 //!    many of its records as it answered 200 (end offsets, nothing consumed).
 //!
 //! Every request is the 3.5 KB EasyPost webhook of
-//! `fixtures/webhooks/easypost-event-body.json` with its v1 signature (secret
+//! `fixtures/easypost/client_library_event_body.json` with its v1 signature (secret
 //! `sécret`); one body means one key, so every record of a run goes to one
 //! partition, for the floor as for the receiver. The client is hyper's own
 //! HTTP/1.1 connection on a single-threaded runtime (the cheapest client there
@@ -83,7 +83,7 @@ use waymark::ingest::auth::{easypost_key, HeaderList, Headers, Presented, Scheme
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The webhook every request carries.
-const BODY: &[u8] = include_bytes!("../../../fixtures/webhooks/easypost-event-body.json");
+const BODY: &[u8] = include_bytes!("../../../fixtures/easypost/client_library_event_body.json");
 /// Its EasyPost webhook secret (not ASCII: the key is its NFKD form).
 const SECRET: &str = "sécret";
 /// `X-Hmac-Signature` of [`BODY`] under [`SECRET`]; checked at start, so a
@@ -180,7 +180,7 @@ fn check_fixture_signature() {
     let headers = [("x-hmac-signature", SIGNATURE)];
     let presented = Presented { method: "POST", path: WEBHOOK_PATH, query: None, headers: &HeaderList(&headers), body: BODY };
     if let Err(failure) = easypost_scheme().verify(&presented, chrono::Utc::now().timestamp()) {
-        panic!("the fixture's signature does not verify ({failure}): fixtures/webhooks/easypost-event-body.json changed; update SIGNATURE in benches/src/bin/ingest_load.rs");
+        panic!("the fixture's signature does not verify ({failure}): fixtures/easypost/client_library_event_body.json changed; update SIGNATURE in benches/src/bin/ingest_load.rs");
     }
 }
 
