@@ -802,7 +802,7 @@ impl RawConfig {
 }
 
 /// A duration setting, or an error naming it with an example.
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text).map_err(|e| ConfigError::Invalid(format!("{field} = \"{text}\": {e} (write e.g. \"2s\", \"500ms\", \"30d\")")))
 }
 

@@ -218,22 +218,26 @@ pub async fn serve(
             }
         })
         .with_state(Endpoint { health, explain });
-    // The recorder buffers every histogram sample until upkeep drains it into the
-    // buckets; without this tick, a worker nobody scrapes would grow without bound
-    // (several samples per record).
-    let upkeep = tokio::spawn(async move {
+    let upkeep = spawn_upkeep(handle);
+    // Operator endpoints: a few connections, no keep-alive, short timeouts (a
+    // slow or hostile client cannot take the descriptors the store and Kafka need).
+    let limits = ServeLimits { max_connections: MAX_CONNECTIONS, header_timeout: Duration::from_secs(5), keep_alive: false, drain_timeout: Duration::from_secs(2) };
+    serve_router(listener, router, limits, shutdown).await;
+    upkeep.abort();
+}
+
+/// Drain the recorder's buffered histogram samples into their buckets every 5 s.
+/// Without this tick a process nobody scrapes would grow without bound (several
+/// samples per record or request). Abort the task to stop it.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             handle.run_upkeep();
         }
-    });
-    // Operator endpoints: a few connections, no keep-alive, short timeouts (a
-    // slow or hostile client cannot take the descriptors the store and Kafka need).
-    let limits = ServeLimits { max_connections: MAX_CONNECTIONS, header_timeout: Duration::from_secs(5), keep_alive: false, drain_timeout: Duration::from_secs(2) };
-    serve_router(listener, router, limits, shutdown).await;
-    upkeep.abort();
+    })
 }
 
 #[derive(Clone)]

@@ -58,11 +58,7 @@ pub fn exec(args: Args) -> Result<(), Failure> {
 
     let listener = runtime.block_on(http::bind_for(settings.listen, "ingest.listen / --listen"))?;
     for source in &settings.sources {
-        let route = match source.tenant {
-            waymark::ingest::config::TenantFrom::Path => format!("/webhooks/{}/<tenant>", source.name),
-            _ => format!("/webhooks/{}", source.name),
-        };
-        tracing::info!(source = %source.name, scheme = source.scheme.name(), topic = %source.topic, "POST {route}");
+        tracing::info!(source = %source.name, scheme = source.scheme.name(), topic = %source.topic, "POST {}", waymark::ingest::server::route_of(source));
     }
     tracing::info!(addr = %settings.listen, brokers = %config.kafka.brokers, "receiving webhooks; /metrics, /healthz, /readyz beside them");
 
@@ -87,16 +83,7 @@ pub fn exec(args: Args) -> Result<(), Failure> {
                 }
             })
         };
-        let upkeep = {
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    metrics.run_upkeep();
-                }
-            })
-        };
+        let upkeep = http::spawn_upkeep(metrics.clone());
         let limits = ServeLimits { max_connections: settings.max_connections, header_timeout: settings.header_timeout, keep_alive: true, drain_timeout: settings.shutdown_timeout };
         let draining = receiver.clone();
         http::serve_router(listener, receiver.router(metrics), limits, async move {

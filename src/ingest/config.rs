@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{easypost_key, Encoding, GenericHmac, HmacAlgorithm, Scheme};
-use crate::config::ConfigError;
+use crate::config::{duration, ConfigError};
 
 /// `[ingest]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -390,10 +390,6 @@ impl IngestSettings {
         }
         peer
     }
-}
-
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(text).map_err(|e| ConfigError::Invalid(format!("{field} = \"{text}\": {e} (write e.g. \"10s\", \"500ms\", \"5m\")")))
 }
 
 fn networks(field: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {

@@ -404,7 +404,8 @@ fn reload_keys(state: &SourceState) -> bool {
     }
 }
 
-fn route_of(source: &Source) -> String {
+/// The path a source's webhooks are POSTed to.
+pub fn route_of(source: &Source) -> String {
     match source.tenant {
         TenantFrom::Path => format!("/webhooks/{}/<tenant>", source.name),
         _ => format!("/webhooks/{}", source.name),
